@@ -1,0 +1,1 @@
+"""deploy-migrations' database library: plain PostgreSQL + peewee-migrate logic, no orchestration."""

@@ -1,0 +1,221 @@
+"""Environment detection (local | proxy | production) and the peewee database for a target.
+
+This is the one place that decides which database a command talks to, as the guide's
+``utils/db_connection.py`` did: ``FLY_APP_NAME`` set means production, then
+``USE_FLY_POSTGRES_FROM_LOCAL_PROXY=1`` means proxy, otherwise local. Production and proxy are
+never chosen by default, and an explicit ``--env`` that contradicts the variables is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import peewee
+import psycopg2
+
+from dbcore.errors import ConfigError, DatabaseUnavailable, EnvMismatch
+from dbcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MASK = "***"
+
+
+class Env(str, Enum):
+    """Where the target database lives."""
+
+    LOCAL = "local"
+    PROXY = "proxy"
+    PRODUCTION = "production"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def detect_env(settings: Settings) -> tuple[Env, str]:
+    """Return the environment the variables describe, and the reason (which variable said so)."""
+    if settings.fly_app_name:
+        return Env.PRODUCTION, f"FLY_APP_NAME={settings.fly_app_name}"
+    if settings.use_fly_postgres_from_local_proxy:
+        return Env.PROXY, "USE_FLY_POSTGRES_FROM_LOCAL_PROXY=1"
+    return Env.LOCAL, "neither FLY_APP_NAME nor USE_FLY_POSTGRES_FROM_LOCAL_PROXY is set"
+
+
+def resolve_env(settings: Settings, requested: Env | str | None = None) -> Env:
+    """Return the environment to act on; raise EnvMismatch when ``requested`` contradicts detection."""
+    detected, reason = detect_env(settings)
+    if requested is None or requested == "":
+        return detected
+    try:
+        wanted = Env(requested)
+    except ValueError:
+        choices = ", ".join(e.value for e in Env)
+        raise ConfigError(f"unknown environment {requested!r}: use one of {choices}") from None
+    if wanted is not detected:
+        hint = {
+            Env.PRODUCTION: "set FLY_APP_NAME (it is set on Fly.io machines)",
+            Env.PROXY: "set USE_FLY_POSTGRES_FROM_LOCAL_PROXY=1 and start the proxy",
+            Env.LOCAL: "unset FLY_APP_NAME and USE_FLY_POSTGRES_FROM_LOCAL_PROXY",
+        }[wanted]
+        raise EnvMismatch(
+            f"--env {wanted} contradicts the environment, which says {detected} ({reason}): "
+            f"{hint}, or pass --env {detected}"
+        )
+    return wanted
+
+
+def url_password(url: str) -> str | None:
+    """Return the (unquoted) password of a postgres URL, or None."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``; safe to print, log and raise."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        userinfo = f"{parts.username or ''}:{MASK}"
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<unparseable database URL>"
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with every given secret (and its URL-quoted form) replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK).replace(quote(secret, safe=""), MASK)
+    return text
+
+
+@dataclass(frozen=True)
+class Target:
+    """A database to act on: its environment and URL. ``str()`` and ``repr()`` never show the password."""
+
+    env: Env
+    url: str
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    @property
+    def password(self) -> str | None:
+        return url_password(self.url)
+
+    @property
+    def dbname(self) -> str:
+        return urlsplit(self.url).path.lstrip("/") or "postgres"
+
+    def __repr__(self) -> str:
+        return f"Target(env={self.env.value!r}, url={self.masked_url!r})"
+
+    __str__ = __repr__
+
+    def with_dbname(self, dbname: str) -> Target:
+        """Return the same server and credentials with another database name."""
+        parts = urlsplit(self.url)
+        return Target(self.env, urlunsplit(parts._replace(path="/" + dbname)))
+
+
+def local_services_file(settings: Settings):
+    """Return the path of the file where `make run` records the embedded services it started."""
+    return settings.local_dir / "services.json"
+
+
+def embedded_database_url(settings: Settings) -> str | None:
+    """Return the URL of the embedded local cluster started by `make run`, if it is recorded."""
+    path = local_services_file(settings)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("database_url")
+
+
+def resolve_target(
+    settings: Settings, env: Env | str | None = None, database_url: str | None = None
+) -> Target:
+    """Return the database to act on, or raise ConfigError saying which variable to set."""
+    resolved = resolve_env(settings, env)
+    url = database_url or (
+        settings.database_url.get_secret_value() if settings.database_url else None
+    )
+    if not url and resolved is Env.LOCAL:
+        url = embedded_database_url(settings)
+        if not url:
+            raise ConfigError(
+                "no database: DATABASE_URL is not set and no embedded local cluster is running: "
+                "set DATABASE_URL, or run `make run` to start the local one"
+            )
+    if not url:
+        raise ConfigError(
+            f"DATABASE_URL is not set: the {resolved} environment needs it "
+            "(postgres://USER:PASSWORD@HOST:PORT/DBNAME)"
+        )
+    if not url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError(
+            f"DATABASE_URL {mask_url(url)} is not a PostgreSQL URL: "
+            "use postgres://USER:PASSWORD@HOST:PORT/DBNAME"
+        )
+    return Target(resolved, url)
+
+
+def open_database(target: Target, application_name: str = "dbmigrate") -> peewee.PostgresqlDatabase:
+    """Return a peewee database for ``target`` (not yet connected)."""
+    parts = urlsplit(target.url)
+    params = {
+        "host": parts.hostname or None,
+        "port": parts.port,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": target.password,
+        "application_name": application_name,
+        "connect_timeout": 10,
+    }
+    # query options such as ?sslmode=require pass straight to libpq
+    for pair in filter(None, parts.query.split("&")):
+        key, _, value = pair.partition("=")
+        params[key] = unquote(value)
+    params = {k: v for k, v in params.items() if v is not None}
+    return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)
+
+
+def connect(target: Target, application_name: str = "dbmigrate") -> peewee.PostgresqlDatabase:
+    """Return a connected peewee database, or raise DatabaseUnavailable (password scrubbed)."""
+    db = open_database(target, application_name)
+    try:
+        db.connect()
+    except (peewee.OperationalError, psycopg2.OperationalError) as exc:
+        detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                        target.password)
+        raise DatabaseUnavailable(
+            f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
+            "and DATABASE_URL is right"
+        ) from None
+    return db
+
+
+def connect_raw(target: Target, application_name: str = "dbmigrate"):
+    """Return a plain autocommit psycopg2 connection (for the advisory lock and catalog queries)."""
+    db = open_database(target, application_name)
+    try:
+        conn = psycopg2.connect(dbname=db.database, **db.connect_params)
+    except psycopg2.OperationalError as exc:
+        detail = redact(str(exc).strip().splitlines()[0], target.password)
+        raise DatabaseUnavailable(
+            f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
+            "and DATABASE_URL is right"
+        ) from None
+    conn.autocommit = True
+    return conn

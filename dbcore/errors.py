@@ -1,0 +1,76 @@
+"""Every error dbcore raises; each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class DbcoreError(Exception):
+    """Base of every error raised by dbcore."""
+
+    #: safe to run the same operation again as it is (nothing was changed)
+    retryable = False
+
+
+class ConfigError(DbcoreError):
+    """The configuration or the command line is wrong (missing variable, contradicting --env, bad path)."""
+
+
+class EnvMismatch(ConfigError):
+    """An explicit --env contradicts what the environment variables say."""
+
+
+class DatabaseUnavailable(DbcoreError):
+    """The database cannot be reached or refused the connection."""
+
+    retryable = True
+
+
+class MigrationFileError(DbcoreError):
+    """A migration file cannot be read or compiled (syntax error, missing file, bad name)."""
+
+
+class MigrationFailed(DbcoreError):
+    """A migration raised while running; its batch was rolled back."""
+
+
+class MigrationLockTimeout(DbcoreError):
+    """Another run holds the migration advisory lock and did not release it in time."""
+
+    retryable = True
+
+
+class TableLockTimeout(MigrationFailed):
+    """A statement waited longer than lock_timeout for a table lock; the batch was rolled back."""
+
+    retryable = True
+
+
+class PlanOutdated(DbcoreError):
+    """The database's migration history changed between planning and applying."""
+
+
+class NothingToRollback(DbcoreError):
+    """Rollback was asked for more migrations than are applied."""
+
+
+class BackupFailed(DbcoreError):
+    """A backup could not be taken or stored; no partial object was left."""
+
+
+class BackupCorrupt(DbcoreError):
+    """A stored backup does not match its recorded checksum or cannot be read by pg_restore."""
+
+
+class BackupNotFound(DbcoreError):
+    """No backup object exists under the given key."""
+
+
+class RestoreRefused(DbcoreError):
+    """A restore was refused to protect existing data (non-empty or production target)."""
+
+
+class RestoreFailed(DbcoreError):
+    """pg_restore failed while restoring a backup."""
+
+
+class ToolNotFound(ConfigError):
+    """A PostgreSQL client program (pg_dump, pg_restore) is missing or of the wrong major version."""

@@ -1,0 +1,68 @@
+"""All configuration, read from the environment in this one place.
+
+Standard names (``DATABASE_URL``, ``FLY_APP_NAME``, ``USE_FLY_POSTGRES_FROM_LOCAL_PROXY``) keep the
+names the guide and Fly.io use; everything of this product's own starts with ``MIGRATE_``. S3
+credentials are not settings: boto3 reads its own chain (``AWS_ACCESS_KEY_ID``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: where `make run` keeps the embedded PostgreSQL cluster and S3 server (ignored by git)
+DEFAULT_LOCAL_DIR = Path(".local")
+
+
+class Settings(BaseSettings):
+    """Everything dbcore can be configured with; build one with ``Settings()`` and pass it on."""
+
+    model_config = SettingsConfigDict(env_prefix="MIGRATE_", extra="ignore", populate_by_name=True)
+
+    # -- target database and environment detection (the guide's utils/db_connection.py)
+    database_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    fly_app_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLY_APP_NAME", "fly_app_name")
+    )
+    use_fly_postgres_from_local_proxy: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(
+            "USE_FLY_POSTGRES_FROM_LOCAL_PROXY", "use_fly_postgres_from_local_proxy"
+        ),
+    )
+
+    # -- migrations
+    migrations_dir: Path = Path("migrations")
+    #: how long a DDL statement may wait for a table lock before the batch is rolled back and
+    #: retried: long waits queue every application query behind the migration (squawk, pgroll)
+    lock_timeout: str = "2s"
+    #: upper bound on any one statement of a migration; data fills that need longer say so here
+    statement_timeout: str = "5min"
+    #: seconds to wait for another run's migration advisory lock before giving up
+    advisory_lock_wait: float = 30.0
+    #: key of the session advisory lock that serialises every apply/rollback on a database
+    advisory_lock_key: int = 7_262_020_510
+    #: who is recorded in migration_audit; empty means the OS user
+    actor: str = ""
+
+    # -- backups (S3-compatible storage; credentials come from boto3's own chain)
+    s3_bucket: str = ""
+    s3_prefix: str = "backups"
+    s3_endpoint_url: str = ""
+    #: zstd level for backups (1 is fastest; 3 is zstd's default)
+    backup_zstd_level: int = 1
+    #: compression threads; 0 means one per core
+    backup_zstd_threads: int = 0
+
+    # -- embedded local services for `make run`
+    local_dir: Path = DEFAULT_LOCAL_DIR
+
+    def database_password(self) -> str | None:
+        """Return the password inside DATABASE_URL (to scrub it from any text), or None."""
+        from dbcore.connection import url_password  # local import: connection imports settings
+
+        return url_password(self.database_url.get_secret_value()) if self.database_url else None

@@ -1,0 +1,125 @@
+"""Shared fixtures: a real private PostgreSQL 15 cluster for the session, a fresh database per test.
+
+``TEST_DATABASE_URL`` (a URL of a server where the user may create databases) replaces the
+private cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from dbcore.connection import Env, Target
+from dbcore.services.postgres import PostgresCluster, find_pg_bindir
+from dbcore.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_MIGRATIONS = REPO / "migrations"
+
+# Tests never read the developer's own configuration.
+for _var in ("DATABASE_URL", "FLY_APP_NAME", "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"):
+    os.environ.pop(_var, None)
+for _var in [v for v in os.environ if v.startswith("MIGRATE_")]:
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """URL of the maintenance database of a running PostgreSQL server for the whole session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    root = Path(tempfile.mkdtemp(prefix="dbmigrate-pg-"))
+    cluster = PostgresCluster(root)
+    cluster.init()
+    cluster.start(fast=True)
+    try:
+        yield cluster.url("postgres")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _admin(server_url: str):
+    conn = psycopg2.connect(server_url)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def make_database(pg_server_url):
+    """Factory: create a fresh empty database and return its URL; all are dropped afterwards."""
+    created: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with _admin(pg_server_url) as conn, conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return pg_server_url.rsplit("/", 1)[0] + "/" + name
+
+    yield make
+    conn = _admin(pg_server_url)
+    with conn.cursor() as cur:
+        for name in created:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture
+def db_url(make_database) -> str:
+    """URL of a fresh, empty database for this test."""
+    return make_database()
+
+
+@pytest.fixture
+def target(db_url) -> Target:
+    return Target(Env.LOCAL, db_url)
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Settings with short waits so that lock tests finish quickly."""
+    return Settings(
+        migrations_dir=tmp_path / "migrations",
+        advisory_lock_wait=2.0,
+        lock_timeout="1s",
+        local_dir=tmp_path / ".local",
+    )
+
+
+@pytest.fixture
+def migrations_dir(tmp_path) -> Path:
+    """A copy of the sample application's migrations that a test may change."""
+    dest = tmp_path / "migrations"
+    shutil.copytree(SAMPLE_MIGRATIONS, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def schema_dump(url: str) -> str:
+    """``pg_dump --schema-only`` of a database, without the random \\restrict lines."""
+    out = subprocess.run(
+        [str(find_pg_bindir("pg_dump") / "pg_dump"), "--schema-only", "--no-owner", url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return "\n".join(
+        line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))
+    )
+
+
+def query(url: str, sql: str, params=None) -> list[tuple]:
+    """Run one query on ``url`` and return its rows."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()

@@ -123,3 +123,7 @@ def query(url: str, sql: str, params=None) -> list[tuple]:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+# Fixtures of other areas live in their own modules beside this file (S3 server, lint fixtures).
+pytest_plugins = ["fixtures_s3"]

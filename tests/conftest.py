@@ -60,8 +60,12 @@ def make_database(pg_server_url):
 
     def make(prefix: str = "t") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        with _admin(pg_server_url) as conn, conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+        conn = _admin(pg_server_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
         created.append(name)
         return pg_server_url.rsplit("/", 1)[0] + "/" + name
 
@@ -117,6 +121,7 @@ def schema_dump(url: str) -> str:
 def query(url: str, sql: str, params=None) -> list[tuple]:
     """Run one query on ``url`` and return its rows."""
     conn = psycopg2.connect(url)
+    conn.autocommit = True
     try:
         with conn.cursor() as cur:
             cur.execute(sql, params)

@@ -1,0 +1,158 @@
+"""``dbmigrate status | new | apply | rollback | plan``: the migration sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dbcore.cli import Context
+from dbcore.connection import connect
+from dbcore.migrations import new_migration, status
+from dbcore.runner import (
+    Plan,
+    ProgressEvent,
+    RunReport,
+    apply_plan,
+    plan_apply,
+    plan_rollback,
+    rollback_plan,
+)
+
+
+def _print_progress(event: ProgressEvent) -> None:
+    """Show each migration as it starts and ends, on stderr (stdout stays for results)."""
+    verb = "applying" if event.action == "apply" else "rolling back"
+    if event.stage == "start":
+        print(f"[{event.index}/{event.total}] {verb} {event.name} ...", file=sys.stderr, flush=True)
+    else:
+        print(f"[{event.index}/{event.total}] {event.name} done in {event.seconds:.2f}s",
+              file=sys.stderr, flush=True)
+
+
+def _render_plan(plan: Plan) -> str:
+    if plan.empty:
+        return f"{plan.database}: nothing to {plan.action}"
+    lines = [f"{plan.database}: {plan.action} {len(plan.migrations)} migration(s) "
+             f"in {len(plan.phases)} transaction(s):"]
+    for number, (atomic, group) in enumerate(plan.phases, 1):
+        kind = "one transaction" if atomic else "autocommit, alone (atomic = False)"
+        lines.append(f"  transaction {number} ({kind}):")
+        lines += [f"    {m.name}" for m in group]
+    return "\n".join(lines)
+
+
+def _emit(report: RunReport, as_json: bool, show_sql: bool = False) -> None:
+    if as_json:
+        print(json.dumps(report.to_dict(), default=str, indent=2))
+        return
+    if show_sql:
+        for result in report.results:
+            print(f"-- {result.name} ({result.seconds:.2f}s)")
+            for statement in result.sql:
+                print(statement.rstrip(";") + ";")
+    print(report.summary())
+    if report.note and report.results:
+        print(report.note)
+
+
+def cmd_status(ctx: Context) -> int:
+    """Print every migration with its state."""
+    db = connect(ctx.target)
+    try:
+        rows = status(db, ctx.settings.migrations_dir)
+    finally:
+        db.close()
+    if ctx.args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"{ctx.target.masked_url} ({ctx.target.env})")
+    for r in rows:
+        when = r.applied_at.strftime("%Y-%m-%d %H:%M:%S") if r.applied_at else ""
+        state = "applied" if r.applied else "pending"
+        flag = ""
+        if r.file_missing:
+            flag = "  FILE MISSING"
+        elif r.changed:
+            flag = "  CHANGED since applied"
+        print(f"  {state:8} {when:19}  {r.name}{flag}")
+    pending = sum(not r.applied for r in rows)
+    print(f"{pending} pending" if pending else "up to date")
+    return 0
+
+
+def cmd_new(ctx: Context) -> int:
+    """Write the next NNN_name.py."""
+    path = new_migration(ctx.settings.migrations_dir, " ".join(ctx.args.name))
+    print(path)
+    return 0
+
+
+def cmd_plan(ctx: Context) -> int:
+    """Print what apply would do; --sql rehearses it in a rolled-back transaction."""
+    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
+    if ctx.args.json and not ctx.args.sql:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    if not ctx.args.json:
+        print(_render_plan(plan))
+    if ctx.args.sql and not plan.empty:
+        report = apply_plan(plan, ctx.target, ctx.settings, dry_run=True,
+                            progress=_print_progress)
+        _emit(report, ctx.args.json, show_sql=True)
+    return 0
+
+
+def cmd_apply(ctx: Context) -> int:
+    """Apply pending migrations in one transaction under the migration lock."""
+    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
+    if not ctx.args.json:
+        print(_render_plan(plan), file=sys.stderr)
+    report = apply_plan(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
+                        actor=ctx.args.actor, progress=None if ctx.args.json else _print_progress)
+    _emit(report, ctx.args.json, show_sql=ctx.args.dry_run and not ctx.args.json)
+    return 0
+
+
+def cmd_rollback(ctx: Context) -> int:
+    """Roll back the newest N applied migrations in one transaction."""
+    plan = plan_rollback(ctx.target, ctx.settings, count=ctx.args.count)
+    if not ctx.args.json:
+        print(_render_plan(plan), file=sys.stderr)
+    report = rollback_plan(plan, ctx.target, ctx.settings, actor=ctx.args.actor,
+                           dry_run=ctx.args.dry_run,
+                           progress=None if ctx.args.json else _print_progress)
+    _emit(report, ctx.args.json)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the migration sub-commands to ``dbmigrate``."""
+    p = sub.add_parser("status", parents=[common], help="list migrations: applied, pending, changed")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("new", parents=[common], help="write the next NNN_name.py from the template")
+    p.add_argument("name", nargs="+", help='what it does, e.g. "add user email"')
+    p.set_defaults(handler=cmd_new)
+
+    p = sub.add_parser("plan", parents=[common], help="show what apply would do, changing nothing")
+    p.add_argument("--target", help="stop after this migration (name or number)")
+    p.add_argument("--sql", action="store_true",
+                   help="rehearse in a transaction that is rolled back, and print the SQL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_plan)
+
+    for name, helptext in (("apply", "apply pending migrations in one transaction"),
+                           ("rollback", "roll back the newest applied migrations in one transaction")):
+        p = sub.add_parser(name, parents=[common], help=helptext)
+        if name == "apply":
+            p.add_argument("--target", help="stop after this migration (name or number)")
+            p.set_defaults(handler=cmd_apply)
+        else:
+            p.add_argument("--count", type=int, default=1, help="how many (default 1)")
+            p.set_defaults(handler=cmd_rollback)
+        p.add_argument("--dry-run", action="store_true",
+                       help="run inside a transaction that is rolled back; print the SQL")
+        p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")

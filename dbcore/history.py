@@ -1,0 +1,97 @@
+"""What the database says was applied: peewee-migrate's ``migratehistory`` and our ``migration_audit``.
+
+peewee-migrate's history has no checksum, so every apply and rollback also writes an audit row
+(name, sha256 of the file, when, who, run id). Reads never create tables: ``status`` on a
+production database must not write.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import logging
+from dataclasses import dataclass
+
+import peewee
+
+log = logging.getLogger(__name__)
+
+HISTORY_TABLE = "migratehistory"
+AUDIT_TABLE = "migration_audit"
+
+_CREATE_AUDIT = f"""
+CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
+    id          bigserial PRIMARY KEY,
+    name        varchar(255) NOT NULL,
+    action      varchar(16)  NOT NULL CHECK (action IN ('apply', 'rollback')),
+    checksum    char(64),
+    at          timestamptz  NOT NULL DEFAULT now(),
+    actor       varchar(255) NOT NULL,
+    run_id      varchar(255),
+    duration_ms integer
+)
+"""
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """One row of the history, with the checksum recorded when it was applied (if any)."""
+
+    name: str
+    applied_at: datetime.datetime
+    checksum: str | None
+
+
+def default_actor(actor: str | None = None) -> str:
+    """Return ``actor``, else the OS user."""
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _table_exists(db: peewee.Database, table: str) -> bool:
+    return db.execute_sql("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+
+def read_applied(db: peewee.Database) -> list[AppliedMigration]:
+    """Return the applied migrations in the order they were applied; empty if none ever were."""
+    if not _table_exists(db, HISTORY_TABLE):
+        return []
+    if _table_exists(db, AUDIT_TABLE):
+        sql = f"""
+            SELECT h.name, h.migrated_at, (
+                SELECT a.checksum FROM {AUDIT_TABLE} a
+                WHERE a.name = h.name AND a.action = 'apply' ORDER BY a.id DESC LIMIT 1)
+            FROM {HISTORY_TABLE} h ORDER BY h.id"""
+    else:
+        sql = f"SELECT name, migrated_at, NULL FROM {HISTORY_TABLE} ORDER BY id"
+    return [AppliedMigration(*row) for row in db.execute_sql(sql).fetchall()]
+
+
+def ensure_audit_table(db: peewee.Database) -> None:
+    """Create ``migration_audit`` if missing (inside the caller's transaction)."""
+    db.execute_sql(_CREATE_AUDIT)
+
+
+def record_audit(db: peewee.Database, *, name: str, action: str, checksum: str | None,
+                 actor: str, run_id: str | None, duration_ms: int | None) -> None:
+    """Insert one audit row (inside the caller's transaction, so it commits or rolls back with it)."""
+    db.execute_sql(
+        f"INSERT INTO {AUDIT_TABLE} (name, action, checksum, actor, run_id, duration_ms) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (name, action, checksum, actor, run_id, duration_ms),
+    )
+
+
+def read_audit(db: peewee.Database, limit: int = 100) -> list[dict]:
+    """Return the newest audit rows first, as dicts; empty if the table does not exist."""
+    if not _table_exists(db, AUDIT_TABLE):
+        return []
+    cursor = db.execute_sql(
+        f"SELECT name, action, checksum, at, actor, run_id, duration_ms FROM {AUDIT_TABLE} "
+        "ORDER BY id DESC LIMIT %s", (limit,))
+    columns = [c[0] for c in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]

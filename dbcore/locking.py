@@ -1,0 +1,84 @@
+"""The migration advisory lock, and the timeouts every migration session runs under.
+
+One PostgreSQL session advisory lock serialises every apply and rollback on a database. It is
+taken by polling ``pg_try_advisory_lock`` on a connection of its own, so that waiting is bounded
+and the holder can be named when the wait gives up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import peewee
+
+from dbcore.connection import Target, connect_raw
+from dbcore.errors import MigrationLockTimeout
+from dbcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+_HOLDER_SQL = """
+SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.usename, ''),
+       a.backend_start, coalesce(host(a.client_addr), 'local socket')
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+        SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid AND l.objsubid = 1
+"""
+
+
+def _describe_holder(conn, key: int) -> str:
+    """Return who holds the advisory lock ``key``, for the timeout message."""
+    # A bigint advisory key is stored as two 32-bit halves: classid (high) and objid (low).
+    with conn.cursor() as cur:
+        cur.execute(_HOLDER_SQL, (key >> 32 & 0xFFFFFFFF, key & 0xFFFFFFFF))
+        row = cur.fetchone()
+    if row is None:
+        return "a session that has just released it"
+    pid, app, user, since, client = row
+    return (f"pid {pid} (application {app!r}, user {user!r} from {client}, "
+            f"connected since {since:%Y-%m-%d %H:%M:%S %Z})")
+
+
+@contextmanager
+def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -> Iterator[None]:
+    """Hold the database's migration advisory lock for the block; raise MigrationLockTimeout."""
+    conn = connect_raw(target, application_name=f"dbmigrate lock: {purpose}"[:63])
+    key = settings.advisory_lock_key
+    deadline = time.monotonic() + settings.advisory_lock_wait
+    try:
+        with conn.cursor() as cur:
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                if cur.fetchone()[0]:
+                    break
+                if time.monotonic() >= deadline:
+                    holder = _describe_holder(conn, key)
+                    raise MigrationLockTimeout(
+                        f"another migration run holds the lock on database {target.dbname!r}: "
+                        f"{holder}; waited {settings.advisory_lock_wait:g}s. Let it finish and run "
+                        "again; if that process is gone for good, end its session with "
+                        f"SELECT pg_terminate_backend(pid)"
+                    )
+                time.sleep(POLL_SECONDS)
+        log.debug("migration lock %s taken on %s", key, target.masked_url)
+        yield
+    finally:
+        # Closing the session releases the lock even if the unlock cannot be sent.
+        conn.close()
+
+
+def configure_session(db: peewee.PostgresqlDatabase, settings: Settings) -> None:
+    """Set the timeouts of a migration session: short lock waits, bounded statements."""
+    for name, value in (
+        ("lock_timeout", settings.lock_timeout),
+        ("statement_timeout", settings.statement_timeout),
+        # a killed client's statement would otherwise run on, holding its locks, until it ends
+        ("client_connection_check_interval", "500ms"),
+    ):
+        db.execute_sql("SELECT set_config(%s, %s, false)", (name, value))

@@ -1,0 +1,292 @@
+"""Migration files and what the database knows of them: discovery, compiling, status, ``new``.
+
+Applying and rolling back live in ``dbcore/runner.py``; this module only reads.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import hashlib
+import logging
+import re
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import peewee
+from peewee_migrate import Migrator as _PeeweeMigrateMigrator
+from peewee_migrate import Router
+from peewee_migrate.models import MigrateHistory
+
+from dbcore.errors import ConfigError, MigrationFileError
+from dbcore.history import read_applied
+
+log = logging.getLogger(__name__)
+
+#: peewee-migrate's own file mask: three digits, an underscore, a name
+FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    """A migration file on disk: its name (stem), path, sha256 and whether it runs in the batch transaction."""
+
+    name: str
+    path: Path
+    sha256: str
+    atomic: bool = True
+
+    @property
+    def number(self) -> int:
+        return int(self.name[:3])
+
+
+@dataclass(frozen=True)
+class LoadedMigration:
+    """A compiled migration file: its ``migrate`` and ``rollback`` functions."""
+
+    file: MigrationFile
+    migrate: Callable[..., Any]
+    rollback: Callable[..., Any] | None
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """One line of ``dbmigrate status``."""
+
+    name: str
+    applied: bool
+    applied_at: datetime.datetime | None
+    changed: bool
+    checksum: str | None
+    recorded_checksum: str | None
+    file_missing: bool = False
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["applied_at"] = self.applied_at.isoformat() if self.applied_at else None
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _declares_non_atomic(source: str, path: Path) -> bool:
+    """Return True when the module sets ``atomic = False`` at top level (read by AST, not run)."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise MigrationFileError(_syntax_message(path, exc)) from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            if any(isinstance(t, ast.Name) and t.id == "atomic" for t in node.targets):
+                return node.value.value is False
+    return False
+
+
+def _syntax_message(path: Path, exc: SyntaxError) -> str:
+    return (f"migration {path.name} has a syntax error at line {exc.lineno}: {exc.msg}: "
+            "fix the file; nothing was applied")
+
+
+def discover(migrations_dir: Path) -> list[MigrationFile]:
+    """Return the migration files in order; raise ConfigError when the folder does not exist."""
+    migrations_dir = Path(migrations_dir)
+    if not migrations_dir.is_dir():
+        # peewee-migrate would silently create it: a mistyped path must not "work"
+        raise ConfigError(
+            f"migrations folder {migrations_dir} does not exist: pass --migrations-dir "
+            "or set MIGRATE_MIGRATIONS_DIR"
+        )
+    files = []
+    for path in sorted(migrations_dir.iterdir()):
+        if FILE_RE.match(path.name):
+            source = path.read_text(encoding="utf-8")
+            files.append(MigrationFile(
+                name=path.stem, path=path, sha256=hashlib.sha256(source.encode()).hexdigest(),
+                atomic=not _declares_non_atomic(source, path),
+            ))
+    return files
+
+
+def load(file: MigrationFile) -> LoadedMigration:
+    """Compile and execute a migration file's module; raise MigrationFileError naming the file."""
+    source = file.path.read_text(encoding="utf-8")
+    try:
+        # Compiled under its real file name, so that tracebacks and errors point at it.
+        code = compile(source, str(file.path), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise MigrationFileError(_syntax_message(file.path, exc)) from None
+    scope: dict[str, Any] = {"__file__": str(file.path), "__name__": f"migration_{file.name}"}
+    try:
+        exec(code, scope)
+    except Exception as exc:  # a broken import or module-level code
+        raise MigrationFileError(
+            f"migration {file.path.name} fails on load: {type(exc).__name__}: {exc}: fix the "
+            "file; nothing was applied"
+        ) from exc
+    migrate = scope.get("migrate")
+    if not callable(migrate):
+        raise MigrationFileError(
+            f"migration {file.path.name} has no migrate(migrator, database, *, fake=False) "
+            "function: add one (`dbmigrate new` writes the template)"
+        )
+    rollback = scope.get("rollback")
+    return LoadedMigration(file, migrate, rollback if callable(rollback) else None)
+
+
+class Migrator(_PeeweeMigrateMigrator):
+    """peewee-migrate's Migrator with the guide's vocabulary: ``add_columns`` / ``drop_columns``."""
+
+    def add_columns(self, model, **fields: peewee.Field):
+        """Add columns (the guide's name for ``add_fields``)."""
+        return self.add_fields(model, **fields)
+
+    def drop_columns(self, model, *names, cascade: bool = True):
+        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too."""
+        flat = [n for name in names for n in ([name] if isinstance(name, str) else name)]
+        model = self.__get_model__(model)
+        meta = model._meta
+        known = {f.name for f in meta.fields.values()} | {f.column_name for f in meta.fields.values()}
+        by_column = {f.column_name: f.name for f in meta.fields.values()}
+        fields = [by_column.get(n, n) for n in flat if n in known]
+        if fields:
+            self.remove_fields(model, *fields, cascade=cascade)
+        # peewee-migrate skips names the model class does not define: a rollback would then
+        # silently do nothing. Drop those by column name instead.
+        for name in (n for n in flat if n not in known):
+            self.__ops__.append(
+                self.__migrator__.drop_column(meta.table_name, name, cascade=cascade))
+        return model
+
+    def add_column(self, *args, **kwargs):
+        raise MigrationFileError("migrator.add_column does not exist: use migrator.add_columns(Model, name=Field(...))")
+
+    def drop_column(self, *args, **kwargs):
+        raise MigrationFileError("migrator.drop_column does not exist: use migrator.drop_columns(Model, 'name')")
+
+
+class FileRouter(Router):
+    """peewee-migrate's Router, reading files through :func:`load` so errors name the file."""
+
+    def __init__(self, database: peewee.Database, migrations_dir: Path, **kwargs):
+        super().__init__(database, migrate_dir=Path(migrations_dir), migrator_class=Migrator,
+                         logger=log, **kwargs)
+        self._files = {f.name: f for f in discover(self.migrate_dir)}
+
+    @cached_property
+    def model(self):
+        """The history model, bound to this router's database only.
+
+        peewee-migrate binds its one global MigrateHistory class to the last router's database;
+        a subclass per router keeps two databases (a rehearsal copy and its source) apart.
+        """
+        database, table = self.database, self.migrate_table
+
+        class History(MigrateHistory):
+            class Meta:
+                table_name = table
+
+        History._meta.database = database
+        History.create_table(safe=True)
+        return History
+
+    def read(self, name: str):
+        file = self._files.get(name)
+        if file is None:
+            raise MigrationFileError(
+                f"migration {name} is recorded as applied but {name}.py is missing from "
+                f"{self.migrate_dir}: restore the file from version control"
+            )
+        loaded = load(file)
+        return loaded.migrate, loaded.rollback or (lambda *a, **k: None)
+
+
+def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:
+    """Return every migration, applied or pending, in order; applied ones missing on disk last."""
+    files = discover(migrations_dir)
+    applied = {a.name: a for a in read_applied(db)}
+    rows = []
+    for file in files:
+        done = applied.pop(file.name, None)
+        rows.append(MigrationStatus(
+            name=file.name, applied=done is not None,
+            applied_at=done.applied_at if done else None,
+            changed=bool(done and done.checksum and done.checksum != file.sha256),
+            checksum=file.sha256, recorded_checksum=done.checksum if done else None,
+        ))
+    for gone in applied.values():
+        rows.append(MigrationStatus(
+            name=gone.name, applied=True, applied_at=gone.applied_at, changed=False,
+            checksum=None, recorded_checksum=gone.checksum, file_missing=True,
+        ))
+    return rows
+
+
+TEMPLATE = '''\
+"""{number:03d}: {title}.
+
+Runs inside the batch transaction: if any statement fails, nothing of the batch is applied.
+Set ``atomic = False`` only for statements PostgreSQL refuses inside a transaction
+(CREATE INDEX CONCURRENTLY); such a migration runs alone (see docs/migrations.md).
+"""
+
+import peewee as pw
+
+
+# Define here the model classes this migration touches (the guide's rule): only the fields it
+# needs and Meta.table_name. They are never bound to a database.
+class BaseModel(pw.Model):
+    created_at = pw.DateTimeField()
+    updated_at = pw.DateTimeField()
+
+
+# class MyModel(BaseModel):
+#     field = pw.CharField()
+#
+#     class Meta:
+#         table_name = "my_table"
+
+
+def migrate(migrator, database, *, fake=False):
+    """{title}."""
+    # migrator.add_columns(MyModel, new_field=pw.CharField(max_length=2, null=True, default="el"))
+    # migrator.sql("UPDATE my_table SET new_field = %s WHERE new_field IS NULL", "el")
+    # migrator.sql("ALTER TABLE my_table ALTER COLUMN new_field SET NOT NULL")
+    # migrator.sql("ALTER TABLE my_table ALTER COLUMN new_field DROP DEFAULT")
+    raise NotImplementedError("write migrate() of {filename}")
+
+
+def rollback(migrator, database, *, fake=False):
+    """Undo {title}."""
+    # migrator.drop_columns(MyModel, "new_field")
+    raise NotImplementedError("write rollback() of {filename}")
+'''
+
+
+def slugify(title: str) -> str:
+    """Return a file-name-safe snake_case form of a migration title."""
+    slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+    if not slug:
+        raise ConfigError(f"migration name {title!r} has no letters or digits: use e.g. \"add user email\"")
+    return slug[:60]
+
+
+def new_migration(migrations_dir: Path, title: str) -> Path:
+    """Write the next sequential ``NNN_name.py`` from the template and return its path."""
+    migrations_dir = Path(migrations_dir)
+    files = discover(migrations_dir)
+    number = max((f.number for f in files), default=0) + 1
+    if number > 999:
+        raise ConfigError("migration numbers are three digits and 999 is taken: squash old migrations")
+    slug = slugify(title)
+    path = migrations_dir / f"{number:03d}_{slug}.py"
+    if path.exists():
+        raise ConfigError(f"{path} already exists")
+    path.write_text(TEMPLATE.format(number=number, title=title.strip(), filename=path.name),
+                    encoding="utf-8")
+    return path

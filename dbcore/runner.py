@@ -1,0 +1,452 @@
+"""Plan, then apply: pending migrations in one transaction under the migration lock; rollbacks.
+
+``plan_apply`` and ``plan_rollback`` decide and return data; ``apply_plan`` and ``rollback_plan``
+act on that data. Every migration of a plan runs inside ONE transaction (peewee-migrate's
+per-migration transactions become savepoints), so a failure anywhere leaves the database exactly
+as before. A migration that declares ``atomic = False`` cannot run in a transaction
+(CREATE INDEX CONCURRENTLY): it splits the plan into phases and runs alone, in autocommit,
+after the phase before it has committed (docs/migrations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import peewee
+import psycopg2
+from playhouse.migrate import Operation
+
+from dbcore.connection import Target, connect, redact
+from dbcore.errors import (
+    MigrationFailed,
+    MigrationFileError,
+    NothingToRollback,
+    PlanOutdated,
+    TableLockTimeout,
+)
+from dbcore.history import default_actor, ensure_audit_table, read_applied, record_audit
+from dbcore.locking import configure_session, migration_lock
+from dbcore.migrations import FileRouter, LoadedMigration, MigrationFile, discover, load
+from dbcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: SQLSTATEs a caller may retry after: the batch was rolled back because a lock was busy
+_LOCK_NOT_AVAILABLE = "55P03"
+_QUERY_CANCELED = "57014"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported to a progress callback before and after each migration."""
+
+    action: str  # "apply" | "rollback"
+    stage: str  # "start" | "done"
+    name: str
+    index: int  # 1-based
+    total: int
+    seconds: float = 0.0
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an apply or rollback will do: the migrations in order, split into transaction phases."""
+
+    action: str  # "apply" | "rollback"
+    database: str  # masked URL
+    applied_before: tuple[str, ...]
+    migrations: tuple[MigrationFile, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.migrations]
+
+    @property
+    def empty(self) -> bool:
+        return not self.migrations
+
+    @property
+    def phases(self) -> list[tuple[bool, list[MigrationFile]]]:
+        """Consecutive atomic migrations grouped into one transaction; each non-atomic one alone."""
+        phases: list[tuple[bool, list[MigrationFile]]] = []
+        for m in self.migrations:
+            if m.atomic and phases and phases[-1][0]:
+                phases[-1][1].append(m)
+            else:
+                phases.append((m.atomic, [m]))
+        return phases
+
+    def to_dict(self) -> dict:
+        return {
+            "action": self.action, "database": self.database,
+            "applied_before": list(self.applied_before),
+            "migrations": [{"name": m.name, "sha256": m.sha256, "atomic": m.atomic}
+                           for m in self.migrations],
+            "transactions": len(self.phases),
+        }
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """One migration as it ran: how long it took and the SQL it sent."""
+
+    name: str
+    seconds: float
+    sql: tuple[str, ...] = ()
+    atomic: bool = True
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What an apply or rollback did."""
+
+    action: str
+    database: str
+    run_id: str
+    results: tuple[MigrationResult, ...] = ()
+    dry_run: bool = False
+    note: str = ""
+    skipped: tuple[str, ...] = field(default=())
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.results]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: what happened."""
+        if not self.results:
+            return self.note or ("up to date" if self.action == "apply" else "nothing rolled back")
+        verb = "applied" if self.action == "apply" else "rolled back"
+        if self.dry_run:
+            verb = f"rehearsed (rolled back) {self.action} of"
+        total = sum(r.seconds for r in self.results)
+        return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+
+
+class _SqlCapture(logging.Handler):
+    """Collects the statements peewee logs at DEBUG while a migration runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.statements: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.msg
+        if isinstance(msg, tuple) and msg:
+            sql, params = msg[0], msg[1] if len(msg) > 1 else None
+            self.statements.append(sql if not params else f"{sql} -- params: {params!r}")
+
+
+class _Capturing:
+    """Context manager that turns on peewee's query log into a _SqlCapture."""
+
+    def __init__(self) -> None:
+        self.handler = _SqlCapture()
+        self._logger = logging.getLogger("peewee")
+        self._level = self._logger.level
+        self._propagate = self._logger.propagate
+
+    def __enter__(self) -> list[str]:
+        # Lowering peewee's level must not flood the caller's log unless it asked for DEBUG.
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            self._logger.propagate = False
+        self._logger.addHandler(self.handler)
+        self._logger.setLevel(logging.DEBUG)
+        return self.handler.statements
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self.handler)
+        self._logger.setLevel(self._level)
+        self._logger.propagate = self._propagate
+
+
+class _DryRunRollback(Exception):
+    """Raised inside the batch transaction of a dry run to roll it back."""
+
+
+def _pgcode(exc: BaseException) -> str | None:
+    """Return the SQLSTATE behind a peewee/psycopg2 error, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "pgcode", None)
+        if code:
+            return code
+        if exc.args and isinstance(exc.args[0], psycopg2.Error):
+            return exc.args[0].pgcode
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fail(exc: Exception, name: str, action: str, committed: list[str], settings: Settings,
+          target: Target) -> Exception:
+    """Return the typed error for ``exc`` raised while running migration ``name``."""
+    if isinstance(exc, MigrationFileError):
+        return exc
+    code = _pgcode(exc)
+    kept = (f"; already committed before it: {', '.join(committed)}" if committed
+            else "; nothing was changed (the whole batch was rolled back)")
+    detail = redact(_first_line(exc), target.password)
+    if code == _LOCK_NOT_AVAILABLE:
+        return TableLockTimeout(
+            f"{action} of {name} waited longer than lock_timeout={settings.lock_timeout} for a "
+            f"table lock held by the application{kept}: retry when traffic is lower, or raise "
+            "MIGRATE_LOCK_TIMEOUT")
+    if code == _QUERY_CANCELED:
+        return MigrationFailed(
+            f"{action} of {name} ran longer than statement_timeout={settings.statement_timeout}"
+            f"{kept}: raise MIGRATE_STATEMENT_TIMEOUT or split the migration")
+    where = "rollback()" if action == "rollback" else "migrate()"
+    return MigrationFailed(f"{action} of {name} failed: {type(exc).__name__}: {detail}{kept}: "
+                           f"fix {where} in {name}.py and run again")
+
+
+def _read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
+    own = db is None
+    db = db or connect(target)
+    try:
+        return discover(settings.migrations_dir), [a.name for a in read_applied(db)]
+    finally:
+        if own:
+            db.close()
+
+
+def _pending(files: list[MigrationFile], applied: list[str], upto: str | None) -> list[MigrationFile]:
+    done = set(applied)
+    pending = [f for f in files if f.name not in done]
+    if upto is None:
+        return pending
+    names = [f.name for f in files]
+    match = [n for n in names if n == upto or n.startswith(upto + "_") or n[:3] == upto]
+    if not match:
+        raise MigrationFileError(f"no migration named {upto!r} in {files[0].path.parent if files else 'the folder'}: "
+                                 "pass a name from `dbmigrate status`")
+    upto_name = match[0]
+    if upto_name in done:
+        return []
+    cut = [f.name for f in pending].index(upto_name) + 1
+    return pending[:cut]
+
+
+def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
+               db: peewee.Database | None = None) -> Plan:
+    """Return the plan of pending migrations (up to ``upto``), every file compiled and checked."""
+    files, applied = _read_state(target, settings, db)
+    pending = _pending(files, applied, upto)
+    for f in pending:
+        load(f)  # fail now, naming the file, rather than after earlier ones ran
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+
+
+def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
+                  names: list[str] | None = None, db: peewee.Database | None = None) -> Plan:
+    """Return the plan of rolling back the newest ``count`` applied migrations (or exactly ``names``)."""
+    files, applied = _read_state(target, settings, db)
+    if names is not None:
+        count = len(names)
+    if count < 1:
+        raise NothingToRollback("--count must be 1 or more")
+    if count > len(applied):
+        raise NothingToRollback(
+            f"cannot roll back {count}: only {len(applied)} migration(s) applied on {target.dbname!r}")
+    chosen = list(reversed(applied[-count:]))
+    if names is not None and sorted(names) != sorted(chosen):
+        raise PlanOutdated(
+            f"{', '.join(names)} are not the newest applied migrations ({', '.join(chosen)}): "
+            "roll back newest first")
+    by_name = {f.name: f for f in files}
+    missing = [n for n in chosen if n not in by_name]
+    if missing:
+        raise MigrationFileError(
+            f"cannot roll back {', '.join(missing)}: the file is missing from "
+            f"{settings.migrations_dir}: restore it from version control")
+    for name in chosen:
+        if load(by_name[name]).rollback is None:
+            raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
+                                     "or restore the database from its backup")
+    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
+
+
+def _run_ops(migrator) -> None:
+    """Run the operations a migrate()/rollback() queued, in the current transaction (or none)."""
+    # Migrator.__call__ would wrap these in its own atomic(): we decide the transaction.
+    ops, migrator.__ops__ = migrator.__ops__, []
+    for op in ops:
+        if isinstance(op, Operation):
+            op.run()
+        else:
+            op()
+
+
+def _run_one(db, router: FileRouter, migrator, loaded: LoadedMigration, action: str,
+             actor: str, run_id: str) -> MigrationResult:
+    name = loaded.file.name
+    started = time.monotonic()
+    with _Capturing() as statements:
+        if action == "apply":
+            loaded.migrate(migrator, db, fake=False)
+        else:
+            loaded.rollback(migrator, db, fake=False)
+        _run_ops(migrator)
+    seconds = time.monotonic() - started
+    if action == "apply":
+        router.model.create(name=name)
+    else:
+        router.model.delete().where(router.model.name == name).execute()
+    record_audit(db, name=name, action=action, checksum=loaded.file.sha256, actor=actor,
+                 run_id=run_id, duration_ms=int(seconds * 1000))
+    log.info("%s %s in %.2fs", action, name, seconds)
+    return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic)
+
+
+def _execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None,
+             run_id: str | None, dry_run: bool, progress: Progress | None) -> RunReport:
+    run_id = run_id or uuid.uuid4().hex[:12]
+    actor = default_actor(actor or settings.actor)
+    if plan.empty:
+        return RunReport(plan.action, plan.database, run_id, note="up to date")
+    with migration_lock(target, settings, f"{plan.action} by {actor}"):
+        db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
+        try:
+            return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress)
+        finally:
+            db.close()
+
+
+def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress) -> RunReport:
+    # Under the lock the history is final: a plan made before it may be stale.
+    files, applied = _read_state(target, settings, db)
+    if tuple(applied) != plan.applied_before:
+        if plan.action == "apply" and set(plan.names) <= set(applied):
+            return RunReport(plan.action, plan.database, run_id,
+                             note="up to date (another run applied these meanwhile)")
+        raise PlanOutdated(
+            f"the migration history of {target.dbname!r} changed since the plan was made: "
+            "plan again and review it")
+    current_files = {f.name: f.sha256 for f in files}
+    for m in plan.migrations:
+        if current_files.get(m.name) != m.sha256:
+            raise PlanOutdated(
+                f"migration {m.path.name} changed on disk since the plan was made: "
+                "plan again and review it")
+    configure_session(db, settings)
+    loaded = {m.name: load(m) for m in plan.migrations}
+    router = FileRouter(db, settings.migrations_dir)
+    results: list[MigrationResult] = []
+    committed: list[str] = []
+    skipped: list[str] = []
+    total = len(plan.migrations)
+    current = ""
+
+    def run(m: MigrationFile, migrator) -> None:
+        nonlocal current
+        current = m.name
+        index = len(results) + len(skipped) + 1
+        if progress:
+            progress(ProgressEvent(plan.action, "start", m.name, index, total))
+        result = _run_one(db, router, migrator, loaded[m.name], plan.action, actor, run_id)
+        results.append(result)
+        if progress:
+            progress(ProgressEvent(plan.action, "done", m.name, index, total, result.seconds))
+
+    migrator = None
+
+    def prepare():
+        # Bookkeeping tables are created in the first transaction, so that a first apply that
+        # fails leaves no trace either; then peewee-migrate replays every applied file
+        # (without running it) to know the models as they stand.
+        ensure_audit_table(db)
+        router.model  # noqa: B018 - creates migratehistory
+        return router.migrator
+
+    try:
+        if dry_run:
+            # One transaction around everything, rolled back at the end.
+            try:
+                with db.atomic():
+                    migrator = prepare()
+                    for atomic, group in plan.phases:
+                        if not atomic:
+                            # Autocommit statements cannot be undone: a dry run does not run them.
+                            skipped.append(group[0].name)
+                            continue
+                        for m in group:
+                            run(m, migrator)
+                    raise _DryRunRollback
+            except _DryRunRollback:
+                pass
+        else:
+            for atomic, group in plan.phases:
+                if atomic:
+                    with db.atomic():
+                        migrator = migrator or prepare()
+                        for m in group:
+                            run(m, migrator)
+                else:
+                    if migrator is None:
+                        with db.atomic():
+                            migrator = prepare()
+                    # Alone and outside any transaction: PostgreSQL refuses CREATE INDEX
+                    # CONCURRENTLY in one. Its history row is written after it succeeded.
+                    run(group[0], migrator)
+                committed.extend(x.name for x in group)
+    except Exception as exc:
+        done_names = [] if dry_run else committed
+        raise _fail(exc, current, plan.action, done_names, settings, target) from exc
+    note = ""
+    if skipped:
+        note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"
+    return RunReport(plan.action, plan.database, run_id, tuple(results), dry_run, note,
+                     tuple(skipped))
+
+
+def apply_plan(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
+               run_id: str | None = None, dry_run: bool = False,
+               progress: Progress | None = None) -> RunReport:
+    """Apply ``plan`` under the migration lock in one transaction; raise MigrationFailed (or a subclass)."""
+    if plan.action != "apply":
+        raise ValueError("apply_plan takes a plan from plan_apply")
+    return _execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
+                    progress=progress)
+
+
+def rollback_plan(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
+                  run_id: str | None = None, dry_run: bool = False,
+                  progress: Progress | None = None) -> RunReport:
+    """Run the rollback() functions of ``plan``, newest first, in one transaction under the lock."""
+    if plan.action != "rollback":
+        raise ValueError("rollback_plan takes a plan from plan_rollback")
+    return _execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
+                    progress=progress)
+
+
+def apply_pending(target: Target, settings: Settings, *, upto: str | None = None,
+                  **kwargs) -> RunReport:
+    """Plan and apply every pending migration (up to ``upto``); see :func:`apply_plan`."""
+    return apply_plan(plan_apply(target, settings, upto=upto), target, settings, **kwargs)
+
+
+def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwargs) -> RunReport:
+    """Plan and roll back the newest ``count`` applied migrations; see :func:`rollback_plan`."""
+    return rollback_plan(plan_rollback(target, settings, count=count), target, settings, **kwargs)
+
+
+def migrations_dir_of(settings: Settings) -> Path:
+    """Return the configured migrations folder."""
+    return Path(settings.migrations_dir)

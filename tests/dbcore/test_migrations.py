@@ -1,0 +1,289 @@
+"""status / new / apply / rollback against a real PostgreSQL: what a user of `dbmigrate` sees."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from conftest import query, schema_dump
+from dbcore.connection import connect
+from dbcore.errors import (
+    MigrationFailed,
+    MigrationFileError,
+    MigrationLockTimeout,
+    NothingToRollback,
+    PlanOutdated,
+    TableLockTimeout,
+)
+from dbcore.history import read_audit
+from dbcore.migrations import new_migration, status
+from dbcore.runner import apply_pending, apply_plan, plan_apply, rollback_last
+
+APP_TABLES = {"project", "sourcedir", "document"}
+
+
+def write(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def tables(url: str) -> set[str]:
+    rows = query(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {r[0] for r in rows}
+
+
+def applied_names(url: str) -> list[str]:
+    if "migratehistory" not in tables(url):
+        return []
+    return [r[0] for r in query(url, "SELECT name FROM migratehistory ORDER BY id")]
+
+
+@pytest.fixture
+def cfg(settings, migrations_dir):
+    return settings.model_copy(update={"migrations_dir": migrations_dir})
+
+
+def status_of(target, cfg):
+    db = connect(target)
+    try:
+        return {s.name: s for s in status(db, cfg.migrations_dir)}
+    finally:
+        db.close()
+
+
+def test_sample_migrations_apply_then_roll_back_to_an_empty_schema(target, cfg, db_url):
+    report = apply_pending(target, cfg, actor="alice", run_id="run-1")
+    assert report.names == ["001_initial_schema", "002_add_document_metadata",
+                            "003_add_project_slug", "004_fix_sourcedir_language"]
+    assert APP_TABLES <= tables(db_url)
+    columns = query(db_url, "SELECT is_nullable, column_default FROM information_schema.columns "
+                            "WHERE table_name = 'sourcedir' AND column_name = 'language'")
+    assert columns == [("NO", None)]  # the guide's three steps: required, no default left
+    assert all(r.sql for r in report.results)  # the SQL of each migration was captured
+
+    rollback = rollback_last(target, cfg, count=4)
+    assert rollback.names == list(reversed(report.names))
+    assert tables(db_url) & APP_TABLES == set()
+    assert applied_names(db_url) == []
+
+    db = connect(target)
+    audit = read_audit(db)
+    db.close()
+    assert [(a["name"], a["action"]) for a in audit[:2]] == [
+        ("001_initial_schema", "rollback"), ("002_add_document_metadata", "rollback")]
+    applies = [a for a in audit if a["action"] == "apply"]
+    assert {a["actor"] for a in applies} == {"alice"} and {a["run_id"] for a in applies} == {"run-1"}
+    assert all(len(a["checksum"]) == 64 for a in audit)
+
+
+def test_status_new_apply_round_trip(target, cfg):
+    assert all(not s.applied for s in status_of(target, cfg).values())
+    path = new_migration(cfg.migrations_dir, "add user email")
+    assert path.name == "005_add_user_email.py"
+    body = path.read_text()
+    assert "def migrate(" in body and "def rollback(" in body and "class BaseModel" in body
+
+    # A fresh template refuses to run rather than silently doing nothing.
+    with pytest.raises(MigrationFailed, match="005_add_user_email"):
+        apply_pending(target, cfg)
+    assert all(not s.applied for s in status_of(target, cfg).values())
+
+    apply_pending(target, cfg, upto="004")
+    rows = status_of(target, cfg)
+    assert [n for n, s in rows.items() if s.applied] == [
+        "001_initial_schema", "002_add_document_metadata", "003_add_project_slug",
+        "004_fix_sourcedir_language"]
+    assert not rows["005_add_user_email"].applied
+    assert rows["001_initial_schema"].applied_at is not None
+
+
+def test_a_failure_in_the_middle_of_a_batch_leaves_the_database_exactly_as_before(
+        target, cfg, db_url):
+    apply_pending(target, cfg, upto="002")
+    before = schema_dump(db_url)
+    query(db_url, "INSERT INTO project (name, created_at, updated_at) VALUES ('p', now(), now())")
+    write(cfg.migrations_dir, "005_fails.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE project ADD COLUMN extra integer")
+            migrator.sql("SELECT * FROM no_such_table")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE project DROP COLUMN extra")
+        """)
+    with pytest.raises(MigrationFailed) as info:
+        apply_pending(target, cfg)
+    message = str(info.value)
+    assert "005_fails" in message and "no_such_table" in message and "nothing was changed" in message
+    assert not isinstance(info.value, TableLockTimeout)
+    assert schema_dump(db_url) == before  # 003 and 004 ran before 005 and were undone too
+    assert applied_names(db_url) == ["001_initial_schema", "002_add_document_metadata"]
+    assert query(db_url, "SELECT count(*) FROM project") == [(1,)]
+
+
+def test_a_syntax_error_names_the_file_and_line_and_applies_nothing(target, cfg, db_url):
+    write(cfg.migrations_dir, "005_broken.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("SELECT 1"
+        """)
+    with pytest.raises(MigrationFileError) as info:
+        apply_pending(target, cfg)
+    assert "005_broken.py" in str(info.value) and "line" in str(info.value)
+    assert applied_names(db_url) == [] and not tables(db_url) & APP_TABLES
+
+
+def test_status_reports_a_file_changed_since_it_was_applied(target, cfg):
+    apply_pending(target, cfg)
+    path = cfg.migrations_dir / "003_add_project_slug.py"
+    path.write_text(path.read_text() + "\n# edited after it was applied\n")
+    rows = status_of(target, cfg)
+    assert rows["003_add_project_slug"].changed
+    assert not rows["002_add_document_metadata"].changed
+
+
+def test_status_reports_an_applied_migration_whose_file_is_gone(target, cfg):
+    apply_pending(target, cfg)
+    (cfg.migrations_dir / "004_fix_sourcedir_language.py").unlink()
+    assert status_of(target, cfg)["004_fix_sourcedir_language"].file_missing
+
+
+def test_a_missing_migrations_folder_is_an_error_not_a_new_folder(target, settings, tmp_path):
+    cfg = settings.model_copy(update={"migrations_dir": tmp_path / "migrashuns"})
+    with pytest.raises(Exception, match="migrashuns does not exist"):
+        apply_pending(target, cfg)
+    assert not (tmp_path / "migrashuns").exists()
+
+
+def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(target, cfg, db_url):
+    write(cfg.migrations_dir, "005_slow.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("SELECT pg_sleep(3)")
+
+        def rollback(migrator, database, *, fake=False):
+            pass
+        """)
+    outcome: dict[str, object] = {}
+
+    def first():
+        outcome["first"] = apply_pending(target, cfg, actor="first")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(1.0)
+    impatient = cfg.model_copy(update={"advisory_lock_wait": 0.5})
+    with pytest.raises(MigrationLockTimeout) as info:
+        apply_pending(target, impatient, actor="second")
+    thread.join()
+    message = str(info.value)
+    assert "pid" in message and "dbmigrate lock: apply by first" in message
+    assert info.value.retryable
+    assert len(outcome["first"].names) == 5
+    assert len(applied_names(db_url)) == 5
+
+
+def test_two_concurrent_applies_the_patient_one_finds_nothing_to_do(target, cfg, db_url):
+    write(cfg.migrations_dir, "005_slow.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("SELECT pg_sleep(1.5)")
+
+        def rollback(migrator, database, *, fake=False):
+            pass
+        """)
+    plans = [plan_apply(target, cfg), plan_apply(target, cfg)]  # both saw 5 pending
+    patient = cfg.model_copy(update={"advisory_lock_wait": 30})
+    reports = [None, None]
+
+    def run(i):
+        reports[i] = apply_plan(plans[i], target, patient)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(r.names) for r in reports) == [0, 5]
+    assert "up to date" in next(r for r in reports if not r.names).summary()
+    assert len(applied_names(db_url)) == 5
+
+
+def test_a_busy_table_makes_apply_give_up_quickly_and_change_nothing(target, cfg, db_url):
+    apply_pending(target, cfg, upto="004")
+    before = schema_dump(db_url)
+    write(cfg.migrations_dir, "005_add_column.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE project ADD COLUMN extra integer")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE project DROP COLUMN extra")
+        """)
+    app = psycopg2.connect(db_url)  # the live application, in a long transaction on project
+    try:
+        with app.cursor() as cur:
+            cur.execute("SELECT count(*) FROM project")
+        started = time.monotonic()
+        with pytest.raises(TableLockTimeout) as info:
+            apply_pending(target, cfg)
+        assert time.monotonic() - started < 10
+        assert info.value.retryable and "lock_timeout=1s" in str(info.value)
+    finally:
+        app.close()
+    assert schema_dump(db_url) == before
+    assert apply_pending(target, cfg).names == ["005_add_column"]  # the retry goes through
+
+
+def test_an_atomic_false_migration_runs_alone_outside_the_transaction(target, cfg, db_url):
+    write(cfg.migrations_dir, "005_index_concurrently.py", """\
+        atomic = False
+
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("CREATE INDEX CONCURRENTLY IF NOT EXISTS document_filename "
+                         "ON document (filename)")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("DROP INDEX CONCURRENTLY IF EXISTS document_filename")
+        """)
+    write(cfg.migrations_dir, "006_after.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE document ADD COLUMN lines integer")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE document DROP COLUMN lines")
+        """)
+    plan = plan_apply(target, cfg)
+    assert [(atomic, [m.name[:3] for m in group]) for atomic, group in plan.phases] == [
+        (True, ["001", "002", "003", "004"]), (False, ["005"]), (True, ["006"])]
+    report = apply_plan(plan, target, cfg)
+    assert len(report.names) == 6
+    assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                         "'document_filename'::regclass") == [(True,)]
+    rollback_last(target, cfg, count=2)
+    assert query(db_url, "SELECT to_regclass('document_filename')") == [(None,)]
+
+
+def test_dry_run_shows_the_sql_and_changes_nothing(target, cfg, db_url):
+    before = schema_dump(db_url)
+    report = apply_pending(target, cfg, dry_run=True)
+    assert report.dry_run and len(report.names) == 4
+    assert any("CREATE TABLE" in s for s in report.results[0].sql)
+    assert schema_dump(db_url) == before
+
+
+def test_rollback_of_more_than_applied_is_refused(target, cfg, db_url):
+    apply_pending(target, cfg, upto="001")
+    with pytest.raises(NothingToRollback, match="only 1"):
+        rollback_last(target, cfg, count=2)
+    assert applied_names(db_url) == ["001_initial_schema"]
+
+
+def test_a_plan_made_before_another_run_changed_history_is_refused(target, cfg):
+    plan = plan_apply(target, cfg, upto="002")
+    apply_pending(target, cfg, upto="001")
+    path = cfg.migrations_dir / "002_add_document_metadata.py"
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(PlanOutdated):
+        apply_plan(plan, target, cfg)

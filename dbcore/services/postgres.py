@@ -72,6 +72,10 @@ class PostgresCluster:
     root: Path
     port: int = 0
 
+    def __post_init__(self) -> None:
+        # the server runs with its own working directory: every path it is given is absolute
+        self.root = Path(self.root).resolve()
+
     @property
     def datadir(self) -> Path:
         return self.root / "data"

@@ -64,6 +64,10 @@ class BackupNotFound(DbcoreError):
     """No backup object exists under the given key."""
 
 
+class StorageError(DbcoreError):
+    """The S3-compatible storage could not be reached or refused a request (endpoint, credentials, bucket)."""
+
+
 class RestoreRefused(DbcoreError):
     """A restore was refused to protect existing data (non-empty or production target)."""
 

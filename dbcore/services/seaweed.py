@@ -243,3 +243,23 @@ def _reap(pid: int | None) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+#: the bucket `make run` creates on the embedded server, used when no bucket is configured
+LOCAL_BUCKET = "dbmigrate-local"
+
+
+def embedded_server(root: Path) -> SeaweedServer:
+    """Return the embedded server kept under ``root`` (its keys reused, or made up on first use)."""
+    root = Path(root)
+    config = root / "s3.json"
+    if config.exists():
+        try:
+            creds = json.loads(config.read_text())["identities"][0]["credentials"][0]
+            return SeaweedServer(root, creds["accessKey"], creds["secretKey"])
+        except (OSError, ValueError, KeyError, IndexError):
+            log.warning("unreadable %s: making new keys for the embedded S3 server", config)
+    import secrets
+
+    # local-only keys: the server listens on 127.0.0.1 alone
+    return SeaweedServer(root, "dbmigrate-" + secrets.token_hex(4), secrets.token_urlsafe(24))

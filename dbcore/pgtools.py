@@ -1,0 +1,139 @@
+"""PostgreSQL client programs (pg_dump, pg_restore) of the server's major version, and how to call them.
+
+Debian puts only a version-picking wrapper on PATH and the real programs in
+``/usr/lib/postgresql/N/bin``; an archive written by one major version is safest read by the same
+one, so the program is chosen by the server's ``server_version_num``, never by PATH order alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dbcore.connection import Target
+from dbcore.errors import ToolNotFound
+
+log = logging.getLogger(__name__)
+
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class PgTool:
+    """A PostgreSQL client program and its version."""
+
+    path: Path
+    version: str  # "15.18"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def _candidate_dirs() -> list[str]:
+    dirs = []
+    if os.environ.get("PG_BINDIR"):
+        dirs.append(os.environ["PG_BINDIR"])
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            dirs.append(out)
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major_of_dir, reverse=True)
+    dirs += os.environ.get("PATH", "").split(os.pathsep)
+    seen, unique = set(), []
+    for folder in dirs:
+        if folder and folder not in seen:
+            seen.add(folder)
+            unique.append(folder)
+    return unique
+
+
+def _major_of_dir(path: str) -> int:
+    try:
+        return int(Path(path).parent.name)
+    except ValueError:
+        return 0
+
+
+@functools.lru_cache(maxsize=32)
+def _probe(path: str) -> str | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = _VERSION.search(out)
+    if not match:
+        return None
+    return f"{match.group(1)}.{match.group(2) or 0}"
+
+
+def installed_tools(program: str) -> list[PgTool]:
+    """Return every copy of ``program`` found (PG_BINDIR, pg_config --bindir, /usr/lib/postgresql, PATH)."""
+    tools, seen = [], set()
+    for folder in _candidate_dirs():
+        path = Path(folder) / program
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            continue
+        real = str(path.resolve())
+        if real in seen:
+            continue
+        seen.add(real)
+        version = _probe(str(path))
+        if version:
+            tools.append(PgTool(path, version))
+    return tools
+
+
+def find_pg_tool(program: str, server_major: int) -> PgTool:
+    """Return ``program`` of major version ``server_major``; raise ToolNotFound naming what exists and the fix."""
+    tools = installed_tools(program)
+    for tool in tools:
+        if tool.major == server_major:
+            return tool
+    if not tools:
+        raise ToolNotFound(
+            f"{program} was not found (PATH, pg_config --bindir, /usr/lib/postgresql/*/bin): "
+            f"install postgresql-client-{server_major} or set PG_BINDIR"
+        )
+    found = ", ".join(f"{t.path} is {t.version}" for t in tools)
+    raise ToolNotFound(
+        f"the server is PostgreSQL {server_major} but no {program} {server_major} was found "
+        f"({found}): install postgresql-client-{server_major} or set PG_BINDIR to its bin folder"
+    )
+
+
+def server_major(conn) -> int:
+    """Return the major version of the server behind a psycopg2 connection."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version_num")
+        return int(cur.fetchone()[0]) // 10000
+
+
+def libpq_args(target: Target) -> tuple[str, dict[str, str]]:
+    """Return (connection string without the password, environment with PGPASSWORD) for a client program.
+
+    The password goes through the environment, not argv, where `ps` would show it.
+    """
+    parts = urlsplit(target.url)
+    netloc = parts.netloc.rsplit("@", 1)
+    if len(netloc) == 2:
+        user = netloc[0].split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}@{netloc[1]}")
+    env = dict(os.environ)
+    if target.password:
+        env["PGPASSWORD"] = target.password
+    env.setdefault("PGCONNECT_TIMEOUT", "10")
+    return urlunsplit(parts), env

@@ -1,0 +1,84 @@
+"""``dbmigrate lint`` and ``dbmigrate check``: the safety lint and the schema drift check."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import peewee
+
+from dbcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dbcore.cli import Context
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = "dbcore.models:MODELS"
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the ``lint`` and ``check`` sub-commands."""
+    lint = sub.add_parser(
+        "lint", parents=[common], help="check migration files against the safety rules",
+        description="Check migration files against the guide's rules and PostgreSQL's locking "
+                    "rules (docs/lint-rules.md). Exit 1 when any error is found.")
+    lint.add_argument("paths", nargs="*", type=Path, metavar="PATHS",
+                      help="migration files or folders (default: the migrations folder)")
+    lint.add_argument("--json", action="store_true",
+                      help="print the findings as a JSON list (file, line, rule, severity, message)")
+    lint.add_argument("--allow-destructive", action="store_true",
+                      help="allow migrate() to drop tables (reported as warnings instead)")
+    lint.set_defaults(handler=cmd_lint)
+
+    check = sub.add_parser(
+        "check", parents=[common], help="compare the models with the live database schema",
+        description="Compare the models (tables, columns, types, nullability, indexes, unique "
+                    "constraints) with the target database and look for invalid indexes. "
+                    "Exit 1 on any difference.")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--models", default=DEFAULT_MODELS, metavar="MODULE:ATTR",
+                       help=f"the list of models to compare (default: {DEFAULT_MODELS})")
+    check.set_defaults(handler=cmd_check)
+
+
+def cmd_lint(ctx: Context) -> int:
+    """Print the lint report; return 1 when it has errors."""
+    from dbcore.lint import lint_paths
+
+    paths = ctx.args.paths or [ctx.settings.migrations_dir]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"no such migration file or folder: {', '.join(missing)}: "
+                          "check the path or --migrations-dir")
+    report = lint_paths(paths, allow_destructive=ctx.args.allow_destructive)
+    if ctx.args.json:
+        print(json.dumps([f.to_dict() for f in report.findings], indent=2))
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_check(ctx: Context) -> int:
+    """Print the post-check report (schema drift, invalid indexes); return 1 when it is not ok."""
+    from dbcore.checks import run_post_checks
+
+    report = run_post_checks(ctx.target, load_models(ctx.args.models))
+    print(json.dumps(report.to_dict(), indent=2) if ctx.args.json else report.text())
+    return 0 if report.ok else 1
+
+
+def load_models(spec: str) -> list[type[peewee.Model]]:
+    """Return the models named by ``module:attribute``; raise ConfigError when it names none."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        models = getattr(importlib.import_module(module_name), attr or "MODELS")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load models {spec!r} ({exc}): pass --models module:LIST") from exc
+    if not all(isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
+        raise ConfigError(f"{spec} is not a list of peewee models: pass --models module:LIST")
+    return list(models)

@@ -196,7 +196,9 @@ class _ModuleLint:
         self.tree = tree
         self.file = filename
         self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-        self.allowed = allow_destructive or self._has_allow_marker()
+        self.allowed = allow_destructive or self._module_flag("allow_destructive") is True
+        # dbcore.runner runs a migration declaring atomic = False alone, outside any transaction
+        self.in_transaction = self._module_flag("atomic") is not False
         self.imports: dict[str, str] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -206,14 +208,15 @@ class _ModuleLint:
         self.module_scope = _bindings(tree.body)
         self.findings: list[Finding] = []
 
-    def _has_allow_marker(self) -> bool:
+    def _module_flag(self, name: str) -> object:
+        """Return the constant a top-level ``name = ...`` sets (None when it is not set)."""
         for node in self.tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else \
                 [node.target] if isinstance(node, ast.AnnAssign) else []
-            if (any(isinstance(t, ast.Name) and t.id == "allow_destructive" for t in targets)
-                    and isinstance(node.value, ast.Constant) and node.value.value is True):
-                return True
-        return False
+            if (any(isinstance(t, ast.Name) and t.id == name for t in targets)
+                    and isinstance(node.value, ast.Constant)):
+                return node.value.value
+        return None
 
     def add(self, rule: str, line: int, message: str, severity=None) -> None:
         self.findings.append(finding(rule, self.file, line, message, severity))
@@ -289,7 +292,8 @@ class _ModuleLint:
         statements = [text for text, _ in sql]
         created |= created_tables(statements)
         self.findings += lint_sql(statements, new_tables=created, droppable_tables=droppable,
-                                  allow_destructive=self.allowed, source=self.file,
+                                  allow_destructive=self.allowed,
+                                  in_transaction=self.in_transaction, source=self.file,
                                   lines=[line for _, line in sql])
         return created
 

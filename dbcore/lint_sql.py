@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"%(%|s|\([^)]*\)s)")
 
 RECIPES = {
-    "DS101": "build it first with CREATE INDEX CONCURRENTLY IF NOT EXISTS outside the migration "
-             "(it cannot run in a transaction) and keep CREATE INDEX IF NOT EXISTS here; "
-             "a small table may accept the short lock",
+    "DS101": "build it with CREATE INDEX CONCURRENTLY IF NOT EXISTS in a migration of its own "
+             "that declares atomic = False (docs/migrations.md); a small table may accept the "
+             "short lock",
     "DS102": "add it with NOT VALID, then run ALTER TABLE ... VALIDATE CONSTRAINT in a later migration",
     "DS103": "add a new column, backfill it in batches, switch the code to it, then drop the old "
              "one (widening varchar(n) or varchar to text does not rewrite)",
@@ -35,6 +35,10 @@ RECIPES = {
     "DS105": "add the new name alongside the old (new column or a view), deploy code that uses it, "
              "then drop the old name in a later migration",
 }
+
+#: how a migration leaves the batch transaction (dbcore.runner runs it alone, in autocommit)
+NON_ATOMIC_FIX = ("move it to a migration of its own that declares atomic = False at the top "
+                  "(keep it to one idempotent statement, IF NOT EXISTS / IF EXISTS)")
 
 
 def for_parser(sql: str) -> str:
@@ -70,8 +74,9 @@ def dropped_tables(node: ast.Node) -> list[str]:
 class _Batch:
     """What the statements seen so far did: tables created, tables with a validated CHECK."""
 
-    def __init__(self, existing: set[str] | None, new_tables: Iterable[str]):
+    def __init__(self, existing: set[str] | None, new_tables: Iterable[str], in_transaction: bool):
         self.existing = existing
+        self.in_transaction = in_transaction
         self.created = set(new_tables)
         self.validated: set[str] = set()
 
@@ -89,6 +94,7 @@ def lint_sql(
     new_tables: Iterable[str] = (),
     droppable_tables: Iterable[str] = (),
     allow_destructive: bool = False,
+    in_transaction: bool = True,
     source: str = "<sql>",
     lines: list[int] | None = None,
 ) -> list[Finding]:
@@ -97,9 +103,11 @@ def lint_sql(
     ``existing_tables`` None means unknown: every table not created in the batch counts as
     existing. ``new_tables`` were created earlier in the batch by other means (create_model);
     ``droppable_tables`` may be dropped without an allow (a rollback's own migrate() made them).
+    ``in_transaction`` False is for a migration that declares ``atomic = False`` (runs alone, in
+    autocommit): CONCURRENTLY is then the recipe, not a mistake.
     ``lines`` gives each statement's line in ``source``; by default its 1-based position.
     """
-    batch = _Batch(existing_tables, new_tables)
+    batch = _Batch(existing_tables, new_tables, in_transaction)
     droppable = set(droppable_tables)
     findings: list[Finding] = []
     for index, sql in enumerate(statements):
@@ -123,9 +131,9 @@ def _check(node: ast.Node, batch: _Batch, droppable: set[str], allow_destructive
     elif isinstance(node, ast.IndexStmt):
         yield from _check_index(node, batch)
     elif isinstance(node, ast.DropStmt):
-        if node.concurrent:
-            yield "DS106", ("DROP INDEX CONCURRENTLY cannot run inside a transaction block, and "
-                            "every migration batch runs in one: drop it without CONCURRENTLY"), None
+        if node.concurrent and batch.in_transaction:
+            yield "DS106", ("DROP INDEX CONCURRENTLY cannot run inside a transaction block: "
+                            f"{NON_ATOMIC_FIX}"), None
         for table in dropped_tables(node):
             if table in batch.created or table in droppable:
                 continue
@@ -152,9 +160,9 @@ def _check_index(node: ast.IndexStmt, batch: _Batch):
     table = node.relation.relname
     name = node.idxname or "(unnamed)"
     if node.concurrent:
-        yield "DS106", (f"CREATE INDEX CONCURRENTLY {name} cannot run inside a transaction block, "
-                        "and every migration batch runs in one: build it outside the migration "
-                        "and keep CREATE INDEX IF NOT EXISTS here"), None
+        if batch.in_transaction:
+            yield "DS106", (f"CREATE INDEX CONCURRENTLY {name} cannot run inside a transaction "
+                            f"block: {NON_ATOMIC_FIX}"), None
     elif batch.is_existing(table):
         yield "DS101", (f"CREATE INDEX {name} on existing table {table} without CONCURRENTLY "
                         f"blocks writes to {table} while it builds: {RECIPES['DS101']}"), None
@@ -194,5 +202,5 @@ def _check_constraint(constraint: ast.Constraint, table: str, existing: bool, ba
                         f"every row is checked: {RECIPES['DS102']}"), None
     elif kind in (ConstrType.CONSTR_UNIQUE, ConstrType.CONSTR_PRIMARY) and not constraint.indexname:
         yield "DS101", (f"constraint {name} on existing table {table} builds its index without "
-                        "CONCURRENTLY: build a unique index CONCURRENTLY outside the migration, "
-                        "then ADD CONSTRAINT ... USING INDEX here"), None
+                        "CONCURRENTLY: build a unique index CONCURRENTLY in an atomic = False "
+                        "migration, then ADD CONSTRAINT ... USING INDEX in the next one"), None

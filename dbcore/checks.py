@@ -1,0 +1,330 @@
+"""Post-checks of a database after migrations: schema drift against the models, invalid indexes.
+
+Every function here decides and returns data; the CLI prints it, the flow turns it into an
+artifact and decides whether to roll back. The database is read, never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import peewee
+
+from dbcore.connection import Target, connect
+
+log = logging.getLogger(__name__)
+
+#: tables the migration tooling owns; no application model describes them
+DEFAULT_IGNORED_TABLES = frozenset({"migratehistory", "migration_audit"})
+
+# peewee's PostgreSQL DDL names -> what format_type() (and so get_columns) reports
+_PG_TYPE_NAMES = {
+    "SERIAL": "integer", "BIGSERIAL": "bigint", "SMALLSERIAL": "smallint",
+    "INT": "integer", "INTEGER": "integer", "BIGINT": "bigint", "SMALLINT": "smallint",
+    "VARCHAR": "character varying", "CHAR": "character", "TEXT": "text",
+    "TIMESTAMP": "timestamp without time zone", "TIMESTAMPTZ": "timestamp with time zone",
+    "TIME": "time without time zone", "DATE": "date", "INTERVAL": "interval",
+    "BOOLEAN": "boolean", "BOOL": "boolean", "REAL": "real", "DOUBLE PRECISION": "double precision",
+    "NUMERIC": "numeric", "DECIMAL": "numeric", "BYTEA": "bytea", "UUID": "uuid",
+    "JSON": "json", "JSONB": "jsonb",
+}
+_DDL_TYPE = re.compile(r"^\s*([A-Za-z][A-Za-z ]*?)\s*(\([^)]*\))?\s*((?:\[\d*\])*)\s*$")
+_INDEX_METHOD = re.compile(r"\bUSING\s+(\w+)", re.IGNORECASE)
+
+
+def pg_type_name(ddl_type: str) -> str:
+    """Return the type as PostgreSQL's format_type() spells it ("VARCHAR(200)" -> "character varying(200)")."""
+    match = _DDL_TYPE.match(ddl_type)
+    if not match:
+        return ddl_type.lower()
+    base, modifier, array = match.groups()
+    name = _PG_TYPE_NAMES.get(base.upper(), base.lower())
+    modifier = re.sub(r"\s+", "", modifier or "")
+    if name.endswith(" time zone") and modifier:  # timestamp(3) with time zone
+        head, _, tail = name.partition(" ")
+        name, modifier = f"{head}{modifier} {tail}", ""
+    return name + modifier + ("[]" if array else "")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way the database differs from the models; ``expected`` is the models' side."""
+
+    kind: str
+    table: str
+    column: str | None = None
+    index: str | None = None
+    expected: str | None = None
+    actual: str | None = None
+
+    def describe(self) -> str:
+        """Return one sentence saying what differs."""
+        where = f"{self.table}.{self.column}" if self.column else self.table
+        return {
+            "missing_table": f"table {self.table} is missing",
+            "extra_table": f"table {self.table} exists but no model describes it",
+            "missing_column": f"column {where} ({self.expected}) is missing",
+            "extra_column": f"column {where} ({self.actual}) exists but the model has no such field",
+            "type_mismatch": f"column {where} is {self.actual}, the model says {self.expected}",
+            "nullability_mismatch": f"column {where} is {self.actual}, the model says {self.expected}",
+            "primary_key_mismatch": f"primary key of {self.table} is ({self.actual}), "
+                                    f"the model says ({self.expected})",
+            "missing_index": f"index {self.expected} on {self.table} is missing",
+            "extra_index": f"index {self.index} {self.actual} on {self.table} is not in the model",
+            "index_mismatch": f"index {self.index} on {self.table} is {self.actual}, "
+                              f"the model says {self.expected}",
+        }.get(self.kind, f"{self.kind} on {where}: expected {self.expected}, found {self.actual}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "message": self.describe()}
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """The differences between the models and the database (empty: no drift)."""
+
+    differences: tuple[Difference, ...]
+    tables: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "tables": list(self.tables),
+                "differences": [d.to_dict() for d in self.differences]}
+
+    def text(self) -> str:
+        """Return the terminal rendering: one line per difference, or that there is none."""
+        if self.ok:
+            return f"schema matches the models ({len(self.tables)} tables)"
+        lines = [f"schema drift: {len(self.differences)} difference(s) between the models and the database"]
+        return "\n".join(lines + [f"  {d.kind}: {d.describe()}" for d in self.differences])
+
+    def to_markdown(self) -> str:
+        """Return a markdown section (a verdict and a table) for a Prefect artifact."""
+        if self.ok:
+            return f"### Schema matches the models\n\n{len(self.tables)} tables compared."
+        lines = [f"### Schema drift: {len(self.differences)} difference(s)", "",
+                 "| kind | table | column / index | models | database |", "|---|---|---|---|---|"]
+        for d in self.differences:
+            cells = [d.kind, d.table, d.column or d.index or "", d.expected or "", d.actual or ""]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Index:
+    name: str
+    columns: tuple[str, ...]
+    unique: bool
+    method: str
+
+    def label(self) -> str:
+        kind = "UNIQUE " if self.unique else ""
+        using = "" if self.method == "btree" else f" USING {self.method}"
+        return f"{kind}({', '.join(self.columns)}){using}"
+
+
+@contextmanager
+def _opened(db_or_target: peewee.Database | Target) -> Iterator[peewee.Database]:
+    """Yield a connected database; close only what was opened here."""
+    if isinstance(db_or_target, Target):
+        db = connect(db_or_target, application_name="dbmigrate-check")
+        try:
+            yield db
+        finally:
+            db.close()
+    elif db_or_target.is_closed():
+        with db_or_target.connection_context():
+            yield db_or_target
+    else:
+        yield db_or_target
+
+
+def _ddl_type(db: peewee.Database, field: peewee.Field) -> str:
+    node = field.ddl_datatype(db.get_sql_context())
+    return db.get_sql_context().sql(node).query()[0] if node is not None else ""
+
+
+def _expected_indexes(db: peewee.Database, model: type[peewee.Model]) -> list[_Index]:
+    indexes = []
+    for index in model._meta.fields_to_index():
+        columns = tuple(e.column_name if isinstance(e, peewee.Field)
+                        else db.get_sql_context().sql(e).query()[0] for e in index._expressions)
+        indexes.append(_Index(index._name, columns, bool(index._unique),
+                              (index._using or "btree").lower()))
+    return indexes
+
+
+def _actual_indexes(db: peewee.Database, table: str, schema: str | None) -> list[_Index]:
+    primary = tuple(db.get_primary_keys(table, schema))
+    found = []
+    for meta in db.get_indexes(table, schema):
+        if meta.unique and tuple(meta.columns) == primary:
+            continue  # the primary key's own index: compared as the primary key
+        method = _INDEX_METHOD.search(meta.sql)
+        found.append(_Index(meta.name, tuple(meta.columns), bool(meta.unique),
+                            method.group(1).lower() if method else "btree"))
+    return found
+
+
+def _model_drift(db: peewee.Database, model: type[peewee.Model]) -> Iterator[Difference]:
+    meta = model._meta
+    table, schema = meta.table_name, meta.schema
+    actual = {c.name: c for c in db.get_columns(table, schema)}
+    expected = {f.column_name: f for f in meta.sorted_fields}
+    for name, field in expected.items():
+        want_type = pg_type_name(_ddl_type(db, field))
+        want_null = "NULL" if field.null and not field.primary_key else "NOT NULL"
+        column = actual.get(name)
+        if column is None:
+            yield Difference("missing_column", table, name, expected=f"{want_type} {want_null}")
+            continue
+        if column.full_type != want_type:
+            yield Difference("type_mismatch", table, name, expected=want_type, actual=column.full_type)
+        have_null = "NULL" if column.null else "NOT NULL"
+        if have_null != want_null:
+            yield Difference("nullability_mismatch", table, name, expected=want_null, actual=have_null)
+    for name, column in actual.items():
+        if name not in expected:
+            yield Difference("extra_column", table, name,
+                             actual=f"{column.full_type} {'NULL' if column.null else 'NOT NULL'}")
+
+    pk = meta.primary_key
+    want_pk = [] if pk is False or pk is None else \
+        [meta.fields[n].column_name for n in pk.field_names] if isinstance(pk, peewee.CompositeKey) \
+        else [pk.column_name]
+    have_pk = db.get_primary_keys(table, schema)
+    if list(have_pk) != want_pk:
+        yield Difference("primary_key_mismatch", table, expected=", ".join(want_pk),
+                         actual=", ".join(have_pk))
+
+    have = {i.columns: i for i in _actual_indexes(db, table, schema)}
+    for want in _expected_indexes(db, model):
+        index = have.pop(want.columns, None)
+        if index is None:
+            yield Difference("missing_index", table, index=want.name, expected=want.label())
+        elif (index.unique, index.method) != (want.unique, want.method):
+            yield Difference("index_mismatch", table, index=index.name, expected=want.label(),
+                             actual=index.label())
+    for index in have.values():
+        yield Difference("extra_index", table, index=index.name, actual=index.label())
+
+
+def schema_drift(
+    db_or_target: peewee.Database | Target,
+    models: Iterable[type[peewee.Model]],
+    *,
+    ignore_tables: Iterable[str] = DEFAULT_IGNORED_TABLES,
+) -> DriftReport:
+    """Return how the live schema differs from ``models``; raise DatabaseUnavailable if unreachable."""
+    models = list(models)
+    ignored = set(ignore_tables)
+    differences: list[Difference] = []
+    with _opened(db_or_target) as db:
+        schemas = {m._meta.schema for m in models} or {None}
+        present = {(s, t) for s in schemas for t in db.get_tables(s)}
+        modelled = {(m._meta.schema, m._meta.table_name) for m in models}
+        for model in models:
+            if (model._meta.schema, model._meta.table_name) not in present:
+                differences.append(Difference("missing_table", model._meta.table_name))
+            else:
+                differences += _model_drift(db, model)
+        for schema, table in sorted(present - modelled, key=lambda p: (p[0] or "", p[1])):
+            if table not in ignored:
+                differences.append(Difference("extra_table", table))
+    log.debug("schema drift: %d difference(s) over %d model(s)", len(differences), len(models))
+    return DriftReport(tuple(differences), tuple(sorted(t for _, t in modelled)))
+
+
+@dataclass(frozen=True)
+class InvalidIndex:
+    """An index PostgreSQL does not use (pg_index.indisvalid is false), e.g. a failed CONCURRENTLY build."""
+
+    schema: str
+    table: str
+    index: str
+    definition: str
+
+    def describe(self) -> str:
+        return (f"index {self.schema}.{self.index} on {self.table} is invalid: "
+                f"DROP INDEX {self.schema}.{self.index} and build it again")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "message": self.describe()}
+
+
+_INVALID_INDEXES = """
+    SELECT n.nspname, t.relname, i.relname, pg_get_indexdef(x.indexrelid)
+    FROM pg_index AS x
+    JOIN pg_class AS i ON i.oid = x.indexrelid
+    JOIN pg_class AS t ON t.oid = x.indrelid
+    JOIN pg_namespace AS n ON n.oid = i.relnamespace
+    WHERE NOT x.indisvalid
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg_toast%%'
+    ORDER BY 1, 2, 3
+"""
+
+
+def check_no_invalid_indexes(db: peewee.Database) -> list[InvalidIndex]:
+    """Return every invalid index of the database (empty when all are usable)."""
+    # peewee's introspection has no indisvalid: this one needs the catalog
+    with _opened(db) as opened:
+        rows = opened.execute_sql(_INVALID_INDEXES).fetchall()
+    return [InvalidIndex(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The post-checks of one database: schema drift and invalid indexes."""
+
+    drift: DriftReport
+    invalid_indexes: tuple[InvalidIndex, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.drift.ok and not self.invalid_indexes
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "drift": self.drift.to_dict(),
+                "invalid_indexes": [i.to_dict() for i in self.invalid_indexes]}
+
+    def text(self) -> str:
+        """Return the terminal rendering of both checks."""
+        lines = [self.drift.text()]
+        if self.invalid_indexes:
+            lines.append(f"invalid indexes: {len(self.invalid_indexes)}")
+            lines += [f"  {i.describe()}" for i in self.invalid_indexes]
+        else:
+            lines.append("no invalid indexes")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """Return a markdown section for a Prefect artifact."""
+        verdict = "passed" if self.ok else "**failed**"
+        parts = [f"## Post-checks {verdict}", "", self.drift.to_markdown(), ""]
+        if self.invalid_indexes:
+            parts += ["### Invalid indexes", "", "| table | index | definition |", "|---|---|---|"]
+            parts += [f"| {i.table} | {i.index} | `{i.definition}` |" for i in self.invalid_indexes]
+        else:
+            parts.append("### No invalid indexes")
+        return "\n".join(parts)
+
+
+def run_post_checks(
+    db_or_target: peewee.Database | Target,
+    models: Iterable[type[peewee.Model]],
+    *,
+    ignore_tables: Iterable[str] = DEFAULT_IGNORED_TABLES,
+) -> CheckReport:
+    """Return the post-checks of a database (one connection for all); raise DatabaseUnavailable."""
+    with _opened(db_or_target) as db:
+        drift = schema_drift(db, models, ignore_tables=ignore_tables)
+        invalid = check_no_invalid_indexes(db)
+    return CheckReport(drift, tuple(invalid))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, unquote
 
+import psycopg2
 import zstandard
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg2 import sql
@@ -163,13 +164,16 @@ def backup_to_s3(
     try:
         major = server_major(conn)
         last_migration = last_applied_migration(conn)
+    except psycopg2.Error as exc:
+        raise BackupFailed(f"cannot read the migration history of {target.dbname}: "
+                           f"{redact(str(exc).strip().splitlines()[0], target.password)}") from None
     finally:
         conn.close()
     pg_dump = find_pg_tool("pg_dump", major)
     created_at = datetime.now(timezone.utc)
     env_name = str(env or target.env)
     key = backup_key(storage.prefix, env_name, target.dbname, created_at, last_migration)
-    what = f"backup of {target.dbname} to {storage.where}"
+    what = f"backup of {target.dbname}"
     try:
         # fail before pg_dump starts when the bucket is missing, denied or unreachable
         storage.client.head_bucket(Bucket=storage.bucket)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dbcore.connection import Target
 from dbcore.errors import ToolNotFound
+from dbcore.services.postgres import _major_of_path
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _candidate_dirs() -> list[str]:
             out = ""
         if out:
             dirs.append(out)
-    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major_of_dir, reverse=True)
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major_of_path, reverse=True)
     dirs += os.environ.get("PATH", "").split(os.pathsep)
     seen, unique = set(), []
     for folder in dirs:
@@ -59,13 +60,6 @@ def _candidate_dirs() -> list[str]:
             seen.add(folder)
             unique.append(folder)
     return unique
-
-
-def _major_of_dir(path: str) -> int:
-    try:
-        return int(Path(path).parent.name)
-    except ValueError:
-        return 0
 
 
 @functools.lru_cache(maxsize=32)

@@ -248,8 +248,8 @@ class _ModuleLint:
             attr = node.func.attr
             if attr == "execute_sql":
                 self.add("DM001", node.lineno,
-                         "database.execute_sql runs outside the migrator's operation list: "
-                         "use migrator.sql(...) instead")
+                         "database.execute_sql runs at once, before the migrator's queued "
+                         "operations (and even in a faked run): use migrator.sql(...) instead")
             elif attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")

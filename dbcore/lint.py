@@ -181,7 +181,10 @@ class _Scope:
         return node
 
     def table(self, node: ast.expr) -> str | None:
-        """Return the table a model argument names (a table-name string or a known class)."""
+        """Return the table a model argument names (a table name, a known class, migrator.orm[name])."""
+        node = self.value(node) if isinstance(node, ast.Name) and node.id not in self.classes else node
+        if isinstance(node, ast.Subscript):  # migrator.orm["table"]
+            node = node.slice
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value
         if isinstance(node, ast.Name) and node.id in self.classes:
@@ -272,13 +275,14 @@ class _ModuleLint:
         sql: list[tuple[str, int]] = []
         for call in calls:
             method, first = call.func.attr, (call.args[0] if call.args else None)
-            table = scope.table(first) if first is not None else None
+            # a model the lint cannot resolve is keyed by its text, the same in both functions
+            table = (scope.table(first) or ast.unparse(first)) if first is not None else None
             if method in MODEL_METHODS and first is not None:
                 self._check_model_arg(fn.name, method, first, scope)
             if method in CREATES and table:
                 created.add(table)
             elif method in DROPS:
-                self._check_drop(fn.name, call, table or ast.unparse(first or call), created | droppable)
+                self._check_drop(fn.name, call, table or "(unknown)", created | droppable)
             elif method == "sql" and first is not None:
                 text = self._check_sql_call(call, scope)
                 if text is not None:
@@ -286,7 +290,7 @@ class _ModuleLint:
             elif table in created:
                 continue  # the rules below are about locking tables other sessions use
             elif method in ADDS:
-                self._check_added_fields(call, table or ast.unparse(first))
+                self._check_added_fields(call, table or "(unknown)")
             else:
                 self._check_locking_method(method, call, table or "the table")
         statements = [text for text, _ in sql]
@@ -298,17 +302,15 @@ class _ModuleLint:
         return created
 
     def _check_model_arg(self, where: str, method: str, node: ast.expr, scope: _Scope) -> None:
-        if isinstance(node, ast.Constant):
-            return
-        name = ast.unparse(node)
         root = node
         while isinstance(root, ast.Attribute):
             root = root.value
-        if isinstance(node, ast.Name) and node.id in scope.classes:
-            return
-        if isinstance(node, ast.Name) and node.id in scope.names and node.id not in scope.imports:
-            return  # bound in the migration (e.g. from migrator.orm): it describes this schema
-        origin = scope.imports.get(root.id) if isinstance(root, ast.Name) else None
+        if not isinstance(root, ast.Name):
+            return  # a table name string, or migrator.orm["table"]: this migration's schema
+        origin = scope.imports.get(root.id)
+        if origin is None and (root is not node or root.id in scope.classes or root.id in scope.names):
+            return  # defined or bound in the migration (e.g. Project = migrator.orm["project"])
+        name = ast.unparse(node)
         how = f"imported from {origin}" if origin else "not defined in this migration"
         self.add("DM008", node.lineno,
                  f"{where}() passes {name} to migrator.{method} but the class is {how}: the "

@@ -203,9 +203,11 @@ def test_models_from_the_migrator_or_the_file_are_fine_imported_or_undefined_are
             migrator.add_columns(Project, a=pw.TextField(null=True))
             migrator.add_columns(models.Document, b=pw.TextField(null=True))
             migrator.add_columns(SourceDir, c=pw.TextField(null=True))
+            migrator.add_columns(migrator.orm["document"], d=pw.TextField(null=True))
 
         def rollback(migrator, database, *, fake=False):
-            migrator.remove_model("note")
+            Note = migrator.orm["note"]
+            migrator.remove_model(Note)
     """)
     assert [(f.rule, f.line) for f in findings] == [("DM008", 11), ("DM008", 12)]
     assert "imported from app" in findings[0].message

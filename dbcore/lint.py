@@ -275,10 +275,11 @@ class _ModuleLint:
         sql: list[tuple[str, int]] = []
         for call in calls:
             method, first = call.func.attr, (call.args[0] if call.args else None)
-            # a model the lint cannot resolve is keyed by its text, the same in both functions
-            table = (scope.table(first) or ast.unparse(first)) if first is not None else None
+            table = None
             if method in MODEL_METHODS and first is not None:
                 self._check_model_arg(fn.name, method, first, scope)
+                # a model the lint cannot resolve is keyed by its text, the same in both functions
+                table = scope.table(first) or ast.unparse(first)
             if method in CREATES and table:
                 created.add(table)
             elif method in DROPS:

@@ -6,6 +6,7 @@ artifact and decides whether to roll back. The database is read, never written.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 import peewee
 
 from dbcore.connection import Target, connect
+from dbcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -328,3 +330,15 @@ def run_post_checks(
         drift = schema_drift(db, models, ignore_tables=ignore_tables)
         invalid = check_no_invalid_indexes(db)
     return CheckReport(drift, tuple(invalid))
+
+
+def load_models(spec: str) -> list[type[peewee.Model]]:
+    """Return the models named by ``module:attribute``; raise ConfigError when it names none."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        models = getattr(importlib.import_module(module_name), attr or "MODELS")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load models {spec!r} ({exc}): pass --models module:LIST or set MIGRATE_MODELS") from exc
+    if not all(isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
+        raise ConfigError(f"{spec} is not a list of peewee models: pass --models module:LIST or set MIGRATE_MODELS")
+    return list(models)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import peewee
 
 from dbcore.errors import ConfigError
 
@@ -17,8 +14,6 @@ if TYPE_CHECKING:
     from dbcore.cli import Context
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODELS = "dbcore.models:MODELS"
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -41,8 +36,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "constraints) with the target database and look for invalid indexes. "
                     "Exit 1 on any difference.")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--models", default=DEFAULT_MODELS, metavar="MODULE:ATTR",
-                       help=f"the list of models to compare (default: {DEFAULT_MODELS})")
+    check.add_argument("--models", default=None, metavar="MODULE:ATTR",
+                       help="the list of models to compare (default: $MIGRATE_MODELS, "
+                            "else dbcore.models:MODELS)")
     check.set_defaults(handler=cmd_check)
 
 
@@ -65,20 +61,8 @@ def cmd_lint(ctx: Context) -> int:
 
 def cmd_check(ctx: Context) -> int:
     """Print the post-check report (schema drift, invalid indexes); return 1 when it is not ok."""
-    from dbcore.checks import run_post_checks
+    from dbcore.checks import load_models, run_post_checks
 
-    report = run_post_checks(ctx.target, load_models(ctx.args.models))
+    report = run_post_checks(ctx.target, load_models(ctx.args.models or ctx.settings.models))
     print(json.dumps(report.to_dict(), indent=2) if ctx.args.json else report.text())
     return 0 if report.ok else 1
-
-
-def load_models(spec: str) -> list[type[peewee.Model]]:
-    """Return the models named by ``module:attribute``; raise ConfigError when it names none."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        models = getattr(importlib.import_module(module_name), attr or "MODELS")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load models {spec!r} ({exc}): pass --models module:LIST") from exc
-    if not all(isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
-        raise ConfigError(f"{spec} is not a list of peewee models: pass --models module:LIST")
-    return list(models)

@@ -31,6 +31,10 @@ class MigrationFileError(DbcoreError):
 class MigrationFailed(DbcoreError):
     """A migration raised while running; its batch was rolled back."""
 
+    #: migrations committed before the failing one (only when an ``atomic = False`` one split
+    #: the plan into several transactions); empty means the database is exactly as before
+    committed: tuple[str, ...] = ()
+
 
 class MigrationLockTimeout(DbcoreError):
     """Another run holds the migration advisory lock and did not release it in time."""
@@ -78,3 +82,9 @@ class RestoreFailed(DbcoreError):
 
 class ToolNotFound(ConfigError):
     """A PostgreSQL client program (pg_dump, pg_restore) is missing or of the wrong major version."""
+
+
+class TunnelError(DbcoreError):
+    """The proxy tunnel could not be opened or died (command missing, exited, port never opened)."""
+
+    retryable = True

@@ -217,6 +217,15 @@ def _fail(exc: Exception, name: str, action: str, committed: list[str], settings
                            f"fix {where} in {name}.py and run again")
 
 
+def _typed_failure(exc: Exception, name: str, action: str, committed: list[str],
+                   settings: Settings, target: Target) -> Exception:
+    """Return the typed error for a failure, carrying which migrations were already committed."""
+    error = _fail(exc, name, action, committed, settings, target)
+    if isinstance(error, MigrationFailed):
+        error.committed = tuple(committed)
+    return error
+
+
 def _read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
     own = db is None
     db = db or connect(target)
@@ -408,7 +417,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                 committed.extend(x.name for x in group)
     except Exception as exc:
         done_names = [] if dry_run else committed
-        raise _fail(exc, current, plan.action, done_names, settings, target) from exc
+        raise _typed_failure(exc, current, plan.action, done_names, settings, target) from exc
     note = ""
     if skipped:
         note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     advisory_lock_wait: float = 30.0
     #: key of the session advisory lock that serialises every apply/rollback on a database
     advisory_lock_key: int = 7_262_020_510
+    #: the application's models, as module:LIST, for the drift check after every apply
+    models: str = "dbcore.models:MODELS"
     #: who is recorded in migration_audit; empty means the OS user
     actor: str = ""
 
@@ -60,6 +62,16 @@ class Settings(BaseSettings):
 
     # -- embedded local services for `make run`
     local_dir: Path = DEFAULT_LOCAL_DIR
+
+    # -- the tunnel of the proxy environment (dbcore/proxy.py)
+    #: command that opens the tunnel; {local_port} and {app} are filled in, no shell is involved
+    proxy_command: str = "fly proxy {local_port}:5432 --app {app}"
+    #: port on 127.0.0.1 where the tunnel listens; 0 picks a free one for each run
+    proxy_local_port: int = 15432
+    #: Fly app of the PostgreSQL cluster (fly proxy's --app)
+    proxy_app: str = ""
+    #: seconds to wait for the tunnel to accept connections before giving up
+    proxy_start_timeout: float = 30.0
 
     def database_password(self) -> str | None:
         """Return the password inside DATABASE_URL (to scrub it from any text), or None."""

@@ -1,0 +1,120 @@
+"""The deploy plan: everything an approver judges, as data, as markdown and as terminal text.
+
+It gathers the migrations to apply, the lint report, the backup and the rehearsal on a copy.
+The flow publishes ``to_markdown()`` as a Prefect artifact; the CLI prints ``text()``. No URL with
+a password ever goes in: the database is shown masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbcore.backup import BackupInfo
+from dbcore.lint_report import LintReport, _cell
+from dbcore.rehearsal import RehearsalReport
+from dbcore.runner import Plan
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    """What will happen to a database if the run is approved."""
+
+    env: str
+    plan: Plan
+    lint: LintReport
+    backup: BackupInfo | None = None
+    rehearsal: RehearsalReport | None = None
+
+    @property
+    def new_sql_findings(self) -> list:
+        """Rehearsal SQL findings the static lint did not already report for that migration."""
+        if not self.rehearsal:
+            return []
+        seen = {(Path(f.file).stem, f.rule) for f in self.lint.findings}
+        return [f for f in self.rehearsal.sql_findings
+                if (Path(f.file.split(" ")[0]).stem, f.rule) not in seen]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing found so far blocks the apply."""
+        return self.lint.ok and (self.rehearsal is None or self.rehearsal.ok)
+
+    def headline(self) -> str:
+        """One line: what would be applied where."""
+        n = len(self.plan.migrations)
+        return f"{n} migration(s) to apply to {self.plan.database} ({self.env})"
+
+    def to_dict(self) -> dict:
+        return {
+            "env": self.env, "plan": self.plan.to_dict(), "lint": self.lint.to_dict(),
+            "backup": self.backup.to_dict() if self.backup else None,
+            "rehearsal": self.rehearsal.to_dict() if self.rehearsal else None, "ok": self.ok,
+        }
+
+    def to_markdown(self) -> str:
+        """Return the plan as a markdown document (the approval artifact)."""
+        out = [f"# Migration plan: {self.headline()}", ""]
+        rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
+        out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
+        for number, (atomic, group) in enumerate(self.plan.phases, 1):
+            for m in group:
+                took = f"{rehearsed[m.name].seconds:.2f} s" if m.name in rehearsed else "not rehearsed"
+                kind = f"{number} (batch)" if atomic else f"{number} (alone, atomic = False)"
+                out.append(f"| {m.number} | `{m.name}` | {kind} | {took} | `{m.sha256[:12]}` |")
+        out += ["", self.lint.to_markdown(), ""]
+        if self.backup:
+            b = self.backup
+            out += ["### Backup", "", f"- key: `{b.key}` in bucket `{b.bucket}`",
+                    f"- size: {_size(b.size)} ({b.compression}), sha256 `{b.sha256}`",
+                    f"- last applied migration: `{b.last_migration}`; {b.pg_dump_version}", ""]
+        else:
+            out += ["### Backup", "", "**No backup was taken.**", ""]
+        if self.rehearsal:
+            r = self.rehearsal
+            verdict = "passed" if r.ok else "**failed**"
+            out += [f"### Rehearsal on a copy {verdict}", "",
+                    f"Restored the backup into `{r.scratch_database}` in {r.restore_seconds:.2f} s, "
+                    f"applied in {r.apply_seconds:.2f} s, then dropped the copy.", ""]
+            if self.new_sql_findings:
+                out += ["| severity | rule | where | message |", "|---|---|---|---|"]
+                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {_cell(f.message)} |"
+                        for f in self.new_sql_findings]
+                out.append("")
+            if r.checks:
+                out += [r.checks.to_markdown(), ""]
+            for result in r.results:
+                out += [f"<details><summary>SQL of {result.name}</summary>", "", "```sql"]
+                out += [s.rstrip(";") + ";" for s in result.sql] or ["-- no statements"]
+                out += ["```", "</details>", ""]
+        else:
+            out += ["### Rehearsal", "", "Not rehearsed on a copy.", ""]
+        return "\n".join(out)
+
+    def text(self) -> str:
+        """Return the plan for a terminal."""
+        out = [self.headline()]
+        for atomic, group in self.plan.phases:
+            kind = "one transaction" if atomic else "alone, atomic = False"
+            out += [f"  {m.name}  ({kind})" for m in group]
+        out.append("lint: " + self.lint.summary())
+        out += [f"  {f.text()}" for f in self.lint.findings]
+        if self.backup:
+            out.append(f"backup: {self.backup.key} ({_size(self.backup.size)}, "
+                       f"sha256 {self.backup.sha256[:16]}...)")
+        if self.rehearsal:
+            r = self.rehearsal
+            out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; restore "
+                       f"{r.restore_seconds:.2f}s, apply {r.apply_seconds:.2f}s")
+            out += [f"  {f.text()}" for f in self.new_sql_findings]
+            if r.checks and not r.checks.ok:
+                out.append(r.checks.text())
+        return "\n".join(out)

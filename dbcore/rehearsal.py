@@ -1,0 +1,136 @@
+"""Rehearse a plan on a copy: restore the backup into a scratch database, apply there, check, drop.
+
+The rehearsal proves three things before anyone approves: the backup restores, the migrations
+apply to the real data (with the SQL and timings captured), and the result passes the
+post-checks. The live database is only read (by the backup).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import peewee
+from psycopg2 import sql
+
+from dbcore.backup import Progress as BytesProgress
+from dbcore.backup import restore_backup
+from dbcore.checks import CheckReport, run_post_checks
+from dbcore.connection import Target, connect_raw
+from dbcore.errors import DbcoreError
+from dbcore.lint_report import Finding
+from dbcore.lint_sql import lint_sql
+from dbcore.runner import MigrationResult, Plan, Progress, apply_plan
+from dbcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RehearsalFailed(DbcoreError):
+    """The plan failed on the scratch copy: the live database was not touched."""
+
+
+@dataclass(frozen=True)
+class RehearsalReport:
+    """What the rehearsal on a copy showed."""
+
+    scratch_database: str
+    backup_key: str
+    restore_seconds: float
+    results: tuple[MigrationResult, ...]
+    checks: CheckReport | None
+    sql_findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.checks is None or self.checks.ok
+
+    @property
+    def apply_seconds(self) -> float:
+        return sum(r.seconds for r in self.results)
+
+    def to_dict(self) -> dict:
+        return {
+            "scratch_database": self.scratch_database, "backup_key": self.backup_key,
+            "restore_seconds": self.restore_seconds, "apply_seconds": self.apply_seconds,
+            "results": [{"name": r.name, "seconds": r.seconds, "sql": list(r.sql)}
+                        for r in self.results],
+            "checks": self.checks.to_dict() if self.checks else None,
+            "sql_findings": [f.to_dict() for f in self.sql_findings],
+        }
+
+
+def scratch_name(dbname: str, run_id: str | None = None) -> str:
+    """Return a scratch database name derived from ``dbname`` (at most 63 bytes)."""
+    suffix = f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}"
+    return dbname[: 63 - len(suffix)] + suffix
+
+
+def drop_database(server: Target, dbname: str) -> None:
+    """Drop ``dbname`` on ``server``'s cluster, ending its sessions."""
+    conn = connect_raw(server.with_dbname("postgres"), "dbmigrate-rehearsal")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(dbname)))
+    finally:
+        conn.close()
+
+
+def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None
+                      ) -> list[Finding]:
+    """Return the SQL lint findings on what each migration really sent."""
+    findings: list[Finding] = []
+    created: list[str] = []
+    for r in results:
+        statements = [s.split(" -- params: ")[0] for s in r.sql]
+        findings += lint_sql(statements, existing_tables=existing_tables, new_tables=created,
+                             in_transaction=r.atomic, source=f"{r.name}.py (rehearsal)")
+        created += [s.split('"')[1] for s in statements
+                    if s.upper().startswith("CREATE TABLE") and '"' in s]
+    return findings
+
+
+def _existing_tables(target: Target) -> set[str]:
+    conn = connect_raw(target, "dbmigrate-rehearsal")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
+                        "('pg_catalog', 'information_schema')")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
+                     models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
+                     progress: Progress | None = None,
+                     restore_progress: BytesProgress | None = None) -> RehearsalReport:
+    """Restore ``backup_key`` into a scratch database beside ``target``, apply ``plan`` there, check it.
+
+    Returns the report; raises RehearsalFailed (the scratch copy is always dropped).
+    """
+    scratch = target.with_dbname(scratch_name(target.dbname, run_id))
+    if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
+        raise RehearsalFailed("the scratch database would be the live one")
+    started = time.monotonic()
+    try:
+        # A scratch copy, never the live database: the production guard does not apply.
+        restore_backup(backup_key, scratch, settings, allow_production=True,
+                       progress=restore_progress)
+        restore_seconds = round(time.monotonic() - started, 3)
+        existing = _existing_tables(scratch)
+        try:
+            report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+                                progress=progress)
+        except DbcoreError as exc:
+            raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
+                                  f"touched: {exc}") from exc
+        checks = run_post_checks(scratch, models) if models is not None else None
+        findings = lint_captured_sql(report.results, existing)
+        return RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
+                               checks, tuple(findings))
+    finally:
+        drop_database(target, scratch.dbname)

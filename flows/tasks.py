@@ -1,0 +1,134 @@
+"""Thin Prefect tasks over dbcore: each body is a call or three into dbcore.
+
+Retries only where repeating is safe (STYLE.md habit 5): the connection check, the tunnel, the
+backup upload, and the apply only when its transaction was rolled back for a lock timeout.
+Nothing is cached: every run must look at the database as it is now.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from dbcore import backup, checks, lint, recovery, rehearsal, runner
+from dbcore.connection import Target, connect
+from dbcore.deploy_plan import DeployPlan
+from dbcore.errors import DbcoreError
+from dbcore.lint_report import LintReport
+from dbcore.settings import Settings
+
+
+def _retry_if_retryable(task, task_run, state) -> bool:
+    """Retry only errors dbcore marks as safe to repeat (nothing was changed)."""
+    try:
+        state.result()
+    except DbcoreError as exc:
+        return exc.retryable
+    except Exception:
+        return False
+    return False
+
+
+@task(name="check-connection", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def check_connection(target: Target) -> str:
+    """Connect once and return the server version."""
+    db = connect(target)
+    try:
+        return db.execute_sql("SHOW server_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def make_plan(target: Target, settings: Settings, allow_destructive: bool
+              ) -> tuple[runner.Plan, LintReport]:
+    """Return the pending migrations and the lint report over the ones that will run."""
+    plan = runner.plan_apply(target, settings)
+    pending = [m.path for m in plan.migrations]
+    report = lint.lint_paths([Path(settings.migrations_dir)], allow_destructive=allow_destructive)
+    # Findings on migrations applied long ago are history: only what will run, and the names.
+    relevant = [f for f in report.findings
+                if Path(f.file) in pending or f.rule == "DM007"]
+    return plan, LintReport.of(relevant, [str(p) for p in pending])
+
+
+class _ProgressArtifact:
+    """Turns a bytes-so-far callback into a Prefect progress artifact, updated at most once a second."""
+
+    def __init__(self, key: str, total_bytes: int, what: str):
+        self.total, self.what, self.last = max(total_bytes, 1), what, 0.0
+        self.id = create_progress_artifact(0.0, key=key, description=what)
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            self.last = now
+            percent = min(99.0, 100.0 * done / self.total)
+            update_progress_artifact(self.id, percent,
+                                     description=f"{self.what}: {done / 2**20:.1f} MiB so far")
+
+    def finish(self) -> None:
+        update_progress_artifact(self.id, 100.0, description=f"{self.what}: done")
+
+
+def _database_size(target: Target) -> int:
+    db = connect(target)
+    try:
+        return db.execute_sql("SELECT pg_database_size(current_database())").fetchone()[0]
+    finally:
+        db.close()
+
+
+@task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
+      cache_policy=NO_CACHE)
+def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
+    """Back the database up to S3 and return what was stored (a progress artifact meanwhile)."""
+    meter = _ProgressArtifact("backup-progress", _database_size(target), f"backup of {target.dbname}")
+    info = backup.backup_to_s3(target, settings, progress=meter)
+    meter.finish()
+    get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
+    return info
+
+
+@task(name="rehearse-on-copy", cache_policy=NO_CACHE)
+def rehearse(plan: runner.Plan, target: Target, settings: Settings, backup_key: str, models,
+             run_id: str) -> rehearsal.RehearsalReport:
+    """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
+    return rehearsal.rehearse_on_copy(plan, target, settings, backup_key, models=models,
+                                      run_id=run_id)
+
+
+@task(name="schema-snapshot", cache_policy=NO_CACHE)
+def snapshot(target: Target) -> str:
+    """Return the schema as it is now (to verify a rollback against)."""
+    return recovery.schema_snapshot(target)
+
+
+@task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30],
+      retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
+def apply(plan: runner.Plan, target: Target, settings: Settings, actor: str, run_id: str
+          ) -> runner.RunReport:
+    """Apply the plan in one transaction under the migration lock (retried only on lock timeouts)."""
+    logger = get_run_logger()
+
+    def progress(event: runner.ProgressEvent) -> None:
+        if event.stage == "done":
+            logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
+                        event.seconds)
+
+    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
+
+
+@task(name="post-checks", cache_policy=NO_CACHE)
+def post_checks(target: Target, models) -> checks.CheckReport:
+    """Return the drift and invalid-index checks of the live database."""
+    return checks.run_post_checks(target, models)
+
+
+def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None) -> DeployPlan:
+    """Return the deploy plan (not a task: it only gathers data)."""
+    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report)

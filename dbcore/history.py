@@ -22,12 +22,12 @@ AUDIT_TABLE = "migration_audit"
 _CREATE_AUDIT = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     id          bigserial PRIMARY KEY,
-    name        varchar(255) NOT NULL,
-    action      varchar(16)  NOT NULL CHECK (action IN ('apply', 'rollback')),
-    checksum    char(64),
-    at          timestamptz  NOT NULL DEFAULT now(),
-    actor       varchar(255) NOT NULL,
-    run_id      varchar(255),
+    name        text        NOT NULL,
+    action      text        NOT NULL CHECK (action IN ('apply', 'rollback')),
+    checksum    text,
+    at          timestamptz NOT NULL DEFAULT now(),
+    actor       text        NOT NULL,
+    run_id      text,
     duration_ms integer
 )
 """

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from prefect import flow, get_run_logger, pause_flow_run
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.states import Completed, Failed
@@ -141,8 +142,11 @@ def migrate(
                 require_approval=approval_needed, run_id=run_id)
             return Failed(message=f"failed after apply at {problem}; rolled back by {how}")
     except FlowPauseTimeout:
-        return Failed(message=f"rejected (no answer within {approval_timeout_seconds}s), "
-                              "nothing changed")
+        # Prefect has already failed the run with its own words; put ours in their place.
+        message = f"rejected (no answer within {approval_timeout_seconds}s), nothing changed"
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Failed(message=message), force=True)
+        return Failed(message=message)
     except DbcoreError as exc:
         if stage == "rollback":
             return Failed(message=f"failed after apply and the rollback failed too: {exc}")

@@ -20,14 +20,19 @@ from dbcore.connection import Env, Target
 from dbcore.services.postgres import PostgresCluster, find_pg_bindir
 from dbcore.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_MIGRATIONS = REPO / "migrations"
+from helpers import REPO, SAMPLE_MIGRATIONS, query, schema_dump  # noqa: F401 - re-exported
 
 # Tests never read the developer's own configuration.
 for _var in ("DATABASE_URL", "FLY_APP_NAME", "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"):
     os.environ.pop(_var, None)
 for _var in [v for v in os.environ if v.startswith("MIGRATE_")]:
     os.environ.pop(_var, None)
+# Prefect, for the flow tests: a private home, quiet, offline, patient with a cold start.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dbmigrate-prefect-")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(scope="session")
@@ -105,29 +110,6 @@ def migrations_dir(tmp_path) -> Path:
     dest = tmp_path / "migrations"
     shutil.copytree(SAMPLE_MIGRATIONS, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
-
-
-def schema_dump(url: str) -> str:
-    """``pg_dump --schema-only`` of a database, without the random \\restrict lines."""
-    out = subprocess.run(
-        [str(find_pg_bindir("pg_dump") / "pg_dump"), "--schema-only", "--no-owner", url],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return "\n".join(
-        line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))
-    )
-
-
-def query(url: str, sql: str, params=None) -> list[tuple]:
-    """Run one query on ``url`` and return its rows."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 # Fixtures of other areas live in their own modules beside this file (S3 server, lint fixtures).

@@ -30,7 +30,7 @@ from dbcore.errors import (
 from dbcore.pgtools import find_pg_tool
 from dbcore.services.seaweed import SeaweedServer
 from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY
-from conftest import query, schema_dump
+from helpers import query, schema_dump
 
 SAMPLE_SQL = """
 CREATE TABLE customers (

@@ -8,7 +8,7 @@ import peewee as pw
 import pytest
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
-from conftest import query
+from helpers import query
 from dbcore import cli
 from dbcore.checks import (check_no_invalid_indexes, pg_type_name, run_post_checks,
                            schema_drift)

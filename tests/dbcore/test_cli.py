@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import query, schema_dump
+from helpers import query, schema_dump
 
 DBMIGRATE = [sys.executable, "-m", "dbcore.cli"]
 

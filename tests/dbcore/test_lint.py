@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_MIGRATIONS
+from helpers import REPO, SAMPLE_MIGRATIONS
 from dbcore import cli
 from dbcore.lint import RULES, LintReport, lint_file, lint_paths, lint_source, lint_sql
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from conftest import query, schema_dump
+from helpers import query, schema_dump
 from dbcore.connection import connect
 from dbcore.errors import (
     MigrationFailed,

@@ -1,0 +1,198 @@
+"""The `migrate` flow as a developer and an approver see it: final states, artifacts, the database."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
+
+from helpers import query, schema_dump
+from dbcore.backup import list_backups, restore_backup
+from dbcore.connection import Env, Target
+from dbcore.recovery import schema_snapshot
+from dbcore.runner import apply_pending
+from flows.migrate import migrate
+from flows.rollback import rollback_after_failed_apply
+
+APPLIED = "SELECT name FROM migratehistory ORDER BY id"
+
+
+def applied(url: str) -> list[str]:
+    if query(url, "SELECT to_regclass('migratehistory')") == [(None,)]:
+        return []
+    return [r[0] for r in query(url, APPLIED)]
+
+
+def artifacts(flow_run_id) -> dict[str, str]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found if a.key}
+
+
+def test_local_run_backs_up_rehearses_and_applies(flow_env, db_url):
+    state = migrate(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == ("applied 4: 001_initial_schema, 002_add_document_metadata, "
+                             "003_add_project_slug, 004_fix_sourcedir_language")
+    assert applied(db_url)[-1] == "004_fix_sourcedir_language"
+    backups = list_backups(flow_env)
+    assert len(backups) == 1 and backups[0].last_migration == "none"
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "004_fix_sourcedir_language" in plan and backups[0].key in plan
+    assert "Rehearsal on a copy passed" in plan and "CREATE TABLE" in plan
+    # the scratch copy is gone
+    assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE '%rehearsal%'") == [(0,)]
+
+    again = migrate(return_state=True)
+    assert again.is_completed() and again.message == "up to date"
+
+
+def test_dry_run_changes_nothing_and_shows_the_plan(flow_env, db_url):
+    before = schema_dump(db_url)
+    state = migrate(dry_run=True, return_state=True)
+    assert state.is_completed()
+    assert state.message.startswith("dry run: would apply 4") and "nothing changed" in state.message
+    assert schema_dump(db_url) == before
+    assert "migration-plan" in artifacts(state.state_details.flow_run_id)
+
+
+def test_a_lint_error_stops_before_anything_runs(flow_env, db_url, migrations_dir):
+    (migrations_dir / "005_raw.py").write_text(textwrap.dedent("""\
+        def migrate(migrator, database, *, fake=False):
+            database.execute_sql("ALTER TABLE project ADD COLUMN x int")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("ALTER TABLE project DROP COLUMN x")
+        """))
+    state = migrate(return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("failed at lint, nothing changed")
+    assert "005_raw.py" in state.message and "execute_sql" in state.message
+    assert applied(db_url) == [] and list_backups(flow_env) == []
+
+
+def test_wrong_env_fails_the_run_with_the_fix(flow_env, db_url):
+    state = migrate(env="production", return_state=True)
+    assert state.is_failed()
+    assert "--env production contradicts the environment" in state.message
+    assert applied(db_url) == []
+
+
+def test_failed_post_checks_roll_back_by_the_rollback_functions(flow_env, db_url, monkeypatch,
+                                                                tmp_path):
+    apply_pending(Target(Env.LOCAL, db_url), flow_env, upto="003")
+    before = schema_dump(db_url)
+    # Models that expect a column no migration creates: the post-checks must fail.
+    (tmp_path / "models_ahead.py").write_text(textwrap.dedent("""\
+        import peewee as pw
+        from dbcore.models import Document, Project, SourceDir
+
+        class Extra(pw.Model):
+            name = pw.CharField()
+
+            class Meta:
+                table_name = "project_extra"
+
+        MODELS = [Project, SourceDir, Document, Extra]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")
+    state = migrate(backup=False, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("failed after apply at post-checks")
+    assert "rolled back by rollback functions (004_fix_sourcedir_language)" in state.message
+    assert schema_dump(db_url) == before
+    assert applied(db_url)[-1] == "003_add_project_slug"
+
+
+def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
+        flow_env, db_url, migrations_dir):
+    target = Target(Env.LOCAL, db_url)
+    apply_pending(target, flow_env, upto="003")
+    query(db_url, "INSERT INTO project (name, created_at, updated_at) VALUES ('kept', now(), now())")
+    from dbcore.backup import backup_to_s3
+
+    backup = backup_to_s3(target, flow_env)
+    before = schema_snapshot(target)
+    path = migrations_dir / "004_fix_sourcedir_language.py"
+    path.write_text(path.read_text().replace(
+        'migrator.sql(\'DROP INDEX IF EXISTS "sourcedir_project_id_path_language"\')',
+        'migrator.sql("SELECT * FROM no_such_table")'))
+    apply_pending(target, flow_env)
+
+    @flow
+    def after_a_failed_apply():
+        return rollback_after_failed_apply(
+            target=target, settings=flow_env, names=["004_fix_sourcedir_language"],
+            before=before, backup_key=backup.key, require_approval=False, run_id="abcdef123456")
+
+    how = after_a_failed_apply()
+    assert how.startswith(f"restoring backup {backup.key}")
+    assert schema_snapshot(target) == before
+    assert query(db_url, "SELECT name FROM project") == [("kept",)]
+    kept = query(db_url, "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                 (target.dbname + "_failed_%",))
+    assert len(kept) == 1  # the broken database is kept for inspection
+    query(db_url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{kept[0][0]}"')
+
+
+def _wait_for_pause(timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            if runs:
+                return runs[0]
+            time.sleep(0.5)
+    raise AssertionError("the run never paused for approval")
+
+
+def _run_in_background(**params):
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
+    thread.start()
+    return thread, result
+
+
+def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
+    thread, result = _run_in_background(require_approval=True)
+    paused = _wait_for_pause()
+    assert applied(db_url) == []  # nothing before the approval
+    assert "migration-plan" in artifacts(paused.id)
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
+    thread.join(120)
+    state = result["state"]
+    assert state.is_completed() and state.message.startswith("applied 4")
+    actors = query(db_url, "SELECT DISTINCT actor FROM migration_audit")
+    assert actors == [("Ada",)]
+
+
+def test_a_rejected_run_changes_nothing(flow_env, db_url):
+    before = schema_dump(db_url)
+    thread, result = _run_in_background(require_approval=True)
+    paused = _wait_for_pause()
+    resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
+                                          "comment": "not on a Friday"})
+    thread.join(120)
+    state = result["state"]
+    assert state.is_failed()
+    assert state.message == "rejected by Bob: not on a Friday, nothing changed"
+    assert schema_dump(db_url) == before
+
+
+def test_an_unanswered_approval_times_out_as_rejected(flow_env, db_url):
+    state = migrate(require_approval=True, approval_timeout_seconds=3, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("rejected (no answer within 3s)")
+    assert applied(db_url) == []

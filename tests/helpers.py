@@ -1,0 +1,36 @@
+"""Helpers shared by the tests (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import psycopg2
+
+from dbcore.services.postgres import find_pg_bindir
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_MIGRATIONS = REPO / "migrations"
+
+
+def schema_dump(url: str) -> str:
+    """``pg_dump --schema-only`` of a database, without the random \\restrict lines."""
+    out = subprocess.run(
+        [str(find_pg_bindir("pg_dump") / "pg_dump"), "--schema-only", "--no-owner", url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return "\n".join(
+        line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))
+    )
+
+
+def query(url: str, sql: str, params=None) -> list[tuple]:
+    """Run one query on ``url`` and return its rows."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()

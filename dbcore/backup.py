@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import string
 import subprocess
 import tempfile
 import time
@@ -61,6 +62,8 @@ S3_ERRORS = (BotoCoreError, ClientError)
 CONTENT_TYPE = "application/vnd.postgresql.dump+zstd"
 READ_SIZE = 1024 * 1024
 SUFFIX = ".dump"
+#: printable ASCII stays readable in the S3 console; "%" and anything else is %-quoted
+_SAFE_IN_METADATA = "".join(c for c in string.punctuation if c != "%") + " "
 _UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -89,7 +92,8 @@ class BackupInfo:
         """Return the S3 user metadata recorded with the object (ASCII only, so values are quoted)."""
         fields = self.to_dict()
         del fields["key"], fields["bucket"]  # they are the object's address, not its metadata
-        return {name.replace("_", "-"): quote(str(value), safe="") for name, value in fields.items()}
+        return {name.replace("_", "-"): quote(str(value), safe=_SAFE_IN_METADATA)
+                for name, value in fields.items()}
 
     @classmethod
     def from_metadata(cls, key: str, bucket: str, metadata: dict[str, str]) -> BackupInfo:
@@ -158,7 +162,10 @@ def last_applied_migration(conn) -> str:
 def backup_to_s3(
     target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None
 ) -> BackupInfo:
-    """Back ``target`` up to S3 and return what was stored; raise BackupFailed (nothing left behind)."""
+    """Back ``target`` up to S3 and return what was stored; raise BackupFailed (nothing left behind).
+
+    ``progress`` receives the bytes read from pg_dump so far (before compression).
+    """
     storage = open_storage(settings)
     conn = connect_raw(target, "dbmigrate-backup")
     try:
@@ -330,22 +337,44 @@ def verify_backup(key: str, settings: Settings, progress: Progress | None = None
                         seconds=round(time.monotonic() - started, 3))
 
 
-def _ensure_database(into: Target) -> bool:
-    """Create the database ``into`` names when it does not exist; return True if it was created."""
+@dataclass(frozen=True)
+class _RestoreTarget:
+    exists: bool
+    relations: int
+    examples: list[str]
+    server_major: int
+
+
+def _inspect(into: Target) -> _RestoreTarget:
+    """Return whether ``into`` exists, what it holds, and its server's major version."""
     try:
-        connect_raw(into, "dbmigrate-restore").close()
-        return False
+        conn = connect_raw(into, "dbmigrate-restore")
     except DatabaseUnavailable as exc:
         if "does not exist" not in str(exc):
             raise
+        admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
+        try:
+            return _RestoreTarget(False, 0, [], server_major(admin))
+        finally:
+            admin.close()
+    try:
+        count, names = user_relations(conn)
+        return _RestoreTarget(True, count, names, server_major(conn))
+    finally:
+        conn.close()
+
+
+def _create_database(into: Target) -> None:
     admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
     try:
         with admin.cursor() as cur:
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(into.dbname)))
+    except psycopg2.Error as exc:
+        raise RestoreFailed(f"cannot create database {into.dbname} to restore into: "
+                            f"{str(exc).strip().splitlines()[0]}: create it first") from None
     finally:
         admin.close()
     log.info("created database %s to restore into", into.dbname)
-    return True
 
 
 def user_relations(conn, limit: int = 5) -> tuple[int, list[str]]:
@@ -370,7 +399,10 @@ def restore_backup(
     key: str, into: Target, settings: Settings, *, force: bool = False,
     allow_production: bool = False, jobs: int | None = None, progress: Progress | None = None,
 ) -> RestoreReport:
-    """Restore backup ``key`` into ``into`` (created if missing); raise RestoreRefused, BackupCorrupt or RestoreFailed."""
+    """Restore backup ``key`` into ``into`` (created if missing); raise RestoreRefused, BackupCorrupt or RestoreFailed.
+
+    ``progress`` receives the bytes of the stored object downloaded so far.
+    """
     if into.env is Env.PRODUCTION and not allow_production:
         raise RestoreRefused(
             f"refusing to restore into the production database {into.dbname}: pass "
@@ -378,29 +410,25 @@ def restore_backup(
         )
     storage = open_storage(settings)
     started = time.monotonic()
-    created = _ensure_database(into)
-    conn = connect_raw(into, "dbmigrate-restore")
-    try:
-        count, names = user_relations(conn)
-        major = server_major(conn)
-    finally:
-        conn.close()
-    if count and not force:
+    state = _inspect(into)
+    if state.relations and not force:
         raise RestoreRefused(
-            f"database {into.dbname} is not empty ({count} relations, e.g. {', '.join(names)}): "
-            "restore into a new database, or pass --force to overwrite it"
+            f"database {into.dbname} is not empty ({state.relations} relations, e.g. "
+            f"{', '.join(state.examples)}): restore into a new database, or pass --force to overwrite it"
         )
-    pg_restore = find_pg_tool("pg_restore", major)
+    pg_restore = find_pg_tool("pg_restore", state.server_major)
     jobs = jobs or min(4, os.cpu_count() or 2)
     with tempfile.TemporaryDirectory(prefix="dbmigrate-restore-") as tmp:
         path = Path(tmp) / "backup.dump"
-        # the whole object is checked before the target is touched
+        # the whole object is checked before the target is touched (or even created)
         info = _fetch(storage, key, path, progress)
         _archive_entries(pg_restore, path, key)
-        _run_pg_restore(pg_restore, path, into, info, jobs=jobs, clean=bool(count))
+        if not state.exists:
+            _create_database(into)
+        _run_pg_restore(pg_restore, path, into, info, jobs=jobs, clean=bool(state.relations))
     log.info("restored %s into %s", key, into.masked_url)
     return RestoreReport(key=key, database=into.dbname, size=info.size, jobs=jobs,
-                         created_database=created, forced=bool(count),
+                         created_database=not state.exists, forced=bool(state.relations),
                          seconds=round(time.monotonic() - started, 3))
 
 

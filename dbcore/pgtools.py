@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dbcore.connection import Target
 from dbcore.errors import ToolNotFound
@@ -126,6 +126,8 @@ def libpq_args(target: Target) -> tuple[str, dict[str, str]]:
     if len(netloc) == 2:
         user = netloc[0].split(":", 1)[0]
         parts = parts._replace(netloc=f"{user}@{netloc[1]}")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"]
+    parts = parts._replace(query=urlencode(query))
     env = dict(os.environ)
     if target.password:
         env["PGPASSWORD"] = target.password

@@ -158,7 +158,9 @@ class SeaweedServer:
 
     def start(self) -> None:
         """Start the server (or adopt the one already running under ``root``); wait until S3 answers."""
-        if self.is_running() and self._s3_answers():
+        if self.is_running():
+            # another process started it, perhaps a moment ago: wait for it rather than start a rival
+            self._wait_until_answering(None)
             log.info("S3 server already running on %s (pid %s)", self.endpoint_url, self.pid)
             return
         for folder in (self.root, self.logdir, self.datadir):
@@ -174,14 +176,19 @@ class SeaweedServer:
             out.close()
         self.pid = proc.pid
         self._save_state()
+        self._wait_until_answering(proc)
+        log.info("S3 server started on %s (pid %s)", self.endpoint_url, self.pid)
+
+    def _wait_until_answering(self, proc: subprocess.Popen | None) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._s3_answers():
-            if proc.poll() is not None or time.monotonic() > deadline:
+            exited = proc.poll() is not None if proc else not self.is_running()
+            if exited or time.monotonic() > deadline:
                 self.stop()
-                tail = (self.logdir / "weed.out").read_text(errors="replace")[-1500:]
+                log_file = self.logdir / "weed.out"
+                tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
                 raise ConfigError(f"SeaweedFS did not start (see {self.logdir}): {tail.strip()}")
             time.sleep(0.1)
-        log.info("S3 server started on %s (pid %s)", self.endpoint_url, self.pid)
 
     def stop(self) -> None:
         """Stop the server by its pid (SIGTERM, then SIGKILL) and remove the sockets it leaves."""
@@ -202,6 +209,8 @@ class SeaweedServer:
             port = self.ports.get(f"{name}.grpc")
             if port:
                 Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock").unlink(missing_ok=True)
+        for sock in ("filer.sock", "s3.sock"):
+            (self.root / sock).unlink(missing_ok=True)
         self.pid = None
         if self.root.exists():
             self._save_state()

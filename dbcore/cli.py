@@ -12,9 +12,12 @@ import logging
 import sys
 from typing import Callable
 
+import peewee
+from pydantic import ValidationError
+
 from dbcore.connection import Env, Target, redact, resolve_target
 from dbcore.errors import ConfigError, DbcoreError
-from dbcore.settings import Settings
+from dbcore.settings import Settings, describe_invalid
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def common_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every sub-command."""
-    from dbcore import cli_migrations
+    from dbcore import cli_backup, cli_lint, cli_migrations
 
     common = common_options()
     parser = argparse.ArgumentParser(
@@ -65,14 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply Peewee migrations to PostgreSQL safely: plan, lint, back up, apply, roll back.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    cli_migrations.register(sub, common)
-    for module_name in ("cli_backup", "cli_lint"):
-        try:
-            module = __import__(f"dbcore.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dbcore.{module_name}":
-                raise
-            continue
+    for module in (cli_migrations, cli_lint, cli_backup):
         module.register(sub, common)
     return parser
 
@@ -99,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"migrations_dir": args.migrations_dir} if args.migrations_dir else {}
         settings = Settings(**overrides)
         return args.handler(Context(args, settings))
-    except DbcoreError as exc:
+    except ValidationError as exc:
+        print(f"dbmigrate: error: {describe_invalid(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DbcoreError, peewee.DatabaseError) as exc:
         secrets = [settings.database_password() if settings else None]
         if args.database_url:
             from dbcore.connection import url_password
@@ -107,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             secrets.append(url_password(args.database_url))
         if args.verbose:
             log.exception("%s", type(exc).__name__)
-        print(f"dbmigrate: error: {redact(str(exc), *secrets)}", file=sys.stderr)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, DbcoreError):
+            text = f"the database refused: {text}"
+        print(f"dbmigrate: error: {redact(text, *secrets)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         print("dbmigrate: interrupted", file=sys.stderr)

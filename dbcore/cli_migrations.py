@@ -7,7 +7,8 @@ import json
 import sys
 
 from dbcore.cli import Context
-from dbcore.connection import connect
+from dbcore.connection import Env, connect
+from dbcore.errors import ConfigError
 from dbcore.migrations import new_migration, status
 from dbcore.runner import (
     Plan,
@@ -71,7 +72,9 @@ def cmd_status(ctx: Context) -> int:
         when = r.applied_at.strftime("%Y-%m-%d %H:%M:%S") if r.applied_at else ""
         state = "applied" if r.applied else "pending"
         flag = ""
-        if r.file_missing:
+        if r.error:
+            flag = f"  BROKEN: {r.error}"
+        elif r.file_missing:
             flag = "  FILE MISSING"
         elif r.changed:
             flag = "  CHANGED since applied"
@@ -88,8 +91,19 @@ def cmd_new(ctx: Context) -> int:
     return 0
 
 
+def _refuse_live_dry_run(ctx: Context) -> None:
+    """A dry run takes the apply's locks for real: outside local it needs an explicit --on-live."""
+    if ctx.target.env is not Env.LOCAL and not ctx.args.on_live:
+        raise ConfigError(
+            f"a dry run on the {ctx.target.env} database takes the same table locks as the apply "
+            "(only the changes are rolled back): rehearse on a copy with `python flows/migrate.py "
+            f"--env {ctx.target.env} --dry-run`, or pass --on-live to accept the locks")
+
+
 def cmd_plan(ctx: Context) -> int:
     """Print what apply would do; --sql rehearses it in a rolled-back transaction."""
+    if ctx.args.sql:
+        _refuse_live_dry_run(ctx)
     plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
     if ctx.args.json and not ctx.args.sql:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -105,6 +119,8 @@ def cmd_plan(ctx: Context) -> int:
 
 def cmd_apply(ctx: Context) -> int:
     """Apply pending migrations in one transaction under the migration lock."""
+    if ctx.args.dry_run:
+        _refuse_live_dry_run(ctx)
     plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
     if not ctx.args.json:
         print(_render_plan(plan), file=sys.stderr)
@@ -116,6 +132,8 @@ def cmd_apply(ctx: Context) -> int:
 
 def cmd_rollback(ctx: Context) -> int:
     """Roll back the newest N applied migrations in one transaction."""
+    if ctx.args.dry_run:
+        _refuse_live_dry_run(ctx)
     plan = plan_rollback(ctx.target, ctx.settings, count=ctx.args.count)
     if not ctx.args.json:
         print(_render_plan(plan), file=sys.stderr)
@@ -124,6 +142,13 @@ def cmd_rollback(ctx: Context) -> int:
                            progress=None if ctx.args.json else _print_progress)
     _emit(report, ctx.args.json)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -141,6 +166,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--sql", action="store_true",
                    help="rehearse in a transaction that is rolled back, and print the SQL")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--on-live", action="store_true",
+                   help="allow --sql outside local (it takes the apply's table locks)")
     p.set_defaults(handler=cmd_plan)
 
     for name, helptext in (("apply", "apply pending migrations in one transaction"),
@@ -150,9 +177,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             p.add_argument("--target", help="stop after this migration (name or number)")
             p.set_defaults(handler=cmd_apply)
         else:
-            p.add_argument("--count", type=int, default=1, help="how many (default 1)")
+            p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")
             p.set_defaults(handler=cmd_rollback)
         p.add_argument("--dry-run", action="store_true",
-                       help="run inside a transaction that is rolled back; print the SQL")
+                       help="run inside a transaction that is rolled back; print the SQL "
+                            "(it takes the same table locks: local only unless --on-live)")
+        p.add_argument("--on-live", action="store_true",
+                       help="allow --dry-run outside local")
         p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")

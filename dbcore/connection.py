@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import peewee
 import psycopg2
@@ -69,28 +69,37 @@ def resolve_env(settings: Settings, requested: Env | str | None = None) -> Env:
 
 
 def url_password(url: str) -> str | None:
-    """Return the (unquoted) password of a postgres URL, or None."""
+    """Return the (unquoted) password of a postgres URL, from its user info or ``?password=``."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return None
-    return unquote(password) if password else None
+    if password:
+        return unquote(password)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "password" and value:
+            return value
+    return None
 
 
 def mask_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***``; safe to print, log and raise."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        userinfo = f"{parts.username or ''}:{MASK}"
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        if not parts.scheme.startswith("postgres"):
+            return "<a database address that is not a postgres:// URL>"
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if ":" in host:  # IPv6 literal
+                host = f"[{host}]"
+            netloc = f"{parts.username or ''}:{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+        query = urlencode([(k, MASK if k == "password" else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*/")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
-        return "<unparseable database URL>"
+        return "<an unparseable database URL>"
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -165,10 +174,18 @@ def resolve_target(
             "(postgres://USER:PASSWORD@HOST:PORT/DBNAME)"
         )
     if not url.startswith(("postgres://", "postgresql://")):
+        # never echoed: a key=value DSN would show its password
         raise ConfigError(
-            f"DATABASE_URL {mask_url(url)} is not a PostgreSQL URL: "
+            "the database address is not a postgres:// URL: "
             "use postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         )
+    try:
+        urlsplit(url).port
+    except ValueError:
+        raise ConfigError(
+            f"the port in {mask_url(url).split('@')[-1].split('/')[0]} is not a number: "
+            "fix DATABASE_URL"
+        ) from None
     return Target(resolved, url)
 
 
@@ -191,18 +208,23 @@ def open_database(target: Target, application_name: str = "dbmigrate") -> peewee
     return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)
 
 
+def _unavailable(target: Target, exc: Exception) -> DatabaseUnavailable:
+    """Return the one-line, password-free error for a failed connection."""
+    text = str(exc).strip()
+    detail = redact(text.splitlines()[0] if text else type(exc).__name__, target.password)
+    return DatabaseUnavailable(
+        f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
+        "and DATABASE_URL is right"
+    )
+
+
 def connect(target: Target, application_name: str = "dbmigrate") -> peewee.PostgresqlDatabase:
     """Return a connected peewee database, or raise DatabaseUnavailable (password scrubbed)."""
     db = open_database(target, application_name)
     try:
         db.connect()
     except (peewee.OperationalError, psycopg2.OperationalError) as exc:
-        detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                        target.password)
-        raise DatabaseUnavailable(
-            f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
-            "and DATABASE_URL is right"
-        ) from None
+        raise _unavailable(target, exc) from None
     return db
 
 
@@ -212,10 +234,6 @@ def connect_raw(target: Target, application_name: str = "dbmigrate"):
     try:
         conn = psycopg2.connect(dbname=db.database, **db.connect_params)
     except psycopg2.OperationalError as exc:
-        detail = redact(str(exc).strip().splitlines()[0], target.password)
-        raise DatabaseUnavailable(
-            f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
-            "and DATABASE_URL is right"
-        ) from None
+        raise _unavailable(target, exc) from None
     conn.autocommit = True
     return conn

@@ -36,6 +36,14 @@ class MigrationFailed(DbcoreError):
     committed: tuple[str, ...] = ()
 
 
+class TransactionBroken(MigrationFailed):
+    """A migration ended the batch transaction itself (COMMIT, ROLLBACK): part of the batch is committed."""
+
+
+class NonAtomicFailed(MigrationFailed):
+    """An ``atomic = False`` migration failed or left an INVALID index; it ran in autocommit."""
+
+
 class MigrationLockTimeout(DbcoreError):
     """Another run holds the migration advisory lock and did not release it in time."""
 

@@ -41,8 +41,16 @@ def _describe_holder(conn, key: int) -> str:
     if row is None:
         return "a session that has just released it"
     pid, app, user, since, client = row
-    return (f"pid {pid} (application {app!r}, user {user!r} from {client}, "
-            f"connected since {since:%Y-%m-%d %H:%M:%S %Z})")
+    holder = (f"pid {pid} (application {app!r}, user {user!r} from {client}, "
+              f"connected since {since:%Y-%m-%d %H:%M:%S %Z})")
+    # The lock has a session of its own; the work runs in a second one, named alike.
+    with conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                    (app.replace("dbmigrate lock: ", "dbmigrate ", 1),))
+        workers = [str(r[0]) for r in cur.fetchall()]
+    if workers:
+        holder += f" with its work session pid {', '.join(workers)}"
+    return holder
 
 
 @contextmanager
@@ -53,6 +61,8 @@ def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -
     deadline = time.monotonic() + settings.advisory_lock_wait
     try:
         with conn.cursor() as cur:
+            # an idle lock session must not be closed under the apply by a server-wide timeout
+            cur.execute("SELECT set_config('idle_session_timeout', '0', false)")
             while True:
                 cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
                 if cur.fetchone()[0]:
@@ -62,8 +72,8 @@ def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -
                     raise MigrationLockTimeout(
                         f"another migration run holds the lock on database {target.dbname!r}: "
                         f"{holder}; waited {settings.advisory_lock_wait:g}s. Let it finish and run "
-                        "again; if that process is gone for good, end its session with "
-                        f"SELECT pg_terminate_backend(pid)"
+                        "again; if that process is gone for good, end its sessions with "
+                        "SELECT pg_terminate_backend(pid) for each pid named here"
                     )
                 time.sleep(POLL_SECONDS)
         log.debug("migration lock %s taken on %s", key, target.masked_url)

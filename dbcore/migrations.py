@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import peewee
 from peewee_migrate import Migrator as _PeeweeMigrateMigrator
@@ -37,6 +38,8 @@ class MigrationFile:
     path: Path
     sha256: str
     atomic: bool = True
+    #: why the file cannot be compiled (a syntax error), or None
+    error: str | None = None
 
     @property
     def number(self) -> int:
@@ -63,16 +66,12 @@ class MigrationStatus:
     checksum: str | None
     recorded_checksum: str | None
     file_missing: bool = False
+    error: str | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["applied_at"] = self.applied_at.isoformat() if self.applied_at else None
         return data
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _declares_non_atomic(source: str, path: Path) -> bool:
@@ -82,9 +81,10 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
     except SyntaxError as exc:
         raise MigrationFileError(_syntax_message(path, exc)) from None
     for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-            if any(isinstance(t, ast.Name) and t.id == "atomic" for t in node.targets):
-                return node.value.value is False
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == "atomic" for t in targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is False
     return False
 
 
@@ -106,9 +106,15 @@ def discover(migrations_dir: Path) -> list[MigrationFile]:
     for path in sorted(migrations_dir.iterdir()):
         if FILE_RE.match(path.name):
             source = path.read_text(encoding="utf-8")
+            # A broken file is recorded, not raised: `status` and `new` must still work;
+            # planning it (load) refuses.
+            try:
+                atomic, error = not _declares_non_atomic(source, path), None
+            except MigrationFileError as exc:
+                atomic, error = True, str(exc)
             files.append(MigrationFile(
                 name=path.stem, path=path, sha256=hashlib.sha256(source.encode()).hexdigest(),
-                atomic=not _declares_non_atomic(source, path),
+                atomic=atomic, error=error,
             ))
     return files
 
@@ -195,6 +201,22 @@ class FileRouter(Router):
         History.create_table(safe=True)
         return History
 
+    @cached_property
+    def migrator(self) -> Migrator:
+        """A migrator that knows the models as the applied migrations left them.
+
+        peewee-migrate replays every applied migration with ``peewee.Database.execute_sql``
+        patched process-wide: any other thread's queries vanish meanwhile. Here the replay hands
+        migrate() a stand-in database and drops the queued operations: nothing runs, and
+        nothing outside this router is touched.
+        """
+        migrator = self.migrator_class(self.database)
+        for name in self.done:
+            migrate, _ = self.read(name)
+            migrate(migrator, mock.MagicMock(name="replay-database"), fake=True)
+            migrator.__ops__ = []
+        return migrator
+
     def read(self, name: str):
         file = self._files.get(name)
         if file is None:
@@ -218,6 +240,7 @@ def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:
             applied_at=done.applied_at if done else None,
             changed=bool(done and done.checksum and done.checksum != file.sha256),
             checksum=file.sha256, recorded_checksum=done.checksum if done else None,
+            error=file.error,
         ))
     for gone in applied.values():
         rows.append(MigrationStatus(

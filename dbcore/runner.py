@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import peewee
@@ -23,11 +22,14 @@ from playhouse.migrate import Operation
 
 from dbcore.connection import Target, connect, redact
 from dbcore.errors import (
+    ConfigError,
     MigrationFailed,
     MigrationFileError,
+    NonAtomicFailed,
     NothingToRollback,
     PlanOutdated,
     TableLockTimeout,
+    TransactionBroken,
 )
 from dbcore.history import default_actor, ensure_audit_table, read_applied, record_audit
 from dbcore.locking import configure_session, migration_lock
@@ -134,41 +136,63 @@ class RunReport:
         return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
 
 
-class _SqlCapture(logging.Handler):
-    """Collects the statements peewee logs at DEBUG while a migration runs."""
+class _SqlRecorder:
+    """Records the statements one database object sends while recording is on.
 
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.statements: list[str] = []
+    It wraps that object's ``execute_sql`` only: no global logger or patch, so two runs in one
+    process (a rehearsal and an apply, or tests in threads) never see each other's SQL.
+    """
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.msg
-        if isinstance(msg, tuple) and msg:
-            sql, params = msg[0], msg[1] if len(msg) > 1 else None
-            self.statements.append(sql if not params else f"{sql} -- params: {params!r}")
+    def __init__(self, db: peewee.Database) -> None:
+        self.statements: list[str] | None = None
+        original = db.execute_sql
 
+        def execute_sql(sql, params=None, *args, **kwargs):
+            if self.statements is not None:
+                self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
+            return original(sql, params, *args, **kwargs)
 
-class _Capturing:
-    """Context manager that turns on peewee's query log into a _SqlCapture."""
-
-    def __init__(self) -> None:
-        self.handler = _SqlCapture()
-        self._logger = logging.getLogger("peewee")
-        self._level = self._logger.level
-        self._propagate = self._logger.propagate
+        db.execute_sql = execute_sql
 
     def __enter__(self) -> list[str]:
-        # Lowering peewee's level must not flood the caller's log unless it asked for DEBUG.
-        if not self._logger.isEnabledFor(logging.DEBUG):
-            self._logger.propagate = False
-        self._logger.addHandler(self.handler)
-        self._logger.setLevel(logging.DEBUG)
-        return self.handler.statements
+        self.statements = []
+        return self.statements
 
     def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self.handler)
-        self._logger.setLevel(self._level)
-        self._logger.propagate = self._propagate
+        self.statements = None
+
+
+def _xact_id(db: peewee.Database) -> str:
+    """Return the current transaction's id (assigning one): it changes if a migration commits."""
+    return str(db.execute_sql("SELECT pg_current_xact_id()").fetchone()[0])
+
+
+_INVALID_INDEXES = """
+SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str]) -> None:
+    """Run an ``atomic = False`` migration; raise NonAtomicFailed if it fails or leaves an INVALID index."""
+    before = {r[0] for r in db.execute_sql(_INVALID_INDEXES).fetchall()}
+    try:
+        run()
+        error = None
+    except Exception as exc:  # its statements ran in autocommit: nothing was rolled back
+        error = exc
+    invalid = sorted({r[0] for r in db.execute_sql(_INVALID_INDEXES).fetchall()} - before)
+    if error is None and not invalid:
+        return
+    kept = f"committed before it: {', '.join(committed)}; " if committed else ""
+    what = f"failed: {type(error).__name__}: {_first_line(error)}" if error else "succeeded"
+    fix = (f"it left INVALID index(es) {', '.join(invalid)}: DROP INDEX CONCURRENTLY IF EXISTS "
+           f"each, then run again" if invalid else "check what it did, then run again")
+    failure = NonAtomicFailed(f"migration {m.name}.py (atomic = False, runs in autocommit) {what}; "
+                              f"{kept}{fix}")
+    failure.committed = tuple(committed)
+    raise failure from error
 
 
 class _DryRunRollback(Exception):
@@ -197,11 +221,11 @@ def _first_line(exc: BaseException) -> str:
 def _fail(exc: Exception, name: str, action: str, committed: list[str], settings: Settings,
           target: Target) -> Exception:
     """Return the typed error for ``exc`` raised while running migration ``name``."""
-    if isinstance(exc, MigrationFileError):
-        return exc
     code = _pgcode(exc)
     kept = (f"; already committed before it: {', '.join(committed)}" if committed
             else "; nothing was changed (the whole batch was rolled back)")
+    if isinstance(exc, MigrationFileError):
+        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
     detail = redact(_first_line(exc), target.password)
     if code == _LOCK_NOT_AVAILABLE:
         return TableLockTimeout(
@@ -270,7 +294,7 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
     if names is not None:
         count = len(names)
     if count < 1:
-        raise NothingToRollback("--count must be 1 or more")
+        raise ConfigError("--count must be 1 or more")
     if count > len(applied):
         raise NothingToRollback(
             f"cannot roll back {count}: only {len(applied)} migration(s) applied on {target.dbname!r}")
@@ -303,11 +327,11 @@ def _run_ops(migrator) -> None:
             op()
 
 
-def _run_one(db, router: FileRouter, migrator, loaded: LoadedMigration, action: str,
-             actor: str, run_id: str) -> MigrationResult:
+def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: LoadedMigration,
+             action: str, actor: str, run_id: str) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
-    with _Capturing() as statements:
+    with recorder as statements:
         if action == "apply":
             loaded.migrate(migrator, db, fake=False)
         else:
@@ -355,6 +379,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                 f"migration {m.path.name} changed on disk since the plan was made: "
                 "plan again and review it")
     configure_session(db, settings)
+    recorder = _SqlRecorder(db)
     loaded = {m.name: load(m) for m in plan.migrations}
     router = FileRouter(db, settings.migrations_dir)
     results: list[MigrationResult] = []
@@ -369,7 +394,8 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
         index = len(results) + len(skipped) + 1
         if progress:
             progress(ProgressEvent(plan.action, "start", m.name, index, total))
-        result = _run_one(db, router, migrator, loaded[m.name], plan.action, actor, run_id)
+        result = _run_one(db, recorder, router, migrator, loaded[m.name], plan.action, actor,
+                          run_id)
         results.append(result)
         if progress:
             progress(ProgressEvent(plan.action, "done", m.name, index, total, result.seconds))
@@ -404,17 +430,30 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
             for atomic, group in plan.phases:
                 if atomic:
                     with db.atomic():
+                        xid = _xact_id(db)
                         migrator = migrator or prepare()
                         for m in group:
                             run(m, migrator)
+                            if _xact_id(db) != xid:
+                                raise TransactionBroken(
+                                    f"migration {m.name}.py ended the batch transaction (COMMIT, "
+                                    "ROLLBACK, database.commit() or database.transaction()): what "
+                                    f"ran up to that point is committed, after {', '.join(committed) or 'nothing'}"
+                                    f"; the database is NOT as before: remove the transaction "
+                                    f"control from {m.name}.py, then roll back or restore by hand")
                 else:
                     if migrator is None:
                         with db.atomic():
                             migrator = prepare()
                     # Alone and outside any transaction: PostgreSQL refuses CREATE INDEX
                     # CONCURRENTLY in one. Its history row is written after it succeeded.
-                    run(group[0], migrator)
+                    _run_alone(db, lambda m=group[0]: run(m, migrator), group[0], committed)
                 committed.extend(x.name for x in group)
+    except TransactionBroken as exc:
+        exc.committed = tuple(committed + [current])
+        raise
+    except NonAtomicFailed:
+        raise
     except Exception as exc:
         done_names = [] if dry_run else committed
         raise _typed_failure(exc, current, plan.action, done_names, settings, target) from exc
@@ -455,7 +494,3 @@ def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwarg
     """Plan and roll back the newest ``count`` applied migrations; see :func:`rollback_plan`."""
     return rollback_plan(plan_rollback(target, settings, count=count), target, settings, **kwargs)
 
-
-def migrations_dir_of(settings: Settings) -> Path:
-    """Return the configured migrations folder."""
-    return Path(settings.migrations_dir)

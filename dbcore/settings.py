@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+import re
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: where `make run` keeps the embedded PostgreSQL cluster and S3 server (ignored by git)
 DEFAULT_LOCAL_DIR = Path(".local")
+
+
+_DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)$")
 
 
 class Settings(BaseSettings):
@@ -73,8 +78,28 @@ class Settings(BaseSettings):
     #: seconds to wait for the tunnel to accept connections before giving up
     proxy_start_timeout: float = 30.0
 
+    @field_validator("lock_timeout", "statement_timeout")
+    @classmethod
+    def _duration_with_unit(cls, value: str) -> str:
+        # PostgreSQL reads a bare number as milliseconds: "2" would be 2 ms, not 2 s
+        if value.strip() != "0" and not _DURATION.match(value.strip()):
+            raise ValueError("give a number and a unit: ms, s, min or h (for example 2s), or 0 for none")
+        return value.strip()
+
     def database_password(self) -> str | None:
         """Return the password inside DATABASE_URL (to scrub it from any text), or None."""
         from dbcore.connection import url_password  # local import: connection imports settings
 
         return url_password(self.database_url.get_secret_value()) if self.database_url else None
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """Return a one-line description of invalid settings that names the variables, never their values."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = {"database_url": "DATABASE_URL", "fly_app_name": "FLY_APP_NAME",
+                    "use_fly_postgres_from_local_proxy": "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"}.get(
+            field, field if field.isupper() else f"MIGRATE_{field.upper()}")
+        parts.append(f"{variable}: {error['msg']}")
+    return "invalid settings: " + "; ".join(parts)

@@ -21,9 +21,15 @@ class SourceDir(BaseModel):
 
 def migrate(migrator, database, *, fake=False):
     """Add sourcedir.language in three steps, then its unique index."""
-    # 1. nullable, with a default: existing rows are not rewritten
-    migrator.add_columns(SourceDir, language=pw.CharField(max_length=2, null=True, default="el"))
-    # 2. fill existing rows
+    # 1. nullable, with a database default: a constant default is metadata only in PostgreSQL
+    #    11+, so no row is rewritten and the table is locked for an instant. (A Python
+    #    `default="el"` would instead make peewee-migrate UPDATE every row in this step.)
+    migrator.add_columns(
+        SourceDir,
+        language=pw.CharField(max_length=2, null=True, constraints=[pw.SQL("DEFAULT 'el'")]),
+    )
+    # 2. fill existing rows (none are NULL after step 1, but rows written by an older app
+    #    version between the steps could be)
     migrator.sql("UPDATE sourcedir SET language = %s WHERE language IS NULL", "el")
     # 3. required, and no default any more: new rows must say their language
     migrator.sql("ALTER TABLE sourcedir ALTER COLUMN language SET NOT NULL")

@@ -6,15 +6,16 @@ the flow, ``make stop``) find them without any variable set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import psycopg2
 
 from dbcore.connection import local_services_file
-from dbcore.services.postgres import PostgresCluster
+from dbcore.services.postgres import PostgresCluster, server_user_can_reach
 from dbcore.services.seaweed import LOCAL_BUCKET, embedded_server
 from dbcore.settings import Settings
 
@@ -28,10 +29,9 @@ class LocalServices:
     """What `make run` started: URLs of the embedded database and S3 (empty when not started)."""
 
     database_url: str = ""
+    postgres_root: str = ""
     s3_endpoint_url: str = ""
     s3_bucket: str = ""
-    s3_access_key_id: str = ""
-    s3_secret_access_key: str = ""
 
 
 def read_local_services(settings: Settings) -> LocalServices | None:
@@ -39,7 +39,22 @@ def read_local_services(settings: Settings) -> LocalServices | None:
     path = local_services_file(settings)
     if not path.exists():
         return None
-    return LocalServices(**json.loads(path.read_text()))
+    known = {f.name for f in fields(LocalServices)}
+    # tolerate what an older version recorded
+    return LocalServices(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def _postgres_root(settings: Settings) -> Path:
+    """Return where the embedded cluster lives: under the local folder, if PostgreSQL may enter it.
+
+    As root, the server runs as the postgres user, which cannot enter a checkout under a private
+    folder such as /root: the cluster then lives in a postgres-owned folder under /var/tmp.
+    """
+    preferred = settings.local_dir / "postgres"
+    if server_user_can_reach(settings.local_dir):
+        return preferred
+    digest = hashlib.sha256(str(settings.local_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"dbmigrate-{digest}" / "postgres"
 
 
 def _ensure_database(server_url: str, name: str) -> None:
@@ -59,23 +74,21 @@ def up(settings: Settings) -> LocalServices:
     root = settings.local_dir
     root.mkdir(parents=True, exist_ok=True)
     database_url = ""
+    database_url = postgres_root = ""
     if settings.database_url is None:
-        cluster = PostgresCluster(root / "postgres")
+        cluster = PostgresCluster(_postgres_root(settings))
         cluster.init()
         cluster.start()
         _ensure_database(cluster.url("postgres"), APP_DATABASE)
-        database_url = cluster.url(APP_DATABASE)
+        database_url, postgres_root = cluster.url(APP_DATABASE), str(cluster.root)
     s3 = {}
     if not settings.s3_endpoint_url:
         server = embedded_server(root / "s3")
         server.start()
         server.create_bucket(LOCAL_BUCKET)
-        s3 = {"s3_endpoint_url": server.endpoint_url, "s3_bucket": LOCAL_BUCKET,
-              "s3_access_key_id": server.access_key, "s3_secret_access_key": server.secret_key}
-    services = LocalServices(database_url=database_url, **s3)
-    path = local_services_file(settings)
-    path.write_text(json.dumps(asdict(services), indent=2))
-    os.chmod(path, 0o600)  # it holds the local S3 key
+        s3 = {"s3_endpoint_url": server.endpoint_url, "s3_bucket": LOCAL_BUCKET}
+    services = LocalServices(database_url=database_url, postgres_root=postgres_root, **s3)
+    local_services_file(settings).write_text(json.dumps(asdict(services), indent=2))
     return services
 
 
@@ -83,7 +96,9 @@ def down(settings: Settings) -> list[str]:
     """Stop whatever `make run` started under the local folder; return what was stopped."""
     root = settings.local_dir
     stopped = []
-    cluster = PostgresCluster(root / "postgres")
+    recorded = read_local_services(settings)
+    cluster = PostgresCluster(Path(recorded.postgres_root) if recorded and recorded.postgres_root
+                              else _postgres_root(settings))
     if cluster.is_running():
         cluster.stop()
         stopped.append("postgres")

@@ -60,6 +60,18 @@ def _as_server_user(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def server_user_can_reach(path: Path) -> bool:
+    """Return True when the server's user may enter every folder down to ``path`` (always, unless root)."""
+    if os.geteuid() != 0:
+        return True
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    result = subprocess.run(["runuser", "-u", SERVER_USER, "--", "test", "-x", str(folder)],
+                            capture_output=True)
+    return result.returncode == 0
+
+
 def _hand_to_server_user(path: Path) -> None:
     if os.geteuid() == 0:
         shutil.chown(path, SERVER_USER, SERVER_USER)
@@ -105,8 +117,13 @@ class PostgresCluster:
             folder.mkdir(parents=True, exist_ok=True)
             _hand_to_server_user(folder)
         os.chmod(self.datadir, 0o700)
-        self._run([str(bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--no-locale"])
+        try:
+            self._run([str(bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                       "--auth=trust", "-E", "UTF8", "--no-locale"])
+        except subprocess.CalledProcessError as exc:
+            detail = (exc.stderr or exc.stdout or "").strip().splitlines()
+            raise ConfigError(f"initdb in {self.datadir} failed: "
+                              f"{detail[-1] if detail else exc.returncode}") from None
 
     def is_running(self) -> bool:
         """Return True when the server of this cluster is up."""

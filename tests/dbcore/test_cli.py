@@ -109,3 +109,20 @@ def test_new_writes_the_next_numbered_file(migrations_dir):
     assert result.returncode == 0
     assert Path(result.stdout.strip()).name == "005_add_user_email.py"
     assert (migrations_dir / "005_add_user_email.py").exists()
+
+
+@pytest.mark.parametrize("url", [
+    "postgres://app@127.0.0.1:1/app?password=Sup3rSecretPw",
+    "host=127.0.0.1 port=1 user=app password=Sup3rSecretPw dbname=app",
+    "postgres://app:Sup3rSecretPw@127.0.0.1:notaport/app",
+])
+def test_no_form_of_database_url_shows_its_password(url):
+    result = dbmigrate("status", env={"DATABASE_URL": url})
+    assert result.returncode in (1, 2)
+    assert result.stderr.count("\n") == 1 and "Sup3rSecretPw" not in result.stderr
+
+
+def test_a_dry_run_on_production_needs_on_live(db_url):
+    env = {"DATABASE_URL": db_url, "FLY_APP_NAME": "myapp"}
+    result = dbmigrate("apply", "--dry-run", env=env)
+    assert result.returncode == 2 and "rehearse on a copy" in result.stderr

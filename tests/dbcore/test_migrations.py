@@ -16,9 +16,11 @@ from dbcore.errors import (
     MigrationFailed,
     MigrationFileError,
     MigrationLockTimeout,
+    NonAtomicFailed,
     NothingToRollback,
     PlanOutdated,
     TableLockTimeout,
+    TransactionBroken,
 )
 from dbcore.history import read_audit
 from dbcore.migrations import new_migration, status
@@ -287,3 +289,80 @@ def test_a_plan_made_before_another_run_changed_history_is_refused(target, cfg):
     path.write_text(path.read_text() + "\n")
     with pytest.raises(PlanOutdated):
         apply_plan(plan, target, cfg)
+
+
+def test_the_guide_three_steps_do_not_rewrite_the_table(target, cfg):
+    report = apply_pending(target, cfg)
+    sql = report.results[3].sql
+    assert sql[0] == """ALTER TABLE "sourcedir" ADD COLUMN "language" VARCHAR(2) DEFAULT 'el'"""
+    assert not any(s.startswith("UPDATE") and "WHERE" not in s for s in sql)
+
+
+def test_a_failing_first_apply_leaves_no_trace(target, cfg, db_url):
+    before = schema_dump(db_url)
+    write(cfg.migrations_dir, "005_fails.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("SELECT 1/0")
+
+        def rollback(migrator, database, *, fake=False):
+            pass
+        """)
+    with pytest.raises(MigrationFailed, match="division by zero"):
+        apply_pending(target, cfg)
+    assert schema_dump(db_url) == before  # not even migratehistory / migration_audit
+
+
+def test_a_rollback_failing_in_the_middle_changes_nothing(target, cfg, db_url):
+    apply_pending(target, cfg)
+    before = schema_dump(db_url)
+    path = cfg.migrations_dir / "003_add_project_slug.py"
+    path.write_text(path.read_text().replace(
+        "migrator.sql('DROP INDEX IF EXISTS \"project_slug\"')", "migrator.sql('SELECT 1/0')"))
+    with pytest.raises(MigrationFailed, match="rollback of 003_add_project_slug failed"):
+        rollback_last(target, cfg, count=3)  # 004 was undone first, then 003 failed
+    assert schema_dump(db_url) == before
+    assert len(applied_names(db_url)) == 4
+
+
+def test_a_migration_that_commits_is_caught_and_named(target, cfg, db_url):
+    write(cfg.migrations_dir, "005_commits.py", """\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("COMMIT")
+
+        def rollback(migrator, database, *, fake=False):
+            pass
+        """)
+    with pytest.raises(TransactionBroken) as info:
+        apply_pending(target, cfg)
+    assert "005_commits.py ended the batch transaction" in str(info.value)
+    assert "NOT as before" in str(info.value)
+    assert info.value.committed[-1] == "005_commits"
+
+
+def test_a_failed_concurrent_index_is_reported_with_its_invalid_index(target, cfg, db_url):
+    apply_pending(target, cfg)
+    query(db_url, "INSERT INTO project (name, created_at, updated_at) VALUES ('a', now(), now()), "
+                  "('b', now(), now())")
+    write(cfg.migrations_dir, "005_unique_concurrently.py", """\
+        atomic = False
+
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("CREATE UNIQUE INDEX CONCURRENTLY project_created ON project (created_at)")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("DROP INDEX CONCURRENTLY IF EXISTS project_created")
+        """)
+    query(db_url, "UPDATE project SET created_at = '2026-01-01'")  # duplicates: the build fails
+    with pytest.raises(NonAtomicFailed) as info:
+        apply_pending(target, cfg)
+    message = str(info.value)
+    assert "INVALID index(es) project_created" in message and "DROP INDEX CONCURRENTLY" in message
+    assert not info.value.retryable
+    assert "005_unique_concurrently" not in applied_names(db_url)
+
+
+def test_status_still_works_when_a_file_is_broken(target, cfg):
+    write(cfg.migrations_dir, "005_broken.py", "def migrate(:\n")
+    rows = status_of(target, cfg)
+    assert "syntax error at line 1" in rows["005_broken"].error
+    assert rows["004_fix_sourcedir_language"].error is None

@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
-## Start (or reuse) the embedded PostgreSQL + S3 under .local/ and apply pending migrations.
+# Prefect keeps its state beside the embedded services unless told otherwise.
+export PREFECT_HOME ?= $(CURDIR)/.local/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+## Start (or reuse) the embedded PostgreSQL + S3 under .local/, then the `migrate` flow:
+## plan, lint, backup, rehearsal on a copy, apply, post-checks.
 run: setup
 	$(BIN)/python -m dbcore.services up
-	$(BIN)/dbmigrate apply
+	$(BIN)/python flows/migrate.py --env local
 
 ## Stop what `make run` left running.
 stop:

@@ -31,13 +31,29 @@ class Context:
         self.args = args
         self.settings = settings
         self._target: Target | None = None
+        self._tunnel = None
 
     @property
     def target(self) -> Target:
-        """The database to act on (resolved lazily: `new` and `lint` need none)."""
+        """The database to act on (resolved lazily: `new` and `lint` need none).
+
+        In the proxy environment the tunnel is opened here and closed by :meth:`close`.
+        """
         if self._target is None:
-            self._target = resolve_target(self.settings, self.args.env, self.args.database_url)
+            target = resolve_target(self.settings, self.args.env, self.args.database_url)
+            if target.env is Env.PROXY:
+                from dbcore.proxy import open_tunnel
+
+                self._tunnel = open_tunnel(self.settings)
+                target = self._tunnel.target_for(target)
+            self._target = target
         return self._target
+
+    def close(self) -> None:
+        """Close the tunnel, if one was opened."""
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
 
 
 Handler = Callable[[Context], int]
@@ -94,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"migrations_dir": args.migrations_dir} if args.migrations_dir else {}
         settings = Settings(**overrides)
-        return args.handler(Context(args, settings))
+        ctx = Context(args, settings)
+        try:
+            return args.handler(ctx)
+        finally:
+            ctx.close()
     except ValidationError as exc:
         print(f"dbmigrate: error: {describe_invalid(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,6 +18,8 @@ from typing import Literal, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# dbcore's own log lines (backup, apply) shown in the run's logs; read when Prefect is imported
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dbcore")
 
 from prefect import flow, get_run_logger, pause_flow_run
 from prefect.artifacts import create_markdown_artifact
@@ -25,11 +27,12 @@ from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.states import Completed, Failed
+from pydantic import ValidationError
 
 from dbcore.checks import load_models
 from dbcore.connection import Env, resolve_target
 from dbcore.errors import DbcoreError, MigrationFailed
-from dbcore.settings import Settings
+from dbcore.settings import Settings, describe_invalid
 from flows import tasks
 from flows.approval import approval_form
 from flows.rollback import rollback_after_failed_apply
@@ -38,12 +41,10 @@ EnvName = Literal["local", "proxy", "production"]
 
 
 def _tunnel(settings: Settings, env: Env):
-    """Open the tunnel for the proxy environment; a no-op context elsewhere."""
+    """Open the tunnel for the proxy environment (closed on leaving); a no-op context elsewhere."""
     if env is not Env.PROXY:
         return contextlib.nullcontext()
-    from dbcore.proxy import open_tunnel
-
-    return open_tunnel(settings)
+    return tasks.open_tunnel(settings)
 
 
 @flow(name="migrate", log_prints=False, validate_parameters=True)
@@ -60,9 +61,11 @@ def migrate(
     logger = get_run_logger()
     run_id = str(get_run_context().flow_run.id)
     overrides = {"migrations_dir": Path(migrations_dir)} if migrations_dir else {}
-    settings = Settings(**overrides)
     try:
+        settings = Settings(**overrides)
         target = resolve_target(settings, env)
+    except ValidationError as exc:
+        return Failed(message=f"failed at configuration, nothing changed: {describe_invalid(exc)}")
     except DbcoreError as exc:
         return Failed(message=f"failed at configuration, nothing changed: {exc}")
     approval_needed = require_approval if require_approval is not None else target.env is not Env.LOCAL
@@ -169,7 +172,6 @@ def main(argv: Optional[list] = None) -> int:
                         help="allow migrations that drop tables")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dbcore")
     state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
                     backup=args.backup, allow_destructive=args.allow_destructive,
                     migrations_dir=args.migrations_dir, return_state=True)

@@ -33,6 +33,17 @@ def _retry_if_retryable(task, task_run, state) -> bool:
     return False
 
 
+@task(name="open-tunnel", retries=2, retry_delay_seconds=[3, 10],
+      retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
+def open_tunnel(settings: Settings):
+    """Start the proxy tunnel and return it once it accepts connections (retried: it changes nothing)."""
+    from dbcore.proxy import open_tunnel as start
+
+    tunnel = start(settings)
+    get_run_logger().info("tunnel %s listening on 127.0.0.1:%s", tunnel.program, tunnel.local_port)
+    return tunnel
+
+
 @task(name="check-connection", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
 def check_connection(target: Target) -> str:
     """Connect once and return the server version."""

@@ -196,3 +196,31 @@ def test_an_unanswered_approval_times_out_as_rejected(flow_env, db_url):
     assert state.is_failed()
     assert state.message.startswith("rejected (no answer within 3s)")
     assert applied(db_url) == []
+
+
+def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, monkeypatch,
+                                                             pg_server_url):
+    import shlex
+    import sys
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    server = urlsplit(pg_server_url)
+    forwarder = Path(__file__).resolve().parent.parent / "tcp_forwarder.py"
+    monkeypatch.setenv("USE_FLY_POSTGRES_FROM_LOCAL_PROXY", "1")
+    monkeypatch.setenv("MIGRATE_PROXY_COMMAND", f"{shlex.quote(sys.executable)} "
+                       f"{shlex.quote(str(forwarder))} {{local_port}} {server.hostname} {server.port}")
+    monkeypatch.setenv("MIGRATE_PROXY_LOCAL_PORT", "0")
+    # As Fly names it: only the tunnel's local end can reach it.
+    monkeypatch.setenv("DATABASE_URL", f"postgres://postgres:pw@my-db.flycast:5432{urlsplit(db_url).path}")
+    before = schema_dump(db_url)
+    state = migrate(env="proxy", dry_run=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message.startswith("dry run: would apply 4")
+    assert schema_dump(db_url) == before
+    backup = list_backups(flow_env)[0]
+    assert backup.env == "proxy"
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", str(forwarder)], capture_output=True, text=True).stdout
+    assert left.strip() == ""  # the tunnel was closed

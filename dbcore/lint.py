@@ -37,6 +37,16 @@ MODEL_METHODS = {
 CREATES = {"create_model", "create_table"}
 DROPS = {"remove_model", "drop_table"}
 ADDS = {"add_fields", "add_columns", "add_column"}
+# database methods that end or open a transaction of their own
+_TRANSACTION_CALLS = {"commit", "rollback", "begin", "transaction", "atomic", "manual_commit",
+                      "session_start", "session_commit", "session_rollback"}
+
+
+def _called_on_database(func: ast.Attribute) -> bool:
+    """True for ``database.x()`` / ``db.x()``: the migration's database argument, by its usual names."""
+    return isinstance(func.value, ast.Name) and func.value.id in {"database", "db"}
+
+
 # a `%` psycopg2 does not read as a placeholder or as an escaped percent sign
 _STRAY_PERCENT = re.compile(r"%(?!%|s|\([^)]*\)s)")
 
@@ -256,6 +266,11 @@ class _ModuleLint:
             elif attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
+            elif attr in _TRANSACTION_CALLS and _called_on_database(node.func):
+                self.add("DM010", node.lineno,
+                         f"database.{attr}() in a migration ends or splits the batch transaction, "
+                         "so a later failure can no longer undo what ran before: remove it (the "
+                         "runner already wraps every migration in one transaction)")
 
     def _scope(self, fn: ast.FunctionDef) -> _Scope:
         classes, values, names = self.module_scope

@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DM007", "error", "migration file name or number out of sequence"),
     Rule("DM008", "warning", "model class not defined in the migration"),
     Rule("DM009", "error", "migrator.sql placeholders that psycopg2 cannot fill"),
+    Rule("DM010", "error", "a migration that commits or opens its own transaction"),
     Rule("DS100", "error", "SQL that PostgreSQL cannot parse"),
     Rule("DS101", "warning", "index built without CONCURRENTLY on an existing table"),
     Rule("DS102", "warning", "foreign key or check constraint added without NOT VALID"),
@@ -42,6 +43,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DS104", "warning", "SET NOT NULL without a validated CHECK first"),
     Rule("DS105", "warning", "table or column renamed"),
     Rule("DS106", "error", "CONCURRENTLY inside the migration transaction"),
+    Rule("DS107", "error", "transaction control (BEGIN, COMMIT, ROLLBACK) in migration SQL"),
 )}
 
 

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"%(%|s|\([^)]*\)s)")
 
 RECIPES = {
-    "DS101": "build it with CREATE INDEX CONCURRENTLY IF NOT EXISTS in a migration of its own "
-             "that declares atomic = False (docs/migrations.md); a small table may accept the "
-             "short lock",
+    "DS101": "build it in a migration of its own that declares atomic = False, as DROP INDEX "
+             "CONCURRENTLY IF EXISTS then CREATE INDEX CONCURRENTLY (docs/migrations.md); a small "
+             "table may accept the short lock",
     "DS102": "add it with NOT VALID, then run ALTER TABLE ... VALIDATE CONSTRAINT in a later migration",
     "DS103": "add a new column, backfill it in batches, switch the code to it, then drop the old "
              "one (widening varchar(n) or varchar to text does not rewrite)",
@@ -38,7 +38,8 @@ RECIPES = {
 
 #: how a migration leaves the batch transaction (dbcore.runner runs it alone, in autocommit)
 NON_ATOMIC_FIX = ("move it to a migration of its own that declares atomic = False at the top "
-                  "(keep it to one idempotent statement, IF NOT EXISTS / IF EXISTS)")
+                  "(DROP INDEX CONCURRENTLY IF EXISTS first, so that a rerun after a failure "
+                  "rebuilds an INVALID index)")
 
 
 def for_parser(sql: str) -> str:
@@ -126,7 +127,11 @@ def lint_sql(
 
 def _check(node: ast.Node, batch: _Batch, droppable: set[str], allow_destructive: bool):
     """Yield (rule, message, severity or None) for one statement, and record what it did."""
-    if isinstance(node, ast.CreateStmt):
+    if isinstance(node, ast.TransactionStmt):
+        yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
+                        "later failure can no longer undo what ran before: remove it (every "
+                        "migration already runs in the runner's transaction)"), None
+    elif isinstance(node, ast.CreateStmt):
         batch.created.add(node.relation.relname)
     elif isinstance(node, ast.IndexStmt):
         yield from _check_index(node, batch)

@@ -69,7 +69,7 @@ def cmd_status(ctx: Context) -> int:
         return 0
     print(f"{ctx.target.masked_url} ({ctx.target.env})")
     for r in rows:
-        when = r.applied_at.strftime("%Y-%m-%d %H:%M:%S") if r.applied_at else ""
+        when = r.applied_at.strftime("%Y-%m-%d %H:%M:%S UTC") if r.applied_at else ""
         state = "applied" if r.applied else "pending"
         flag = ""
         if r.error:
@@ -78,7 +78,7 @@ def cmd_status(ctx: Context) -> int:
             flag = "  FILE MISSING"
         elif r.changed:
             flag = "  CHANGED since applied"
-        print(f"  {state:8} {when:19}  {r.name}{flag}")
+        print(f"  {state:8} {when:23}  {r.name}{flag}")
     pending = sum(not r.applied for r in rows)
     print(f"{pending} pending" if pending else "up to date")
     return 0

@@ -68,7 +68,13 @@ def read_applied(db: peewee.Database) -> list[AppliedMigration]:
             FROM {HISTORY_TABLE} h ORDER BY h.id"""
     else:
         sql = f"SELECT name, migrated_at, NULL FROM {HISTORY_TABLE} ORDER BY id"
-    return [AppliedMigration(*row) for row in db.execute_sql(sql).fetchall()]
+    # peewee-migrate writes migrated_at as a naive UTC time: say so
+    return [AppliedMigration(name, _as_utc(at), checksum)
+            for name, at, checksum in db.execute_sql(sql).fetchall()]
+
+
+def _as_utc(moment: datetime.datetime) -> datetime.datetime:
+    return moment.replace(tzinfo=datetime.timezone.utc) if moment.tzinfo is None else moment
 
 
 def ensure_audit_table(db: peewee.Database) -> None:

@@ -54,7 +54,8 @@ class SeaweedServer:
     pid: int | None = None
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root)
+        # absolute: the pid file and the command line must mean the same folder from any cwd
+        self.root = Path(self.root).absolute()
         self._load_state()
 
     # -- paths
@@ -100,11 +101,14 @@ class SeaweedServer:
         if not self.pid:
             return False
         try:
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+            args = Path(f"/proc/{self.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = Path(os.readlink(f"/proc/{self.pid}/cwd"))
         except OSError:
             return False
-        # a recycled pid belongs to some other program: only ours names our data folder
-        return b"weed" in cmdline and str(self.datadir).encode() in cmdline
+        # a recycled pid belongs to some other program: only ours serves our data folder
+        dirs = [cwd / a.removeprefix("-dir=") for a in args if a.startswith("-dir=")]
+        return (bool(args) and Path(args[0]).name == "weed"
+                and any(d.resolve() == self.datadir.resolve() for d in dirs))
 
     def _s3_answers(self) -> bool:
         try:

@@ -8,7 +8,9 @@ import sys
 
 from dbcore.cli import Context
 from dbcore.connection import Env, connect
+from dbcore.deploy_plan import DeployPlan
 from dbcore.errors import ConfigError
+from dbcore.lint import lint_pending
 from dbcore.migrations import new_migration, status
 from dbcore.runner import (
     Plan,
@@ -105,16 +107,18 @@ def cmd_plan(ctx: Context) -> int:
     if ctx.args.sql:
         _refuse_live_dry_run(ctx)
     plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
+    deploy = DeployPlan(str(ctx.target.env), plan,
+                        lint_pending(ctx.settings.migrations_dir, [m.path for m in plan.migrations]))
     if ctx.args.json and not ctx.args.sql:
-        print(json.dumps(plan.to_dict(), indent=2))
-        return 0
+        print(json.dumps(deploy.to_dict(), indent=2, default=str))
+        return 0 if deploy.lint.ok else 1
     if not ctx.args.json:
-        print(_render_plan(plan))
+        print(_render_plan(plan) if plan.empty else deploy.text())
     if ctx.args.sql and not plan.empty:
         report = apply_plan(plan, ctx.target, ctx.settings, dry_run=True,
                             progress=_print_progress)
         _emit(report, ctx.args.json, show_sql=True)
-    return 0
+    return 0 if deploy.lint.ok else 1
 
 
 def cmd_apply(ctx: Context) -> int:
@@ -125,7 +129,7 @@ def cmd_apply(ctx: Context) -> int:
     if not ctx.args.json:
         print(_render_plan(plan), file=sys.stderr)
     report = apply_plan(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
-                        actor=ctx.args.actor, progress=None if ctx.args.json else _print_progress)
+                        actor=ctx.args.actor, run_id=ctx.args.run_id, progress=None if ctx.args.json else _print_progress)
     _emit(report, ctx.args.json, show_sql=ctx.args.dry_run and not ctx.args.json)
     return 0
 
@@ -138,6 +142,7 @@ def cmd_rollback(ctx: Context) -> int:
     if not ctx.args.json:
         print(_render_plan(plan), file=sys.stderr)
     report = rollback_plan(plan, ctx.target, ctx.settings, actor=ctx.args.actor,
+                           run_id=ctx.args.run_id,
                            dry_run=ctx.args.dry_run,
                            progress=None if ctx.args.json else _print_progress)
     _emit(report, ctx.args.json)
@@ -185,4 +190,5 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p.add_argument("--on-live", action="store_true",
                        help="allow --dry-run outside local")
         p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+        p.add_argument("--run-id", help="an id to record in migration_audit (a CI job, a ticket)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -66,6 +66,18 @@ def lint_paths(paths: Iterable[Path], *, allow_destructive: bool = False) -> Lin
     return LintReport.of(findings, [str(p) for p in files])
 
 
+def lint_pending(migrations_dir: Path, pending: Iterable[Path], *,
+                 allow_destructive: bool = False) -> LintReport:
+    """Return the lint of the migrations about to run (and the folder's names and numbering).
+
+    Findings on migrations applied long ago are history, not something to stop a deploy for.
+    """
+    pending = [Path(p) for p in pending]
+    report = lint_paths([Path(migrations_dir)], allow_destructive=allow_destructive)
+    relevant = [f for f in report.findings if Path(f.file) in pending or f.rule == "DM007"]
+    return LintReport.of(relevant, [str(p) for p in pending])
+
+
 def lint_file(path: Path, *, allow_destructive: bool = False) -> list[Finding]:
     """Return the findings of one migration file (its name and its content)."""
     path = Path(path)

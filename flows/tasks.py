@@ -8,7 +8,6 @@ Nothing is cached: every run must look at the database as it is now.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -59,12 +58,8 @@ def make_plan(target: Target, settings: Settings, allow_destructive: bool
               ) -> tuple[runner.Plan, LintReport]:
     """Return the pending migrations and the lint report over the ones that will run."""
     plan = runner.plan_apply(target, settings)
-    pending = [m.path for m in plan.migrations]
-    report = lint.lint_paths([Path(settings.migrations_dir)], allow_destructive=allow_destructive)
-    # Findings on migrations applied long ago are history: only what will run, and the names.
-    relevant = [f for f in report.findings
-                if Path(f.file) in pending or f.rule == "DM007"]
-    return plan, LintReport.of(relevant, [str(p) for p in pending])
+    return plan, lint.lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
+                                   allow_destructive=allow_destructive)
 
 
 class _ProgressArtifact:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,10 +16,10 @@ import psycopg2
 import pytest
 
 from dbcore.connection import Env, Target
-from dbcore.services.postgres import PostgresCluster, find_pg_bindir
+from dbcore.services.postgres import PostgresCluster
 from dbcore.settings import Settings
 
-from helpers import REPO, SAMPLE_MIGRATIONS, query, schema_dump  # noqa: F401 - re-exported
+from helpers import SAMPLE_MIGRATIONS
 
 # Tests never read the developer's own configuration.
 for _var in ("DATABASE_URL", "FLY_APP_NAME", "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"):

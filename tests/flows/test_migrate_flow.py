@@ -6,7 +6,6 @@ import textwrap
 import threading
 import time
 
-import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -14,7 +13,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
 from helpers import query, schema_dump
-from dbcore.backup import list_backups, restore_backup
+from dbcore.backup import list_backups
 from dbcore.connection import Env, Target
 from dbcore.recovery import schema_snapshot
 from dbcore.runner import apply_pending

@@ -137,6 +137,8 @@ def migrate(
                 applied = plan.names
                 problem = f"post-checks: {exc}"
             if problem is None:
+                if not applied:  # another run applied them while this one waited
+                    return Completed(message=report.note or "up to date")
                 return Completed(message=f"applied {len(applied)}: {', '.join(applied)}")
             stage = "rollback"
             how = rollback_after_failed_apply(

@@ -1,0 +1,185 @@
+"""End-to-end fixtures: a real `prefect server start` for the session, and the process that runs
+the `migrate-production` deployment (flow.serve, or a process worker) per test.
+
+Every process is started in its own session and stopped by pid with all its descendants, even
+when a test fails: the flow runs of a worker or a runner live in sessions of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+from dbcore.services.postgres import free_port
+from helpers import REPO
+
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT = 90.0
+READY_TIMEOUT = 60.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the pids of every live descendant of ``pid`` (children first)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        for kill in (os.killpg, os.kill):  # the process's own group or session too
+            try:
+                kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class Service:
+    """A process started in its own session with its output in a log file; ``stop()`` ends its tree."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path,
+                 cwd: Path = REPO):
+        self.log = log_dir / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        """Return what the process printed so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = READY_TIMEOUT) -> None:
+        """Return once ``text`` was printed; raise AssertionError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.log.stem} never printed {text!r}:\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process and every descendant, SIGKILL what is left after ``grace`` seconds."""
+        tree = [self.pid, *descendants(self.pid)]
+        _signal(tree, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal([self.pid, *descendants(self.pid), *tree], signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """A running Prefect server: its API URL and the environment that points a process at it."""
+
+    api_url: str
+    env: dict[str, str]
+
+    def api(self) -> httpx.Client:
+        """Return a REST client of the server's API."""
+        return httpx.Client(base_url=self.api_url, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` on 127.0.0.1 (own PREFECT_HOME) for the whole session."""
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    server_env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "false",
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    server_env.pop("PREFECT_API_URL", None)
+    server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
+                                        "127.0.0.1", "--port", str(port)], server_env, root)
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"prefect server did not start:\n{server.output()[-3000:]}")
+            time.sleep(0.3)
+        client_env = {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(root / "client-home"),
+                      # pick a triggered run up within a second, not the default ten
+                      "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        yield PrefectServer(api_url, client_env)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def production_env(prefect_server, db_url, s3_settings) -> dict[str, str]:
+    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect."""
+    return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
+            "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
+            "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
+
+
+@pytest.fixture
+def start_service(tmp_path) -> Iterator[Callable[..., Service]]:
+    """Factory: start a Service (logs under tmp_path); every one is stopped after the test."""
+    started: list[Service] = []
+
+    def start(name: str, cmd: list[str], env: dict[str, str]) -> Service:
+        service = Service(name, cmd, env, tmp_path)
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
+        service.stop()
+
+
+@pytest.fixture
+def served(start_service, production_env) -> Service:
+    """`python deployments/serve.py` running with the production environment, ready for runs."""
+    service = start_service("serve", [sys.executable, str(REPO / "deployments" / "serve.py")],
+                            production_env)
+    service.wait_for_output("is being served")
+    return service
+
+
+@pytest.fixture
+def worker(start_service, production_env, prefect_server) -> Service:
+    """deployments/prefect.yaml deployed with `prefect deploy`, and a process worker of its pool."""
+    prefect = str(BIN / "prefect")
+    env = {**os.environ, **prefect_server.env}
+    subprocess.run([prefect, "work-pool", "create", "migrations", "--type", "process",
+                    "--overwrite"], env=env, cwd=REPO, check=True, capture_output=True, timeout=60)
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--prefect-file",
+                               "deployments/prefect.yaml", "--name", "migrate-production"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    service = start_service("worker", [prefect, "worker", "start", "--pool", "migrations"],
+                            production_env)
+    service.wait_for_output("started!")
+    return service

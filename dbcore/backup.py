@@ -159,6 +159,17 @@ def last_applied_migration(conn) -> str:
     return row[0] if row else "none"
 
 
+def database_size(target: Target) -> int:
+    """Return the database's size on disk in bytes (what a backup's progress is measured against)."""
+    conn = connect_raw(target, "dbmigrate-backup")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_database_size(current_database())")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def backup_to_s3(
     target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None
 ) -> BackupInfo:

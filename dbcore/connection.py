@@ -237,3 +237,12 @@ def connect_raw(target: Target, application_name: str = "dbmigrate"):
         raise _unavailable(target, exc) from None
     conn.autocommit = True
     return conn
+
+
+def server_version(target: Target) -> str:
+    """Connect once and return the server's version; raise DatabaseUnavailable."""
+    db = connect(target)
+    try:
+        return db.execute_sql("SHOW server_version").fetchone()[0]
+    finally:
+        db.close()

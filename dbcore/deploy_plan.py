@@ -24,6 +24,13 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _statement(captured: str) -> str:
+    """Return a captured statement for the artifact: parameter values are counted, not shown."""
+    sql, _, params = captured.partition(" -- params: ")
+    note = " -- with parameters (values not shown)" if params else ""
+    return sql.rstrip(";") + ";" + note
+
+
 @dataclass(frozen=True)
 class DeployPlan:
     """What will happen to a database if the run is approved."""
@@ -93,7 +100,7 @@ class DeployPlan:
                 out += [r.checks.to_markdown(), ""]
             for result in r.results:
                 out += [f"<details><summary>SQL of {result.name}</summary>", "", "```sql"]
-                out += [s.rstrip(";") + ";" for s in result.sql] or ["-- no statements"]
+                out += [_statement(s) for s in result.sql] or ["-- no statements"]
                 out += ["```", "</details>", ""]
         else:
             out += ["### Rehearsal", "", "Not rehearsed on a copy.", ""]

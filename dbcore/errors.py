@@ -64,6 +64,14 @@ class NothingToRollback(DbcoreError):
     """Rollback was asked for more migrations than are applied."""
 
 
+class RehearsalFailed(DbcoreError):
+    """The plan failed on the scratch copy: the live database was not touched."""
+
+
+class RollbackFailed(DbcoreError):
+    """Neither the rollback functions nor the backup brought the database back."""
+
+
 class BackupFailed(DbcoreError):
     """A backup could not be taken or stored; no partial object was left."""
 

@@ -44,6 +44,8 @@ def _describe_holder(conn, key: int) -> str:
     holder = (f"pid {pid} (application {app!r}, user {user!r} from {client}, "
               f"connected since {since:%Y-%m-%d %H:%M:%S %Z})")
     # The lock has a session of its own; the work runs in a second one, named alike.
+    if not app.startswith("dbmigrate lock: "):
+        return holder
     with conn.cursor() as cur:
         cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
                     (app.replace("dbmigrate lock: ", "dbmigrate ", 1),))

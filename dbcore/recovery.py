@@ -14,12 +14,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2 import sql
 
 from dbcore.backup import Progress, restore_backup
 from dbcore.connection import Target, connect_raw, redact
 from dbcore.errors import DbcoreError, RestoreFailed
 from dbcore.pgtools import find_pg_tool, libpq_args, server_major
+from dbcore.rehearsal import derived_name
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,27 @@ class SchemaSnapshotFailed(DbcoreError):
     """pg_dump --schema-only could not read the database."""
 
 
+_INVALID_INDEXES = """
+SELECT n.nspname || '.' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid ORDER BY 1
+"""
+
+
 def schema_snapshot(target: Target) -> str:
-    """Return the database's schema as pg_dump writes it, without lines that differ run to run."""
+    """Return the database's schema as pg_dump writes it, without lines that differ run to run.
+
+    pg_dump leaves INVALID indexes out (a failed CREATE INDEX CONCURRENTLY): they are listed
+    at the end, so that a comparison sees them.
+    """
     conn = connect_raw(target, "dbmigrate-snapshot")
     try:
         major = server_major(conn)
+        with conn.cursor() as cur:
+            cur.execute(_INVALID_INDEXES)
+            invalid = [f"INVALID INDEX {row[0]}" for row in cur.fetchall()]
+    except psycopg2.Error as exc:
+        raise SchemaSnapshotFailed(f"cannot read the schema of {target.dbname}: "
+                                   f"{redact(str(exc).strip(), target.password)}") from None
     finally:
         conn.close()
     pg_dump = find_pg_tool("pg_dump", major)
@@ -48,8 +66,8 @@ def schema_snapshot(target: Target) -> str:
         raise SchemaSnapshotFailed(f"pg_dump --schema-only of {target.dbname} failed: {detail}")
     # \restrict lines carry a random key; comments and blank lines carry nothing
     return "\n".join(
-        line for line in result.stdout.splitlines()
-        if line.strip() and not line.startswith(("\\restrict", "\\unrestrict", "--"))
+        [line for line in result.stdout.splitlines()
+         if line.strip() and not line.startswith(("\\restrict", "\\unrestrict", "--"))] + invalid
     )
 
 
@@ -79,31 +97,25 @@ def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: st
     """Replace ``target``'s database by the backup ``key``; the old one is kept renamed.
 
     Raises BackupCorrupt/RestoreFailed before the live database is touched when the backup is bad.
+    Writes made after the backup was taken stay only in the kept database.
     """
     started = time.monotonic()
-    suffix = run_id[:8]
-    fresh = target.with_dbname(f"{target.dbname[:40]}_restored_{suffix}")
-    kept = f"{target.dbname[:42]}_failed_{suffix}"
+    suffix = run_id.replace("-", "")[:8]
+    fresh = target.with_dbname(derived_name(target.dbname, f"_restored_{suffix}"))
+    kept = derived_name(target.dbname, f"_failed_{suffix}")
     # Everything that can fail slowly happens on the new database: the live one is untouched.
     restore_backup(key, fresh, settings, allow_production=True, progress=progress)
     admin = connect_raw(target.with_dbname("postgres"), "dbmigrate-restore")
-    live, old, new = (sql.Identifier(n) for n in (target.dbname, kept, fresh.dbname))
     try:
         with admin.cursor() as cur:
-            # Refuse new sessions, end the current ones, then swap: the app sees a short outage.
-            cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live))
-            try:
-                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = %s AND pid <> pg_backend_pid()", (target.dbname,))
-                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live, old))
-                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(new, live))
-            finally:
-                name = old if _exists(cur, kept) else live
-                cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
-    except Exception as exc:
+            _copy_database_properties(cur, target.dbname, fresh.dbname)
+            _swap(cur, target.dbname, fresh.dbname, kept)
+    except psycopg2.Error as exc:
         raise RestoreFailed(
             f"restored {key} into {fresh.dbname} but could not swap it in for {target.dbname}: "
-            f"{redact(str(exc).strip(), target.password)}: rename the databases by hand"
+            f"{redact(str(exc).strip(), target.password)}: check that {target.dbname} exists and "
+            f"accepts connections (ALTER DATABASE ... ALLOW_CONNECTIONS true), then rename "
+            f"{fresh.dbname} to it by hand"
         ) from None
     finally:
         admin.close()
@@ -111,6 +123,52 @@ def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: st
     return InPlaceRestore(key, target.dbname, kept, round(time.monotonic() - started, 3))
 
 
-def _exists(cur, dbname: str) -> bool:
-    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
-    return cur.fetchone() is not None
+def _copy_database_properties(cur, source: str, dest: str) -> None:
+    """Give ``dest`` the owner, per-database settings and privileges of ``source``.
+
+    pg_restore without --create restores what is inside a database, not the database itself.
+    """
+    ident = sql.Identifier(dest)
+    cur.execute("SELECT oid, pg_get_userbyid(datdba), datacl IS NULL FROM pg_database "
+                "WHERE datname = %s", (source,))
+    oid, owner, default_acl = cur.fetchone()
+    cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(owner)))
+    cur.execute("SELECT coalesce(pg_get_userbyid(NULLIF(setrole, 0)), ''), unnest(setconfig) "
+                "FROM pg_db_role_setting WHERE setdatabase = %s", (oid,))
+    for role, setting in cur.fetchall():
+        name, _, value = setting.partition("=")
+        if role:
+            statement = sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
+                sql.Identifier(role), ident, sql.Identifier(name), sql.Literal(value))
+        else:
+            statement = sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                ident, sql.Identifier(name), sql.Literal(value))
+        cur.execute(statement)
+    if default_acl:
+        return
+    cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+    cur.execute("SELECT coalesce(pg_get_userbyid(NULLIF(a.grantee, 0)), ''), a.privilege_type "
+                "FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (source,))
+    for grantee, privilege in cur.fetchall():
+        to = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+        cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}").format(sql.SQL(privilege), ident, to))
+
+
+def _swap(cur, live: str, fresh: str, kept: str) -> None:
+    """Rename ``live`` to ``kept`` and ``fresh`` to ``live``; on failure, put ``live`` back."""
+    live_id, fresh_id, kept_id = (sql.Identifier(n) for n in (live, fresh, kept))
+    # Refuse new sessions, end the current ones, then swap: the app sees a short outage.
+    cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live_id))
+    renamed = False
+    try:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
+        cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live_id, kept_id))
+        renamed = True
+        cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(fresh_id, live_id))
+    except psycopg2.Error:
+        if renamed:  # the live name is free: give it back to the database that had it
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(kept_id, live_id))
+        cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(live_id))
+        raise
+    cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(kept_id))

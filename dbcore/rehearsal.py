@@ -13,23 +13,20 @@ import uuid
 from dataclasses import dataclass, field
 
 import peewee
+import psycopg2
 from psycopg2 import sql
 
 from dbcore.backup import Progress as BytesProgress
 from dbcore.backup import restore_backup
 from dbcore.checks import CheckReport, run_post_checks
-from dbcore.connection import Target, connect_raw
-from dbcore.errors import DbcoreError
+from dbcore.connection import Target, connect_raw, redact
+from dbcore.errors import DbcoreError, RehearsalFailed
 from dbcore.lint_report import Finding
 from dbcore.lint_sql import lint_sql
 from dbcore.runner import MigrationResult, Plan, Progress, apply_plan
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class RehearsalFailed(DbcoreError):
-    """The plan failed on the scratch copy: the live database was not touched."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,9 @@ class RehearsalReport:
 
     @property
     def ok(self) -> bool:
-        return self.checks is None or self.checks.ok
+        """True when the copy passed its post-checks and its SQL has no lint error."""
+        sql_errors = any(f.severity == "error" for f in self.sql_findings)
+        return (self.checks is None or self.checks.ok) and not sql_errors
 
     @property
     def apply_seconds(self) -> float:
@@ -62,32 +61,44 @@ class RehearsalReport:
         }
 
 
+def derived_name(dbname: str, suffix: str) -> str:
+    """Return ``dbname`` cut to fit ``suffix`` within PostgreSQL's 63 bytes (never mid-character)."""
+    room = 63 - len(suffix.encode())
+    head = dbname.encode()[:room].decode(errors="ignore")
+    return head + suffix
+
+
 def scratch_name(dbname: str, run_id: str | None = None) -> str:
     """Return a scratch database name derived from ``dbname`` (at most 63 bytes)."""
-    suffix = f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}"
-    return dbname[: 63 - len(suffix)] + suffix
+    return derived_name(dbname, f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}")
 
 
 def drop_database(server: Target, dbname: str) -> None:
-    """Drop ``dbname`` on ``server``'s cluster, ending its sessions."""
+    """Drop ``dbname`` on ``server``'s cluster, ending its sessions; raise RehearsalFailed."""
+    if dbname == server.dbname:
+        raise RehearsalFailed(f"refusing to drop {dbname}: it is the live database")
     conn = connect_raw(server.with_dbname("postgres"), "dbmigrate-rehearsal")
     try:
         with conn.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(dbname)))
+    except psycopg2.Error as exc:
+        raise RehearsalFailed(f"could not drop the scratch database {dbname}: "
+                              f"{redact(str(exc).strip(), server.password)}: drop it by hand") from None
     finally:
         conn.close()
 
 
-def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None
-                      ) -> list[Finding]:
+def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
+                      allow_destructive: bool = False) -> list[Finding]:
     """Return the SQL lint findings on what each migration really sent."""
     findings: list[Finding] = []
     created: list[str] = []
     for r in results:
         statements = [s.split(" -- params: ")[0] for s in r.sql]
         findings += lint_sql(statements, existing_tables=existing_tables, new_tables=created,
-                             in_transaction=r.atomic, source=f"{r.name}.py (rehearsal)")
+                             in_transaction=r.atomic, allow_destructive=allow_destructive,
+                             source=f"{r.name}.py (rehearsal)")
         created += [s.split('"')[1] for s in statements
                     if s.upper().startswith("CREATE TABLE") and '"' in s]
     return findings
@@ -100,13 +111,16 @@ def _existing_tables(target: Target) -> set[str]:
             cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
                         "('pg_catalog', 'information_schema')")
             return {row[0] for row in cur.fetchall()}
+    except psycopg2.Error as exc:
+        raise RehearsalFailed(f"cannot read the tables of the copy: "
+                              f"{redact(str(exc).strip(), target.password)}") from None
     finally:
         conn.close()
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
-                     progress: Progress | None = None,
+                     allow_destructive: bool = False, progress: Progress | None = None,
                      restore_progress: BytesProgress | None = None) -> RehearsalReport:
     """Restore ``backup_key`` into a scratch database beside ``target``, apply ``plan`` there, check it.
 
@@ -129,8 +143,19 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
         checks = run_post_checks(scratch, models) if models is not None else None
-        findings = lint_captured_sql(report.results, existing)
-        return RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
-                               checks, tuple(findings))
-    finally:
-        drop_database(target, scratch.dbname)
+        findings = lint_captured_sql(report.results, existing, allow_destructive)
+        result = RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
+                                 checks, tuple(findings))
+    except BaseException:
+        _drop_quietly(target, scratch.dbname)  # the original error is the one to report
+        raise
+    drop_database(target, scratch.dbname)
+    return result
+
+
+def _drop_quietly(server: Target, dbname: str) -> None:
+    try:
+        drop_database(server, dbname)
+    except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised
+        log.warning("could not drop the scratch database %s (%s): drop it by hand", dbname,
+                    redact(str(exc).strip(), server.password))

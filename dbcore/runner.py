@@ -247,6 +247,8 @@ def _typed_failure(exc: Exception, name: str, action: str, committed: list[str],
     error = _fail(exc, name, action, committed, settings, target)
     if isinstance(error, MigrationFailed):
         error.committed = tuple(committed)
+        # a retry is safe only if nothing at all was committed
+        error.retryable = isinstance(error, TableLockTimeout) and not committed
     return error
 
 

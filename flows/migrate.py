@@ -30,8 +30,8 @@ from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
 from dbcore.checks import load_models
-from dbcore.connection import Env, resolve_target
-from dbcore.errors import DbcoreError, MigrationFailed
+from dbcore.connection import Env, redact, resolve_target
+from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.settings import Settings, describe_invalid
 from flows import tasks
 from flows.approval import approval_form
@@ -47,7 +47,44 @@ def _tunnel(settings: Settings, env: Env):
     return tasks.open_tunnel(settings)
 
 
-@flow(name="migrate", log_prints=False, validate_parameters=True)
+def _run_name() -> str:
+    """Name runs after their environment, so the runs list reads as a deploy log."""
+    env = get_run_context().flow_run.parameters.get("env") or "auto"
+    return f"migrate-{env}"
+
+
+def _rejected(message: str) -> Failed:
+    return Failed(message=f"{message}, nothing changed")
+
+
+def _failed_at(stage: str, detail: object) -> Failed:
+    return Failed(message=f"failed at {stage}, nothing changed: {detail}")
+
+
+def _ask_approval(plan_markdown: str, timeout: int, run_id: str):
+    """Pause for the approver; return (actor, None) if approved, else (None, the final Failed state)."""
+    try:
+        answer = pause_flow_run(wait_for_input=approval_form(plan_markdown), timeout=timeout,
+                                poll_interval=2)
+    except FlowPauseTimeout:
+        # Prefect has already failed the run with its own words; put ours in their place.
+        message = f"rejected (no answer within {timeout}s), nothing changed"
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Failed(message=message), force=True)
+        return None, Failed(message=message)
+    except ValidationError:
+        # The form's schema cannot say "a name when approving"; the model does, at load.
+        return None, _rejected("rejected (an approval must give the approver's name)")
+    if not answer.approve:
+        who = f" by {answer.approver}" if answer.approver else ""
+        why = f": {answer.comment}" if answer.comment else ""
+        return None, _rejected(f"rejected{who}{why}")
+    get_run_logger().info("approved by %s%s", answer.approver,
+                          f": {answer.comment}" if answer.comment else "")
+    return answer.approver, None
+
+
+@flow(name="migrate", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
 def migrate(
     env: Optional[EnvName] = None,
     dry_run: bool = False,
@@ -58,6 +95,7 @@ def migrate(
     migrations_dir: Optional[str] = None,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
+    tasks.show_dbcore_logs()
     logger = get_run_logger()
     run_id = str(get_run_context().flow_run.id)
     overrides = {"migrations_dir": Path(migrations_dir)} if migrations_dir else {}
@@ -65,13 +103,17 @@ def migrate(
         settings = Settings(**overrides)
         target = resolve_target(settings, env)
     except ValidationError as exc:
-        return Failed(message=f"failed at configuration, nothing changed: {describe_invalid(exc)}")
+        return _failed_at("configuration", describe_invalid(exc))
     except DbcoreError as exc:
-        return Failed(message=f"failed at configuration, nothing changed: {exc}")
-    approval_needed = require_approval if require_approval is not None else target.env is not Env.LOCAL
-    if target.env is not Env.LOCAL and not backup:
-        return Failed(message=f"failed at configuration, nothing changed: {target.env} needs a "
-                              "backup before any migration: run without backup=False")
+        return _failed_at("configuration", exc)
+    live = target.env is not Env.LOCAL
+    if live and not backup:
+        return _failed_at("configuration", f"{target.env} needs a backup before any migration: "
+                                           "run without backup=False")
+    if live and require_approval is False:
+        return _failed_at("configuration", f"{target.env} always needs an approval: run "
+                                           "without require_approval=False")
+    approval_needed = live or bool(require_approval)
     logger.info("target %s (%s)", target.masked_url, target.env)
     stage = "tunnel"
     try:
@@ -87,75 +129,78 @@ def migrate(
             if not lint_report.ok:
                 create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
                                          description="Lint errors stopped the run")
-                return Failed(message=f"failed at lint, nothing changed: {lint_report.summary()}: "
-                                      f"{lint_report.errors[0].text()}")
+                return _failed_at("lint", f"{lint_report.summary()}: "
+                                          f"{lint_report.errors[0].text()}")
             models = load_models(settings.models)
             backup_info = rehearsal = None
             if backup:
                 stage = "backup"
                 backup_info = tasks.take_backup(target, settings)
                 stage = "rehearsal"
-                rehearsal = tasks.rehearse(plan, target, settings, backup_info.key, models, run_id)
+                rehearsal = tasks.rehearse(plan, target, settings, backup_info.key, models, run_id,
+                                           allow_destructive)
             deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
                                      description=deploy.headline())
             logger.info("plan:\n%s", deploy.text())
             if not deploy.ok:
-                return Failed(message="failed at rehearsal, nothing changed: the rehearsal on a "
-                                      "copy did not pass its post-checks (see the plan artifact)")
+                return _failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
+                                               "migration-plan artifact)")
             if dry_run:
                 return Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed")
             actor = settings.actor or None
             if approval_needed:
                 stage = "approval"
-                answer = pause_flow_run(wait_for_input=approval_form(deploy.to_markdown()),
-                                        timeout=approval_timeout_seconds, poll_interval=2)
-                if not answer.approve:
-                    who = f" by {answer.approver}" if answer.approver else ""
-                    why = f": {answer.comment}" if answer.comment else ""
-                    return Failed(message=f"rejected{who}{why}, nothing changed")
-                actor = answer.approver
-                logger.info("approved by %s%s", answer.approver,
-                            f": {answer.comment}" if answer.comment else "")
+                actor, refusal = _ask_approval(deploy.to_markdown(), approval_timeout_seconds,
+                                               run_id)
+                if refusal is not None:
+                    return refusal
+                stage = "connection check after the approval"
+                tasks.check_connection(target)  # an hour may have passed; the tunnel too
             stage = "snapshot"
             before = tasks.snapshot(target)
             stage = "apply"
             try:
                 report = tasks.apply(plan, target, settings, actor, run_id)
-                applied, problem = report.names, None
-                checked = tasks.post_checks(target, models)
-                if not checked.ok:
-                    create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
-                                             description="Post-checks failed after the apply")
-                    problem = f"post-checks: {checked.text()}"
             except MigrationFailed as exc:
-                if not exc.committed:
+                if not exc.committed and not isinstance(exc, NonAtomicFailed):
                     raise  # the batch was rolled back: nothing changed
                 applied, problem = list(exc.committed), f"apply: {exc}"
-            except DbcoreError as exc:
-                applied = plan.names
-                problem = f"post-checks: {exc}"
-            if problem is None:
+            else:
+                applied, problem = report.names, None
                 if not applied:  # another run applied them while this one waited
                     return Completed(message=report.note or "up to date")
+                stage = "post-checks"
+                try:
+                    checked = tasks.post_checks(target, models)
+                    if not checked.ok:
+                        create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
+                                                 description="Post-checks failed after the apply")
+                        problem = f"post-checks: {checked.text()}"
+                except DbcoreError as exc:
+                    problem = f"post-checks: {exc}"
+            if problem is None:
                 return Completed(message=f"applied {len(applied)}: {', '.join(applied)}")
+            if not applied:
+                return Failed(message=f"failed at {problem}")
             stage = "rollback"
             how = rollback_after_failed_apply(
                 target=target, settings=settings, names=applied, before=before,
                 backup_key=backup_info.key if backup_info else None,
-                require_approval=approval_needed, run_id=run_id)
+                require_approval=approval_needed, approval_timeout=approval_timeout_seconds,
+                run_id=run_id)
             return Failed(message=f"failed after apply at {problem}; rolled back by {how}")
-    except FlowPauseTimeout:
-        # Prefect has already failed the run with its own words; put ours in their place.
-        message = f"rejected (no answer within {approval_timeout_seconds}s), nothing changed"
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run_id, Failed(message=message), force=True)
-        return Failed(message=message)
     except DbcoreError as exc:
         if stage == "rollback":
             return Failed(message=f"failed after apply and the rollback failed too: {exc}")
-        return Failed(message=f"failed at {stage}, nothing changed: {exc}")
+        return _failed_at(stage, exc)
+    except Exception as exc:  # a bug or an unexpected driver error: one line, and what we know
+        state = ("the database may have changed: check `dbmigrate status`"
+                 if stage in ("apply", "post-checks", "rollback") else "nothing changed")
+        logger.exception("unexpected error at %s", stage)
+        return Failed(message=f"failed at {stage} ({type(exc).__name__}: "
+                              f"{redact(str(exc).strip().splitlines()[0] if str(exc).strip() else '', target.password)}); {state}")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -4,26 +4,26 @@ First the migrations' own rollback() functions, newest first, in one transaction
 against the schema snapshot taken before the apply. If that fails, the backup taken before the
 apply is restored in place (with a second approval where the run needed one).
 
-A subflow's parameters are stored by the Prefect API, so the database (whose URL holds a
-password) is never one of them: the calling flow hands it over in-process, keyed by run id.
+A subflow's parameters are stored by the Prefect API, so neither the database (whose URL holds
+a password) nor the schema snapshot (large, and it may hold connection strings) is one of them:
+the calling flow hands them over in-process, keyed by run id.
 """
 
+import hashlib
 from typing import Optional
 
 from prefect import flow, get_run_logger, pause_flow_run, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout
+from pydantic import ValidationError
 
 from dbcore import recovery, runner
 from dbcore.connection import Target
-from dbcore.errors import DbcoreError
+from dbcore.errors import DbcoreError, RollbackFailed
 from dbcore.settings import Settings
 from flows.approval import approval_form
 
-_HANDOVER: dict[str, tuple[Target, Settings]] = {}
-
-
-class RollbackFailed(DbcoreError):
-    """Neither the rollback functions nor the backup could bring the database back."""
+_HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 
 
 @task(name="rollback-functions", cache_policy=NO_CACHE)
@@ -45,12 +45,32 @@ def restore(target: Target, settings: Settings, backup_key: str, run_id: str) ->
     return recovery.restore_in_place(backup_key, target, settings, run_id=run_id).to_dict()
 
 
+def _restore_approved(target: Target, backup_key: str, timeout: int) -> None:
+    """Pause for a second approval of the restore; raise RollbackFailed unless approved."""
+    left = "the database is left as the failed apply left it: restore it by hand"
+    try:
+        answer = pause_flow_run(
+            wait_for_input=approval_form(
+                f"# Restore the backup?\n\nThe rollback functions did not bring "
+                f"`{target.dbname}` back. Approving replaces the database with backup "
+                f"`{backup_key}`. **Writes made since that backup was taken will then exist only "
+                "in the old database**, which is kept under another name."),
+            timeout=timeout, poll_interval=2)
+    except FlowPauseTimeout:
+        raise RollbackFailed(f"the restore of {backup_key} was not approved within {timeout}s: "
+                             f"{left}") from None
+    except ValidationError:
+        raise RollbackFailed(f"the restore of {backup_key} was approved without a name: {left}") from None
+    if not answer.approve:
+        raise RollbackFailed(f"the restore of {backup_key} was rejected: {left}")
+
+
 @flow(name="rollback-migrations", log_prints=False)
-def rollback_migrations(names: list, backup_key: Optional[str], before: str,
-                        require_approval: bool, run_id: str) -> str:
+def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: str,
+                        require_approval: bool, approval_timeout: int, run_id: str) -> str:
     """Bring the database back to its state before the apply; return how (raises RollbackFailed)."""
     logger = get_run_logger()
-    target, settings = _HANDOVER[run_id]
+    target, settings, before = _HANDOVER[run_id]
     try:
         undone = run_rollback_functions(target, settings, names, run_id)
         diff = schema_differences(target, before)
@@ -65,25 +85,21 @@ def rollback_migrations(names: list, backup_key: Optional[str], before: str,
             "the rollback functions did not restore the schema and there is no backup: restore "
             "the database by hand (`dbmigrate restore KEY --into ...`)")
     if require_approval:
-        answer = pause_flow_run(
-            wait_for_input=approval_form(
-                f"# Restore the backup?\n\nThe rollback functions did not bring `{target.dbname}` "
-                f"back. Approving replaces the database with backup `{backup_key}`; the current "
-                "one is kept under another name."),
-            timeout=3600, poll_interval=2)
-        if not answer.approve:
-            raise RollbackFailed(f"restore of {backup_key} rejected: the database is left as the "
-                                 "failed apply left it; restore it by hand")
+        _restore_approved(target, backup_key, approval_timeout)
     done = restore(target, settings, backup_key, run_id)
-    return f"restoring backup {backup_key} (the failed database is kept as {done['kept_as']})"
+    return (f"restoring backup {backup_key} (the failed database, with any writes made since "
+            f"the backup, is kept as {done['kept_as']})")
 
 
 def rollback_after_failed_apply(*, target: Target, settings: Settings, names: list, before: str,
-                                backup_key: Optional[str], require_approval: bool, run_id: str) -> str:
-    """Run the rollback subflow for ``target`` without passing its URL through the Prefect API."""
-    _HANDOVER[run_id] = (target, settings)
+                                backup_key: Optional[str], require_approval: bool,
+                                approval_timeout: int, run_id: str) -> str:
+    """Run the rollback subflow for ``target``, handing over what must not go through the API."""
+    _HANDOVER[run_id] = (target, settings, before)
     try:
-        return rollback_migrations(names=names, backup_key=backup_key, before=before,
-                                   require_approval=require_approval, run_id=run_id)
+        return rollback_migrations(
+            names=names, backup_key=backup_key,
+            schema_sha256=hashlib.sha256(before.encode()).hexdigest(),
+            require_approval=require_approval, approval_timeout=approval_timeout, run_id=run_id)
     finally:
         _HANDOVER.pop(run_id, None)

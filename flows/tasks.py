@@ -7,14 +7,17 @@ Nothing is cached: every run must look at the database as it is now.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 
 from dbcore import backup, checks, lint, recovery, rehearsal, runner
-from dbcore.connection import Target, connect
+from dbcore.connection import Target, server_version
 from dbcore.deploy_plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint_report import LintReport
@@ -43,14 +46,31 @@ def open_tunnel(settings: Settings):
     return tunnel
 
 
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, silent outside a flow or task run (dbcore is used elsewhere too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            super().emit(record)
+
+
+def show_dbcore_logs() -> None:
+    """Send dbcore's log lines (backup, apply, restore) to the run's logs.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS does this only when set before Prefect is imported, which a
+    worker or `serve` process has long done by the time it loads this flow.
+    """
+    dbcore_log = logging.getLogger("dbcore")
+    if not any(isinstance(h, APILogHandler) for h in dbcore_log.handlers):
+        dbcore_log.addHandler(_RunLogHandler())
+    if dbcore_log.level == logging.NOTSET or dbcore_log.level > logging.INFO:
+        dbcore_log.setLevel(logging.INFO)
+
+
 @task(name="check-connection", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
 def check_connection(target: Target) -> str:
     """Connect once and return the server version."""
-    db = connect(target)
-    try:
-        return db.execute_sql("SHOW server_version").fetchone()[0]
-    finally:
-        db.close()
+    return server_version(target)
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -81,19 +101,12 @@ class _ProgressArtifact:
         update_progress_artifact(self.id, 100.0, description=f"{self.what}: done")
 
 
-def _database_size(target: Target) -> int:
-    db = connect(target)
-    try:
-        return db.execute_sql("SELECT pg_database_size(current_database())").fetchone()[0]
-    finally:
-        db.close()
-
-
 @task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
       cache_policy=NO_CACHE)
 def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
     """Back the database up to S3 and return what was stored (a progress artifact meanwhile)."""
-    meter = _ProgressArtifact("backup-progress", _database_size(target), f"backup of {target.dbname}")
+    meter = _ProgressArtifact("backup-progress", backup.database_size(target),
+                              f"backup of {target.dbname}")
     info = backup.backup_to_s3(target, settings, progress=meter)
     meter.finish()
     get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
@@ -102,10 +115,10 @@ def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: runner.Plan, target: Target, settings: Settings, backup_key: str, models,
-             run_id: str) -> rehearsal.RehearsalReport:
+             run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
     """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
     return rehearsal.rehearse_on_copy(plan, target, settings, backup_key, models=models,
-                                      run_id=run_id)
+                                      run_id=run_id, allow_destructive=allow_destructive)
 
 
 @task(name="schema-snapshot", cache_policy=NO_CACHE)

@@ -133,7 +133,8 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     def after_a_failed_apply():
         return rollback_after_failed_apply(
             target=target, settings=flow_env, names=["004_fix_sourcedir_language"],
-            before=before, backup_key=backup.key, require_approval=False, run_id="abcdef123456")
+            before=before, backup_key=backup.key, require_approval=False, approval_timeout=60,
+            run_id="abcdef123456")
 
     how = after_a_failed_apply()
     assert how.startswith(f"restoring backup {backup.key}")
@@ -223,3 +224,46 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
 
     left = subprocess.run(["pgrep", "-f", str(forwarder)], capture_output=True, text=True).stdout
     assert left.strip() == ""  # the tunnel was closed
+
+
+def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_url, monkeypatch):
+    import psycopg2
+
+    from dbcore.settings import Settings
+
+    from flows import tasks
+
+    monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "1")
+    monkeypatch.setattr(tasks.apply, "retry_delay_seconds", [0, 0, 0])  # retried, but quickly
+    holder = psycopg2.connect(db_url)  # another deploy, holding the migration lock
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (Settings().advisory_lock_key,))
+    try:
+        before = schema_dump(db_url)
+        state = migrate(return_state=True)
+    finally:
+        holder.close()
+    assert state.is_failed()
+    assert state.message.startswith("failed at apply, nothing changed: another migration run "
+                                    "holds the lock")
+    assert schema_dump(db_url) == before
+    assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+                 ("%_failed_%",)) == [(0,)]  # no restore was attempted
+
+
+def test_an_approval_without_a_name_is_a_rejection(flow_env, db_url):
+    thread, result = _run_in_background(require_approval=True)
+    paused = _wait_for_pause()
+    resume_flow_run(paused.id, run_input={"approve": True})
+    thread.join(120)
+    state = result["state"]
+    assert state.is_failed()
+    assert state.message == "rejected (an approval must give the approver's name), nothing changed"
+    assert applied(db_url) == []
+
+
+def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch):
+    monkeypatch.setenv("FLY_APP_NAME", "myapp")
+    state = migrate(require_approval=False, return_state=True)
+    assert state.is_failed() and "production always needs an approval" in state.message
+    assert applied(db_url) == []

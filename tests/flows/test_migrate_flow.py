@@ -119,6 +119,8 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     target = Target(Env.LOCAL, db_url)
     apply_pending(target, flow_env, upto="003")
     query(db_url, "INSERT INTO project (name, created_at, updated_at) VALUES ('kept', now(), now())")
+    admin_url = db_url.rsplit("/", 1)[0] + "/postgres"
+    query(admin_url, f'ALTER DATABASE "{target.dbname}" SET statement_timeout = \'7s\'')
     from dbcore.backup import backup_to_s3
 
     backup = backup_to_s3(target, flow_env)
@@ -140,6 +142,7 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     assert how.startswith(f"restoring backup {backup.key}")
     assert schema_snapshot(target) == before
     assert query(db_url, "SELECT name FROM project") == [("kept",)]
+    assert query(db_url, "SHOW statement_timeout") == [("7s",)]  # the database's own settings too
     kept = query(db_url, "SELECT datname FROM pg_database WHERE datname LIKE %s",
                  (target.dbname + "_failed_%",))
     assert len(kept) == 1  # the broken database is kept for inspection

@@ -4,7 +4,8 @@
     python flows/approve.py RUN_ID --reject --approver NAME [--comment TEXT]
 
 Talks to the server in PREFECT_API_URL (the one the run is paused on). Exit codes: 0 the answer
-was accepted; 1 the server refused it (the run is not paused, or the answer is invalid); 2 usage.
+was accepted; 1 it was not (the run is not paused or not found, the answer is invalid, the
+server is unreachable); 2 a usage error.
 """
 
 import argparse
@@ -16,16 +17,19 @@ from uuid import UUID
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prefect.client.orchestration import get_client
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
                                             ArtifactFilterKey)
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from flows.approval import Approval
 
 
-def plan_headline(client, run_id: UUID) -> Optional[str]:
+def plan_headline(client: SyncPrefectClient, run_id: UUID) -> Optional[str]:
     """Return the one-line summary of the run's `migration-plan` artifact, or None if it has none."""
     found = client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
@@ -37,6 +41,10 @@ def answer(run_id: UUID, approval: Approval) -> tuple[bool, str]:
     """Resume the paused run with ``approval``; return (accepted, one line saying what happened)."""
     verb = "approved" if approval.approve else "rejected"
     with get_client(sync_client=True) as client:
+        try:
+            client.read_flow_run(run_id)  # the server answers a resume of an unknown run with a 500
+        except ObjectNotFound:
+            return False, f"no flow run {run_id} on {client.api_url}"
         headline = plan_headline(client, run_id)
         if headline:
             print(f"plan: {headline}")
@@ -62,7 +70,15 @@ def main(argv: Optional[list] = None) -> int:
         approval = Approval(approve=args.approve, approver=args.approver, comment=args.comment)
     except ValidationError as exc:
         parser.error(exc.errors()[0]["msg"])
-    accepted, line = answer(args.run_id, approval)
+    if not get_current_settings().api.url:  # an ephemeral API would never know the run
+        parser.error("set PREFECT_API_URL to the API of the server the run is paused on")
+    try:
+        accepted, line = answer(args.run_id, approval)
+    except httpx.HTTPStatusError as exc:
+        accepted, line = False, (f"run {args.run_id} refused by the server: HTTP "
+                                 f"{exc.response.status_code} {exc.response.reason_phrase}")
+    except httpx.HTTPError as exc:
+        accepted, line = False, f"cannot reach the Prefect API: {exc}"
     print(line)
     return 0 if accepted else 1
 

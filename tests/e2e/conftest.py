@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,74 +21,10 @@ import pytest
 
 from dbcore.services.postgres import free_port
 from helpers import REPO
+from processes import Service
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 90.0
-READY_TIMEOUT = 60.0
-
-
-def descendants(pid: int) -> list[int]:
-    """Return the pids of every live descendant of ``pid`` (children first)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
-def _signal(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        for kill in (os.killpg, os.kill):  # the process's own group or session too
-            try:
-                kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-class Service:
-    """A process started in its own session with its output in a log file; ``stop()`` ends its tree."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path,
-                 cwd: Path = REPO):
-        self.log = log_dir / f"{name}.log"
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        """Return what the process printed so far."""
-        return self.log.read_text(errors="replace")
-
-    def wait_for_output(self, text: str, timeout: float = READY_TIMEOUT) -> None:
-        """Return once ``text`` was printed; raise AssertionError on exit or timeout."""
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.log.stem} never printed {text!r}:\n{self.output()[-3000:]}")
-            time.sleep(0.2)
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process and every descendant, SIGKILL what is left after ``grace`` seconds."""
-        tree = [self.pid, *descendants(self.pid)]
-        _signal(tree, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _signal([self.pid, *descendants(self.pid), *tree], signal.SIGKILL)
-        self.process.wait(timeout=10)
 
 
 @dataclass(frozen=True)

@@ -121,32 +121,29 @@ def cmd_plan(ctx: Context) -> int:
     return 0 if deploy.lint.ok else 1
 
 
-def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock."""
+def _execute(ctx: Context, plan: Plan, execute) -> int:
+    """Show the plan, run it with progress on stderr, print what happened."""
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
-    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
-    if not ctx.args.json:
+    quiet = ctx.args.json
+    if not quiet:
         print(_render_plan(plan), file=sys.stderr)
-    report = apply_plan(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
-                        actor=ctx.args.actor, run_id=ctx.args.run_id, progress=None if ctx.args.json else _print_progress)
-    _emit(report, ctx.args.json, show_sql=ctx.args.dry_run and not ctx.args.json)
+    report = execute(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
+                     actor=ctx.args.actor, run_id=ctx.args.run_id,
+                     progress=None if quiet else _print_progress)
+    _emit(report, quiet, show_sql=ctx.args.dry_run and not quiet)
     return 0
+
+
+def cmd_apply(ctx: Context) -> int:
+    """Apply pending migrations in one transaction under the migration lock."""
+    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target), apply_plan)
 
 
 def cmd_rollback(ctx: Context) -> int:
     """Roll back the newest N applied migrations in one transaction."""
-    if ctx.args.dry_run:
-        _refuse_live_dry_run(ctx)
-    plan = plan_rollback(ctx.target, ctx.settings, count=ctx.args.count)
-    if not ctx.args.json:
-        print(_render_plan(plan), file=sys.stderr)
-    report = rollback_plan(plan, ctx.target, ctx.settings, actor=ctx.args.actor,
-                           run_id=ctx.args.run_id,
-                           dry_run=ctx.args.dry_run,
-                           progress=None if ctx.args.json else _print_progress)
-    _emit(report, ctx.args.json)
-    return 0
+    return _execute(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count),
+                    rollback_plan)
 
 
 def _positive(text: str) -> int:

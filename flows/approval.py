@@ -1,13 +1,20 @@
 """The approval form shown in the Prefect UI when a run pauses before applying."""
 
-from __future__ import annotations
-
 from prefect.input import RunInput
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+# The server checks an answer against the form's JSON schema only: "a name when approving" is
+# said there too, so that a nameless approval is refused while the run keeps waiting.
+_NAME_WHEN_APPROVING = {
+    "if": {"properties": {"approve": {"const": True}}, "required": ["approve"]},
+    "then": {"properties": {"approver": {"pattern": "\\S"}}, "required": ["approver"]},
+}
 
 
 class Approval(RunInput):
     """Approve or reject applying the plan shown in the run's artifacts."""
+
+    model_config = ConfigDict(json_schema_extra=_NAME_WHEN_APPROVING)
 
     approve: bool = Field(default=False, description="Apply the migrations of the plan artifact")
     approver: str = Field(default="", description="Your name, recorded in migration_audit")

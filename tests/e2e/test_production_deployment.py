@@ -156,9 +156,6 @@ def test_a_restart_while_paused_cancels_the_run_and_changes_nothing(served, pref
     assert schema_dump(db_url) == before and history(db_url) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the form's JSON schema lets approve=true without a name "
-                   "through, so the run ends rejected instead of waiting for a proper answer "
-                   "(fix reported: an if/then json_schema_extra on flows/approval.py's Approval)")
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(
         served, prefect_server, production_env, db_url):
     run_id = start_run(production_env)

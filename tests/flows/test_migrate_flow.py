@@ -6,6 +6,8 @@ import textwrap
 import threading
 import time
 
+import pytest
+
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -254,15 +256,15 @@ def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_
                  ("%_failed_%",)) == [(0,)]  # no restore was attempted
 
 
-def test_an_approval_without_a_name_is_a_rejection(flow_env, db_url):
+def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
     thread, result = _run_in_background(require_approval=True)
     paused = _wait_for_pause()
-    resume_flow_run(paused.id, run_input={"approve": True})
-    thread.join(120)
-    state = result["state"]
-    assert state.is_failed()
-    assert state.message == "rejected (an approval must give the approver's name), nothing changed"
+    with pytest.raises(RuntimeError, match="Cannot resume this run"):
+        resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []
+    resume_flow_run(paused.id, run_input={"approve": False, "approver": "Ada"})
+    thread.join(120)
+    assert result["state"].message == "rejected by Ada, nothing changed"
 
 
 def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch):

@@ -75,12 +75,33 @@ def generate(url: str, size_mb: int) -> int:
     return sql(url, "SELECT pg_database_size(current_database())")[0][0]
 
 
-def timed(fn) -> float:
-    """Seconds ``fn`` takes, started with no dirty pages of an earlier step left to write back."""
+def busy_cpu() -> float:
+    """CPU seconds spent by every process of the machine so far (user + system), 0 off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def timed(fn, name: str | None = None) -> float:
+    """Seconds ``fn`` takes, started with no dirty pages of an earlier step left to write back.
+
+    With ``name``, the CPU seconds the whole machine spent meanwhile are recorded in CPU[name]
+    (pg_dump, the server, zstd, boto3 and the S3 server: all of them run here).
+    """
     os.sync()
+    cpu = busy_cpu()
     started = time.perf_counter()
     fn()
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    if name:
+        CPU.setdefault(name, []).append(busy_cpu() - cpu)
+    return elapsed
 
 
 def run(cmd: list[str], **kwargs) -> None:
@@ -144,15 +165,22 @@ def bench(args, cluster: PostgresCluster, s3: SeaweedServer, root: Path) -> int:
         sql(cluster.url(), "CREATE DATABASE r_naive")
         run([pg_restore, "-j", "2", "--no-owner", "-d", cluster.url("r_naive"), str(downloaded)])
 
-    def restore_ours() -> None:
-        restore_backup(key, Target(Env.LOCAL, cluster.url("r_ours")), settings, jobs=2)
+    def restore_ours(jobs: int = 2) -> None:
+        restore_backup(key, Target(Env.LOCAL, cluster.url("r_ours")), settings, jobs=jobs)
+
+    def restore_default_j3() -> None:
+        sql(cluster.url(), "CREATE DATABASE r_default3")
+        run([pg_restore, "-j", "3", "--no-owner", "-d", cluster.url("r_default3"), str(default_file)])
 
     times: dict[str, list[float]] = {name: [] for name in (
         "pg_dump -Fc > /dev/null", "pg_dump -Fc -Z0 > /dev/null", "pg_dump -Fc > file, then upload",
         "backup_to_s3 (zstd 1)", "dbmigrate backup (CLI process)", "backup_to_s3 (zstd 3)",
+        "backup_to_s3 (zstd 1, 1 thread)", "backup_to_s3 (zstd -1)",
         "restore: pg_restore -j2 of the local default dump",
         "restore: download the default dump, pg_restore -j2",
         "restore: dbmigrate restore (download + zstd + -j2)",
+        "restore: pg_restore -j3 of the local default dump",
+        "restore: dbmigrate restore (download + zstd + -j3)",
     )}
     sizes: dict[str, int] = {}
     dump(pg_dump, url, os.devnull, "-Z0")  # warm the cache once
@@ -161,13 +189,14 @@ def bench(args, cluster: PostgresCluster, s3: SeaweedServer, root: Path) -> int:
         t = times
         t["pg_dump -Fc > /dev/null"].append(timed(lambda: dump(pg_dump, url, os.devnull)))
         t["pg_dump -Fc -Z0 > /dev/null"].append(
-            timed(lambda: dump(pg_dump, url, os.devnull, "-Z0")))
+            timed(lambda: dump(pg_dump, url, os.devnull, "-Z0"), "pg_dump -Fc -Z0 > /dev/null"))
         t["pg_dump -Fc > file, then upload"].append(timed(lambda: (
             dump(pg_dump, url, str(default_file)),
             client.upload_file(str(default_file), BUCKET, "naive/default.dump"))))
         sizes["pg_dump -Fc (zlib 6)"] = default_file.stat().st_size
         holder = {}
-        t["backup_to_s3 (zstd 1)"].append(timed(lambda: holder.update(info=backup_to_s3(target, settings))))
+        t["backup_to_s3 (zstd 1)"].append(timed(lambda: holder.update(info=backup_to_s3(target, settings)),
+                                                "backup_to_s3 (zstd 1)"))
         key = holder["info"].key
         sizes["dbmigrate backup (zstd 1)"] = holder["info"].size
         out = {}
@@ -176,13 +205,23 @@ def bench(args, cluster: PostgresCluster, s3: SeaweedServer, root: Path) -> int:
         level3 = settings.model_copy(update={"backup_zstd_level": 3})
         t["backup_to_s3 (zstd 3)"].append(timed(lambda: holder.update(l3=backup_to_s3(target, level3))))
         sizes["backup_to_s3 (zstd 3)"] = holder["l3"].size
+        one_thread = settings.model_copy(update={"backup_zstd_threads": 1})
+        t["backup_to_s3 (zstd 1, 1 thread)"].append(
+            timed(lambda: holder.update(t1=backup_to_s3(target, one_thread))))
+        fast = settings.model_copy(update={"backup_zstd_level": -1})
+        t["backup_to_s3 (zstd -1)"].append(timed(lambda: holder.update(fast=backup_to_s3(target, fast))))
+        sizes["backup_to_s3 (zstd -1)"] = holder["fast"].size
         t["restore: pg_restore -j2 of the local default dump"].append(timed(restore_default))
         t["restore: download the default dump, pg_restore -j2"].append(timed(restore_downloaded_default))
         t["restore: dbmigrate restore (download + zstd + -j2)"].append(timed(restore_ours))
-        for name in ("r_default", "r_naive", "r_ours"):
+        sql(cluster.url(), "DROP DATABASE r_ours WITH (FORCE)")
+        t["restore: pg_restore -j3 of the local default dump"].append(timed(restore_default_j3))
+        t["restore: dbmigrate restore (download + zstd + -j3)"].append(timed(lambda: restore_ours(3)))
+        for name in ("r_default", "r_naive", "r_ours", "r_default3"):
             sql(cluster.url(), f"DROP DATABASE {name} WITH (FORCE)")
         # the server's volumes would otherwise grow by ~450 MB a round
-        for stored in (key, holder["l3"].key, out["key"], "naive/default.dump"):
+        for stored in (key, holder["l3"].key, holder["t1"].key, holder["fast"].key, out["key"],
+                       "naive/default.dump"):
             client.delete_object(Bucket=BUCKET, Key=stored)
     sizes["pg_dump -Fc -Z0 (uncompressed)"] = len_z0(pg_dump, url)
 
@@ -231,6 +270,11 @@ def render(args, db_size: int, med: dict[str, float], times: dict[str, list[floa
         return "met" if ok else "NOT met"
 
     stored = sizes["dbmigrate backup (zstd 1)"]
+    restore_default3 = med["restore: pg_restore -j3 of the local default dump"]
+    restore_ours3 = med["restore: dbmigrate restore (download + zstd + -j3)"]
+    cores = os.cpu_count() or 1
+    cpu_z0 = statistics.median(CPU.get("pg_dump -Fc -Z0 > /dev/null") or [0])
+    cpu_ours = statistics.median(CPU.get("backup_to_s3 (zstd 1)") or [0])
     lines += [
         "", "Targets of issue 3 (backup = `backup_to_s3`, the function the CLI and the flow call):", "",
         f"- backup end to end <= 0.5x `pg_dump -Fc > /dev/null`: {ours / default:.2f}x, {verdict(ours <= 0.5 * default)}",
@@ -239,16 +283,38 @@ def render(args, db_size: int, med: dict[str, float], times: dict[str, list[floa
         f"- restore no slower than restoring the default dump: {restore_ours / restore_default:.2f}x "
         f"of a local default dump ({verdict(restore_ours <= restore_default)}); "
         f"{restore_ours / restore_naive:.2f}x of downloading it then restoring it "
-        f"({verdict(restore_ours <= restore_naive)})",
+        f"({verdict(restore_ours <= restore_naive)}); with `-j3` on both sides "
+        f"{restore_ours3 / restore_default3:.2f}x ({verdict(restore_ours3 <= restore_default3)})",
         "",
-        "Reading it: on this machine pg_dump, its server process, the zstd threads, boto3 and the "
-        "S3 server share the same cores, so the upload competes with the dump for CPU; against a "
-        "remote bucket only the upload's network time remains. zstd 1 stays the default: level 3 "
-        "was slower and, in zstd's multi-threaded mode on this data, not smaller. A restore "
-        "downloads and checks the whole object before it touches the target (the checksum comes "
-        "first) and `pg_restore -j` needs a file, so it cannot overlap the download; it writes "
-        "the uncompressed dump to a temp file (~2.3x the stored size of disk) and then restores "
-        "without zlib.",
+        f"CPU seconds spent by the whole machine (median, all processes): `pg_dump -Fc -Z0 > /dev/null` "
+        f"{cpu_z0:.2f}, `backup_to_s3` {cpu_ours:.2f}. On {cores} cores the backup cannot take less "
+        f"than {cpu_ours / cores:.2f} s even with every core busy all the time, "
+        f"{cpu_ours / cores / z0:.2f}x of `-Z0`.",
+        "",
+        "Reading it: pg_dump, its server process, the zstd threads, boto3 and the S3 server share "
+        "the same cores here. A profile of one backup (CPU seconds): pg_dump and its server process "
+        "~1.2-1.4 (the whole of `-Z0 > /dev/null`), zstd level 1 ~0.4, hashing and boto3 ~0.2, and the "
+        "SeaweedFS server ~1.0 to take in the ~104 MB (measured alone: the same whatever the part "
+        "size, 8-64 MiB, parts in flight, 1-4, or with botocore's CRC32 off). That is about 3 CPU "
+        "seconds (line above) for a ~1 s `-Z0` dump, so within 1.5x would need both cores busy "
+        "without a gap and nothing else running: the 1.5x target is not met on this 2-core machine with the "
+        "S3 server on it; against a remote bucket the server's ~1 CPU s leaves the machine (TLS adds some back).",
+        "",
+        "Tried, side by side: zstd negative levels compress faster but leave literals without "
+        "entropy coding, and pg_dump writes bytea as hex text: level -1 stores about twice level 1 "
+        "(table above; -3 and -5 were larger still), more than the default dump, so they fail the "
+        "size target and level 1 stays. One zstd thread against one per core: within the noise, "
+        "so one per core stays. zstd level-1 parameters (hash log, window, min match, job size), a "
+        "4 MiB pipe read, a larger pipe buffer and a 1 MiB stdout buffer for pg_dump: within the "
+        "noise. What helped: the S3 client now shares botocore's parsed service models within a "
+        "process (a new client cost 0.07-0.13 s, now ~0.015 s after the first; the flow and this "
+        "bench call `backup_to_s3` in one process, the CLI row still pays it once), and a restore "
+        "hashes the compressed bytes as they arrive while a thread decompresses and writes them "
+        "(download + check + decompress 0.57 s -> 0.47 s median), the checksum still checked "
+        "before the target is created or touched. A larger download chunk (256 KiB-8 MiB) and "
+        "data offsets in the archive (a dump written to a pipe has none) made no measurable "
+        "difference to the restore, nor did `pg_restore -j3` against `-j2` (rows above, on both "
+        "sides), so the default jobs (`min(4, cores)`) stay.",
     ]
     return "\n".join(lines) + "\n"
 

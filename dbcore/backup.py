@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import string
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -61,6 +63,8 @@ Progress = Callable[[int], None]
 S3_ERRORS = (BotoCoreError, ClientError)
 CONTENT_TYPE = "application/vnd.postgresql.dump+zstd"
 READ_SIZE = 1024 * 1024
+#: downloaded chunks (of about 1 MiB) waiting for the decompression thread
+FETCH_AHEAD = 8
 SUFFIX = ".dump"
 #: printable ASCII stays readable in the S3 console; "%" and anything else is %-quoted
 _SAFE_IN_METADATA = "".join(c for c in string.punctuation if c != "%") + " "
@@ -292,22 +296,22 @@ def _fetch(storage: Storage, key: str, dest: Path, progress: Progress | None) ->
             raise BackupNotFound(f"no backup {key} in {storage.where}: "
                                  "`dbmigrate backups` lists the stored ones") from None
         raise StorageError(f"cannot read backup {key}: {describe_error(exc, storage)}") from exc
+    if info.compression.startswith("zstd"):
+        decompress = True
+    elif info.compression == "none":
+        decompress = False
+    else:
+        raise BackupCorrupt(f"backup {key} uses unknown compression {info.compression!r}")
     digest, size = hashlib.sha256(), 0
     try:
-        with open(dest, "wb") as out:
-            if info.compression.startswith("zstd"):
-                writer = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
-            elif info.compression == "none":
-                writer = out
-            else:
-                raise BackupCorrupt(f"backup {key} uses unknown compression {info.compression!r}")
+        # one pass: hashed as it arrives, decompressed and written by a thread meanwhile
+        with open(dest, "wb") as out, _BackgroundWriter(out, decompress) as writer:
             for chunk in read_chunks(storage, key):
                 digest.update(chunk)
                 size += len(chunk)
                 writer.write(chunk)
                 if progress:
                     progress(size)
-            writer.flush()
     except zstandard.ZstdError as exc:
         raise BackupCorrupt(f"backup {key} cannot be decompressed ({exc}): it is damaged; "
                             "do not use it, take a new backup or pick an older one") from exc
@@ -320,6 +324,46 @@ def _fetch(storage: Storage, key: str, dest: Path, progress: Progress | None) ->
             "or pick an older one"
         )
     return info
+
+
+class _BackgroundWriter:
+    """Decompress (if asked) and write chunks in a thread, so that the download goes on meanwhile.
+
+    At most FETCH_AHEAD chunks wait in memory. An error of the thread (ZstdError, OSError) is
+    raised by the next ``write`` or on leaving the ``with`` block.
+    """
+
+    def __init__(self, out, decompress: bool):
+        self._sink = (zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+                      if decompress else out)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=FETCH_AHEAD)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="backup-writer", daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while (chunk := self._queue.get()) is not None:
+                self._sink.write(chunk)
+            self._sink.flush()
+        except BaseException as exc:  # handed to the downloading thread
+            self._error = exc
+            while self._queue.get() is not None:  # never leave the producer blocked
+                pass
+
+    def write(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
 
 
 def _archive_entries(pg_restore: PgTool, path: Path, key: str) -> int:

@@ -9,12 +9,15 @@ and the fix, and never the secret key.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import boto3
+import botocore.loaders
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -68,6 +71,28 @@ class Storage:
         return f"s3://{self.bucket} at {self.endpoint_url or 'AWS'}"
 
 
+_loader: botocore.loaders.Loader | None = None
+_loader_lock = threading.Lock()
+
+
+def _session() -> boto3.session.Session:
+    """Return a new boto3 session (credentials resolved afresh) sharing one loader of service models.
+
+    Reading and parsing botocore's JSON models is most of the ~0.1 s a new S3 client costs;
+    the models never change within a process, the credentials and region may.
+    """
+    global _loader
+    with _loader_lock:
+        core = botocore.session.get_session()
+        if _loader is None:
+            _loader = botocore.loaders.create_loader(core.get_config_variable("data_path"))
+        core.register_component("data_loader", _loader)
+        session = boto3.session.Session(botocore_session=core)
+        # boto3 appends its own data folder to the loader's search path at every session
+        _loader.search_paths[:] = dict.fromkeys(_loader.search_paths)
+    return session
+
+
 def open_storage(settings: Settings) -> Storage:
     """Return the configured bucket (or the embedded `make run` one); raise ConfigError when there is none."""
     config = Config(
@@ -85,7 +110,7 @@ def open_storage(settings: Settings) -> Storage:
                 "no backup bucket: set MIGRATE_S3_BUCKET (and MIGRATE_S3_ENDPOINT_URL unless it "
                 "is on AWS), or run `make run` to start the embedded S3 server"
             )
-        client = boto3.session.Session().client(
+        client = _session().client(
             "s3", endpoint_url=server.endpoint_url, region_name="us-east-1", config=config,
             aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
         )
@@ -95,7 +120,7 @@ def open_storage(settings: Settings) -> Storage:
             f"MIGRATE_S3_ENDPOINT_URL is {settings.s3_endpoint_url} but no bucket is set: "
             "set MIGRATE_S3_BUCKET"
         )
-    session = boto3.session.Session()
+    session = _session()
     # custom endpoints ignore the region, but botocore wants one to sign with
     region = session.region_name or ("us-east-1" if settings.s3_endpoint_url else None)
     client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None,

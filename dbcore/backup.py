@@ -49,6 +49,7 @@ from dbcore.storage import (
     Storage,
     delete,
     describe_error,
+    is_transient,
     head,
     is_missing_key,
     list_objects,
@@ -174,6 +175,13 @@ def database_size(target: Target) -> int:
         conn.close()
 
 
+def _storage_failure(message: str, exc: BaseException) -> BackupFailed:
+    """Return BackupFailed for an S3 error, retryable when the cause is passing (nothing was left)."""
+    error = BackupFailed(message)
+    error.retryable = is_transient(exc)
+    return error
+
+
 def backup_to_s3(
     target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None
 ) -> BackupInfo:
@@ -200,7 +208,7 @@ def backup_to_s3(
         # fail before pg_dump starts when the bucket is missing, denied or unreachable
         storage.client.head_bucket(Bucket=storage.bucket)
     except S3_ERRORS as exc:
-        raise BackupFailed(f"{what} failed: {describe_error(exc, storage)}") from exc
+        raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}", exc) from exc
     compression = f"zstd:{settings.backup_zstd_level}"
     log.info("backing %s up to s3://%s/%s (%s)", target.masked_url, storage.bucket, key, compression)
     upload = MultipartUpload(storage, key, CONTENT_TYPE)
@@ -211,7 +219,7 @@ def backup_to_s3(
     except BaseException as exc:
         upload.abort()
         if isinstance(exc, S3_ERRORS):
-            raise BackupFailed(f"{what} failed: {describe_error(exc, storage)}") from exc
+            raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}", exc) from exc
         raise
     info = BackupInfo(
         key=key, bucket=storage.bucket, size=size, sha256=sha256, database=target.dbname,

@@ -156,6 +156,16 @@ def describe_error(exc: BaseException, storage: Storage) -> str:
     return redact(text.splitlines()[0] if text else type(exc).__name__, storage.secret)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Return True for failures worth repeating as they are: the endpoint unreachable, or a 5xx."""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return int(status) >= 500
+    return False
+
+
 def is_missing_key(exc: BaseException) -> bool:
     """Return True when ``exc`` says the object does not exist."""
     return isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in _NO_KEY

@@ -179,6 +179,7 @@ def test_stopped_s3_fails_fast_and_leaves_nothing(target, tmp_path, s3_credentia
             backup_to_s3(target, cfg)
         assert time.monotonic() - started < 10
         assert server.endpoint_url in str(failure.value)
+        assert failure.value.retryable  # the flow may try again: nothing was left behind
         server.start()  # same ports: the same endpoint
         assert leftovers(cfg) == ([], [])
     finally:
@@ -217,6 +218,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(target, s3_sett
         backup_to_s3(target, s3_settings)
     assert wrong_secret not in str(failure.value)
     assert S3_SECRET_KEY not in str(failure.value)
+    assert not failure.value.retryable  # repeating cannot help: the fix is the credentials
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
     with pytest.raises(BackupFailed, match="access denied") as failure:

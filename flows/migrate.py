@@ -137,7 +137,7 @@ def migrate(
                 stage = "backup"
                 backup_info = tasks.take_backup(target, settings)
                 stage = "rehearsal"
-                rehearsal = tasks.rehearse(plan, target, settings, backup_info.key, models, run_id,
+                rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
                                            allow_destructive)
             deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",

@@ -114,11 +114,16 @@ def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
-def rehearse(plan: runner.Plan, target: Target, settings: Settings, backup_key: str, models,
-             run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
+def rehearse(plan: runner.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
+             models, run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
     """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
-    return rehearsal.rehearse_on_copy(plan, target, settings, backup_key, models=models,
-                                      run_id=run_id, allow_destructive=allow_destructive)
+    meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
+                              f"restore of {backup_info.key} into a scratch copy")
+    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, models=models,
+                                        run_id=run_id, allow_destructive=allow_destructive,
+                                        restore_progress=meter)
+    meter.finish()
+    return report
 
 
 @task(name="schema-snapshot", cache_policy=NO_CACHE)

@@ -125,7 +125,9 @@ def test_an_explicit_allow_turns_a_drop_into_a_warning(marker, flag):
     ("pw.CharField(max_length=2)", {"DM004"}),
     ("pw.CharField(max_length=2, null=False, default=None)", {"DM004"}),
     ("pw.IntegerField(null=True, index=True)", {"DS101"}),
-    ("pw.ForeignKeyField(Project, null=True)", {"DS102"}),
+    # a foreign key is indexed by default (index=True): a second, non-concurrent build
+    ("pw.ForeignKeyField(Project, null=True)", {"DS101", "DS102"}),
+    ("pw.ForeignKeyField(Project, null=True, index=False)", {"DS102"}),
 ])
 def test_added_columns(field, rules):
     findings = lint_text(f"""
@@ -258,13 +260,271 @@ def test_multi_statement_strings_report_each_statement_line():
     assert [(f.rule, f.line) for f in found] == [("DS104", 10), ("DS105", 12)]
 
 
-def test_set_not_null_after_a_validated_check_is_the_recipe():
-    assert lint_sql([
+def test_a_check_added_in_the_same_batch_does_not_make_set_not_null_safe():
+    findings = lint_sql([
         "ALTER TABLE project ADD CONSTRAINT slug_nn CHECK (slug IS NOT NULL) NOT VALID",
         "ALTER TABLE project VALIDATE CONSTRAINT slug_nn",
         "ALTER TABLE project ALTER COLUMN slug SET NOT NULL",
         "ALTER TABLE project DROP CONSTRAINT slug_nn",
-    ]) == []
+    ])
+    # the ADD's ACCESS EXCLUSIVE lock is held to the end of the transaction: nothing is gained
+    assert [(f.rule, f.line) for f in findings] == [("DS102", 2), ("DS104", 3)]
+    assert "same transaction" in findings[0].message and "later deploy" in findings[0].message
+    assert "does not help" in findings[1].message
+
+
+@pytest.mark.parametrize("before", [
+    "ALTER TABLE project VALIDATE CONSTRAINT project_owner_fk",  # any VALIDATE, even of an FK
+    "ALTER TABLE project ADD CONSTRAINT name_nn CHECK (name IS NOT NULL)",  # another column
+])
+def test_no_other_constraint_hides_set_not_null(before):
+    findings = lint_sql([before, "ALTER TABLE project ALTER COLUMN slug SET NOT NULL"])
+    assert "DS104" in rules_of(findings)
+
+
+def test_only_a_check_validated_before_the_batch_on_the_same_column_skips_ds104():
+    sql = ["ALTER TABLE project ALTER COLUMN slug SET NOT NULL"]
+    assert lint_sql(sql, validated_not_null={("project", "slug")}) == []
+    assert rules_of(lint_sql(sql, validated_not_null={("project", "name")})) == {"DS104"}
+
+
+# -- one pass in source order (review item 1) --------------------------------------------------------
+
+
+def test_if_not_exists_does_not_make_a_table_new():
+    findings = lint_text("""
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("CREATE TABLE IF NOT EXISTS project (id serial PRIMARY KEY, slug text)")
+            migrator.sql("CREATE INDEX project_slug ON project (slug)")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("DROP INDEX project_slug")
+    """)
+    assert rules_of(findings) == {"DS101"}
+    # the rehearsal knows the existing tables: then IF NOT EXISTS surely created it
+    assert lint_sql(["CREATE TABLE IF NOT EXISTS tag (id int)", "CREATE INDEX t ON tag (id)"],
+                    existing_tables={"project"}) == []
+
+
+def test_a_drop_is_judged_where_it_happens_not_after_the_whole_function():
+    findings = lint_text("""
+        def migrate(migrator, database, *, fake=False):
+            migrator.create_model("tag")
+            migrator.sql("DROP TABLE tag")
+            migrator.sql("DROP TABLE project")
+            migrator.create_model("project")
+
+        def rollback(migrator, database, *, fake=False):
+            raise RuntimeError("restore the backup")
+    """)
+    assert [(f.rule, f.line) for f in findings] == [("DM003", 5)]
+
+
+@pytest.mark.parametrize("create", [
+    "CREATE TABLE tag AS SELECT id FROM project",
+    "CREATE MATERIALIZED VIEW tag AS SELECT id FROM project",
+    "CREATE TABLE tag_new (id int); ALTER TABLE tag_new RENAME TO tag",
+])
+def test_tables_made_in_the_batch_by_any_means_are_new(create):
+    assert lint_sql([create, "CREATE INDEX tag_id ON tag (id)"]) == []
+
+
+@pytest.mark.parametrize("sql", ["TRUNCATE project", "DROP SCHEMA legacy CASCADE"])
+def test_truncate_and_drop_schema_cascade_need_the_allow(sql):
+    [found] = lint_sql([sql])
+    assert (found.rule, found.severity) == ("DM003", "error")
+    [allowed] = lint_sql([sql], allow_destructive=True)
+    assert allowed.severity == "warning"
+
+
+# -- NOT NULL columns (items 3 and 10) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql, rules", [
+    ("ALTER TABLE project ADD COLUMN lang varchar(2) NOT NULL", {"DM004"}),
+    ("ALTER TABLE project ADD COLUMN code int PRIMARY KEY", {"DM004", "DS101"}),
+    ("ALTER TABLE project ADD COLUMN lang varchar(2) NOT NULL DEFAULT 'el'", set()),
+    ("ALTER TABLE project ADD COLUMN n bigserial NOT NULL", set()),
+    ("ALTER TABLE project ADD COLUMN n int GENERATED ALWAYS AS IDENTITY", set()),
+    ("CREATE TABLE tag (id int); ALTER TABLE tag ADD COLUMN lang varchar(2) NOT NULL", set()),
+])
+def test_not_null_columns_added_in_sql(sql, rules):
+    assert rules_of(lint_sql([sql])) == rules
+
+
+ADD_FIELDS = """
+    import peewee as pw
+
+    def migrate(migrator, database, *, fake=False):
+        {body}
+
+    def rollback(migrator, database, *, fake=False):
+        migrator.drop_columns("project", "lang")
+"""
+
+
+@pytest.mark.parametrize("body, rules", [
+    ('f = pw.CharField(max_length=2)\n        migrator.add_columns("project", lang=f)', {"DM004"}),
+    ('f = pw.CharField(max_length=2, null=True)\n        migrator.add_columns("project", lang=f)',
+     set()),
+    ('migrator.add_columns("project", **{"lang": pw.CharField(max_length=2)})', {"DM004"}),
+])
+def test_fields_in_variables_and_literal_dicts_are_followed(body, rules):
+    assert rules_of(lint_text(ADD_FIELDS.format(body=body))) == rules
+
+
+def test_fields_the_lint_cannot_see_are_a_warning_not_silence():
+    [found] = lint_text(ADD_FIELDS.format(body='migrator.add_columns("project", **FIELDS)'))
+    assert (found.rule, found.severity) == ("DM004", "warning")
+    assert "cannot check" in found.message
+
+
+def test_dm004_says_peewee_fails_at_once():
+    [found] = lint_paths([BAD / "DM004_not_null_one_step"]).findings
+    assert "ValueError" in found.message
+
+
+# -- execute_sql, raw cursors and the migrator under other names (item 6) ----------------------------
+
+
+@pytest.mark.parametrize("line", [
+    "database.connection().cursor().execute('SELECT 1')",
+    "getattr(database, 'execute_sql')('SELECT 1')",
+    "conn = database\n    conn.cursor().execute('SELECT 1')",
+])
+def test_every_way_to_run_sql_at_once_is_dm001(line):
+    findings = lint_text(f"""
+def migrate(migrator, database, *, fake=False):
+    {line}
+
+def rollback(migrator, database, *, fake=False):
+    migrator.sql("SELECT 1")
+""")
+    assert rules_of(findings) == {"DM001"}
+
+
+def test_a_helper_never_called_with_the_migrator_is_still_read():
+    findings = lint_text("""
+        def _cleanup(m):
+            m.remove_model("document")
+
+        def migrate(migrator, database, *, fake=False):
+            helpers = [_cleanup]
+            for helper in helpers:
+                helper(migrator)
+
+        def rollback(migrator, database, *, fake=False):
+            raise RuntimeError("restore the backup")
+    """)
+    assert [(f.rule, f.line) for f in findings] == [("DM003", 3)]
+
+
+def test_a_helper_shares_the_callers_batch():
+    findings = lint_text("""
+        def _create(m):
+            m.sql("CREATE TABLE tag (id int)")
+
+        def migrate(migrator, database, *, fake=False):
+            _create(m=migrator)
+            migrator.sql("CREATE INDEX tag_id ON tag (id)")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("DROP TABLE tag")
+    """)
+    assert findings == []
+
+
+# -- how the SQL is built (item 7) --------------------------------------------------------------------
+
+
+SQL_CASE = """
+def migrate(migrator, database, *, fake=False):
+    {body}
+
+def rollback(migrator, database, *, fake=False):
+    raise RuntimeError("restore the backup")
+"""
+
+
+@pytest.mark.parametrize("body, expected", [
+    # the last of two constant assignments is what runs
+    ('q = "SELECT 1"\n    q = "DROP TABLE project"\n    migrator.sql(q)', [("DM003", "error")]),
+    ('q = "DROP TABLE "\n    q += "project"\n    migrator.sql(q)', [("DM003", "error")]),
+    ('migrator.sql(sql="DROP TABLE project")', [("DM003", "error")]),
+    ('migrator.sql("".join(["DROP TABLE ", "project"]))', [("DM003", "error")]),
+    ('q = "UPDATE project SET a = "\n    q += repr(x)\n    migrator.sql(q)', [("DM006", "error")]),
+    # assigned in a branch, a parameter, a call: unknown, said so
+    ('if fake:\n        q = "SELECT 1"\n    else:\n        q = "SELECT 2"\n    migrator.sql(q)',
+     [("DM006", "warning")]),
+    ('migrator.sql(build_sql())', [("DM006", "warning")]),
+])
+def test_sql_arguments(body, expected):
+    findings = lint_text(SQL_CASE.format(body=body))
+    assert [(f.rule, f.severity) for f in findings] == expected
+    if expected[0] == ("DM006", "warning"):
+        assert "cannot check this SQL statically" in findings[0].message
+
+
+# -- numbering of pending migrations (items 8 and 9) ------------------------------------------------
+
+
+def _folder(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).write_text(
+            "def migrate(migrator, database, *, fake=False):\n    pass\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("applied, pending, flagged", [
+    (["001_a.py", "003_c.py"], ["004_d.py"], []),  # an old gap is history
+    (["001_a.py", "003_c.py"], ["002_b.py"], ["002_b.py"]),  # would run after 003
+    (["001_a.py"], ["003_c.py"], ["003_c.py"]),  # a new gap
+    (["001_a.py", "002_b.py"], ["002_b_again.py"], ["002_b_again.py"]),  # duplicate
+    (["001_a.py"], ["002_b.py", "003_c.py"], []),
+])
+def test_lint_pending_judges_only_the_pending_numbers(tmp_path, applied, pending, flagged):
+    from dbcore.lint import lint_pending
+    folder = _folder(tmp_path, *applied, *pending)
+    report = lint_pending(folder, [folder / p for p in pending])
+    assert sorted(Path(f.file).name for f in report.findings if f.rule == "DM007") == flagged
+    assert all(Path(f.file).name in pending for f in report.findings)
+
+
+def test_file_names_follow_the_runners_own_pattern(tmp_path):
+    folder = _folder(tmp_path, "001_add-index.py")
+    assert lint_paths([folder]).findings == ()
+
+
+# -- never a traceback (item 12) and the inline allow -------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["x = " + "+".join(["a"] * 200000), "x = 1\x00"])
+def test_pathological_sources_are_dm000(source):
+    [found] = lint_source(source, "001_x.py")
+    assert (found.rule, found.severity) == ("DM000", "error")
+
+
+def test_a_value_error_from_the_parser_is_dm000(monkeypatch):
+    import ast
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
+    assert rules_of(lint_source("x = 1", "001_x.py")) == {"DM000"}
+
+
+def test_an_inline_marker_allows_one_rule_on_its_line():
+    findings = lint_text("""
+        def migrate(migrator, database, *, fake=False):
+            # dbmigrate: allow DS104 (CHECK validated in deploy 41)
+            migrator.sql("ALTER TABLE project ALTER COLUMN slug SET NOT NULL")
+            migrator.sql("ALTER TABLE project ALTER COLUMN name SET NOT NULL")
+            migrator.sql("DROP TABLE legacy")  # dbmigrate: allow DM003
+            migrator.sql("DROP TABLE other")  # dbmigrate: allow DS104
+
+        def rollback(migrator, database, *, fake=False):
+            raise RuntimeError("restore the backup")
+    """)
+    assert [(f.rule, f.line, f.severity) for f in findings] == [
+        ("DS104", 5, "warning"), ("DM003", 6, "warning"), ("DM003", 7, "error")]
+    assert "allowed explicitly on this line" in findings[1].message
 
 
 # -- the report and the command --------------------------------------------------------------------

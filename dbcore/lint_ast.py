@@ -1,0 +1,374 @@
+"""The guide's rules over one parsed migration file (the ``DM`` rules and the migrator's ``DS`` ones).
+
+``migrate()`` and ``rollback()`` are each read in one pass, in source order: the migrator's
+operations and the SQL strings share one ``SqlBatch``, so that what a statement may do depends on
+what ran before it (a table dropped and then re-created is still a drop). Names bound to the
+migrator (``mg = migrator``, a helper function's parameter) count as the migrator, and helper
+functions are read where they are called.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+
+from dbcore.lint_report import Finding, finding
+from dbcore.lint_sql import RECIPES, SqlBatch
+from dbcore.lint_values import Scope
+
+log = logging.getLogger(__name__)
+
+# migrator methods whose first argument is a model class (or a table name)
+MODEL_METHODS = {
+    "create_model", "create_table", "remove_model", "drop_table", "add_fields", "add_columns",
+    "change_fields", "change_columns", "remove_fields", "drop_columns", "rename_field",
+    "rename_column", "rename_table", "add_index", "drop_index", "add_not_null", "drop_not_null",
+    "add_default", "drop_default", "add_constraint", "drop_constraints",
+}
+MIGRATOR_METHODS = MODEL_METHODS | {"sql", "run", "python"}
+CREATES = {"create_model", "create_table"}
+DROPS = {"remove_model", "drop_table"}
+ADDS = {"add_fields", "add_columns", "add_column"}
+# database methods that end or open a transaction of their own
+_TRANSACTION_CALLS = {"commit", "rollback", "begin", "transaction", "atomic", "manual_commit",
+                      "session_start", "session_commit", "session_rollback"}
+# a `%` psycopg2 does not read as a placeholder or as an escaped percent sign
+_STRAY_PERCENT = re.compile(r"%(?!%|s|\([^)]*\)s)")
+_MAX_HELPER_DEPTH = 8
+
+DM001_MESSAGE = ("runs SQL at once, before the migrator's queued operations (and even in a faked "
+                 "run): use migrator.sql(...) instead")
+DM004_FIX = ("add it null=True with a default, fill existing rows with migrator.sql('UPDATE ...'), "
+             "then SET NOT NULL and DROP DEFAULT (migrations/004_fix_sourcedir_language.py)")
+
+
+def _is_trivial(body: list[ast.stmt]) -> bool:
+    """True for a body of only a docstring, ``pass`` and ``...``."""
+    return all(isinstance(s, ast.Pass)
+               or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body)
+
+
+def _position(node: ast.AST) -> tuple[int, int]:
+    return (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))
+
+
+def _calls_in_order(fn: ast.FunctionDef) -> list[ast.Call]:
+    """Return the calls of a function's own body in source order (nested defs and classes aside)."""
+    calls, stack = [], list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Call):
+            calls.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return sorted(calls, key=_position)
+
+
+def _aliases(fn: ast.AST, names: set[str]) -> set[str]:
+    """Return ``names`` and every name assigned one of them (``mg = migrator``), in ``fn``."""
+    names = set(names)
+    assigns = [n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.NamedExpr))]
+    while True:
+        more = {t.id for n in assigns if isinstance(n.value, ast.Name) and n.value.id in names
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Name)} - names
+        if not more:
+            return names
+        names |= more
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+class ModuleLint:
+    """The rules of one parsed migration file."""
+
+    def __init__(self, tree: ast.Module, filename: str, allow_destructive: bool):
+        self.tree = tree
+        self.file = filename
+        self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        self.allowed = allow_destructive or self._module_flag("allow_destructive") is True
+        # dbcore.runner runs a migration declaring atomic = False alone, outside any transaction
+        self.in_transaction = self._module_flag("atomic") is not False
+        self.imports: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                self.imports |= {(a.asname or a.name).split(".")[0]: a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                self.imports |= {a.asname or a.name: node.module or "." for a in node.names}
+        self.module_scope = Scope(tree, imports=self.imports)
+        entry = [f for name, f in self.functions.items() if name in ("migrate", "rollback")]
+        self.database_names = _aliases(tree, {"database", "db"} | {
+            f.args.args[1].arg for f in entry if len(f.args.args) > 1})
+        self.findings: list[Finding] = []
+        self.visited: set[int] = set()  # the calls already judged
+        self.read: set[int] = set()  # the functions already read as migrator code
+
+    def _module_flag(self, name: str) -> object:
+        """Return the constant a top-level ``name = ...`` sets (None when it is not set)."""
+        for node in self.tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AnnAssign) else []
+            if (any(isinstance(t, ast.Name) and t.id == name for t in targets)
+                    and isinstance(node.value, ast.Constant)):
+                return node.value.value
+        return None
+
+    def add(self, rule: str, line: int, message: str, severity=None) -> None:
+        self.findings.append(finding(rule, self.file, line, message, severity))
+
+    def batch(self, droppable: set[str] = frozenset()) -> SqlBatch:
+        return SqlBatch(droppable_tables=droppable, allow_destructive=self.allowed,
+                        in_transaction=self.in_transaction, source=self.file)
+
+    def run(self) -> list[Finding]:
+        self._whole_file_rules()
+        migrate, rollback = self.functions.get("migrate"), self.functions.get("rollback")
+        made: set[str] = set()
+        if migrate is not None:
+            made = self._read_entry(migrate, self.batch())
+        if rollback is None:
+            if migrate is not None and not _is_trivial(migrate.body):
+                self.add("DM005", migrate.lineno,
+                         "no rollback(): write one that undoes migrate() (the rollback subflow "
+                         "runs it after a failed post-check)")
+        else:
+            if migrate is not None and not _is_trivial(migrate.body) and _is_trivial(rollback.body):
+                self.add("DM005", rollback.lineno,
+                         "rollback() does nothing while migrate() changes the schema: make it "
+                         "undo migrate(), or raise with the manual steps if it cannot")
+            self._read_entry(rollback, self.batch(made))
+        self._unread_helpers()
+        self._unjudged_drops()
+        return list(dict.fromkeys(self.findings))  # a helper read twice reports once
+
+    def _read_entry(self, fn: ast.FunctionDef, batch: SqlBatch) -> set[str]:
+        """Read migrate() or rollback() in one batch; return the tables it leaves created."""
+        migrator = fn.args.args[0].arg if fn.args.args else "migrator"
+        self._read(fn, Scope(fn, self.module_scope), {migrator}, batch, fn.name, [])
+        return set(batch.created)
+
+    # -- file-wide rules ----------------------------------------------------------------------
+
+    def _whole_file_rules(self) -> None:
+        """DM001, DM002 and DM010 apply anywhere in the file, helpers included."""
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Attribute):
+                on_database = isinstance(node.value, ast.Name) and node.value.id in self.database_names
+                if node.attr == "execute_sql":
+                    self.add("DM001", node.lineno, f"{ast.unparse(node)} {DM001_MESSAGE}")
+                elif node.attr in ("cursor", "connection") and on_database:
+                    self.add("DM001", node.lineno, f"{ast.unparse(node)}() gives a raw connection "
+                             f"that {DM001_MESSAGE}")
+            if not isinstance(node, ast.Call):
+                continue
+            if (isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) > 1
+                    and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in ("execute_sql", "cursor", "connection")):
+                self.add("DM001", node.lineno, f"getattr(..., {node.args[1].value!r}) {DM001_MESSAGE}")
+            if not isinstance(node.func, ast.Attribute):
+                continue
+            attr = node.func.attr
+            if attr in ("add_column", "drop_column"):
+                self.add("DM002", node.lineno,
+                         f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
+            elif (attr in _TRANSACTION_CALLS and isinstance(node.func.value, ast.Name)
+                  and node.func.value.id in self.database_names):
+                self.add("DM010", node.lineno,
+                         f"database.{attr}() in a migration ends or splits the batch transaction, "
+                         "so a later failure can no longer undo what ran before: remove it (the "
+                         "runner already wraps every migration in one transaction)")
+
+    def _unread_helpers(self) -> None:
+        """Read helper functions never called with the migrator in a way the lint can follow."""
+        for fn in ast.walk(self.tree):
+            if not isinstance(fn, ast.FunctionDef) or id(fn) in self.read or \
+                    fn.name in ("migrate", "rollback") and fn in self.functions.values():
+                continue
+            params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+            receivers = {c.func.value.id for c in _calls_in_order(fn)
+                         if isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name)
+                         and c.func.attr in MIGRATOR_METHODS} & params
+            if receivers:
+                self._read(fn, Scope(fn, self.module_scope), receivers, self.batch(), fn.name, [])
+
+    def _unjudged_drops(self) -> None:
+        """DM003 applies file-wide: any drop call the migrator reading did not judge."""
+        for node in ast.walk(self.tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in DROPS | {"drop_tables"} and id(node) not in self.visited):
+                for rule, message, severity in self.batch().drop(
+                        "?", f"{ast.unparse(node.func)}() (read outside migrate()/rollback())"):
+                    self.add(rule, node.lineno, message, severity)
+
+    # -- migrate(), rollback() and their helpers ------------------------------------------------
+
+    def _read(self, fn: ast.FunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
+              where: str, stack: list[ast.FunctionDef]) -> None:
+        self.read.add(id(fn))
+        migrator = _aliases(fn, migrator)
+        for call in _calls_in_order(fn):
+            func = call.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+                    and func.value.id in migrator:
+                self.visited.add(id(call))
+                self._migrator_call(where, call, scope, batch)
+            elif isinstance(func, ast.Name):
+                self._helper_call(fn, call, scope, migrator, batch, where, stack)
+
+    def _helper_call(self, fn, call: ast.Call, scope: Scope, migrator: set[str], batch: SqlBatch,
+                     where: str, stack: list[ast.FunctionDef]) -> None:
+        """Read a helper function where it is called, its migrator parameters as the migrator."""
+        helper = scope.function_named(call.func.id)
+        if helper is None or helper in stack or len(stack) >= _MAX_HELPER_DEPTH:
+            return
+        params = [a.arg for a in helper.args.posonlyargs + helper.args.args]
+        passed = {params[i] for i, arg in enumerate(call.args[:len(params)])
+                  if isinstance(arg, ast.Name) and arg.id in migrator}
+        passed |= {k.arg for k in call.keywords if isinstance(k.value, ast.Name) and k.value.id in migrator}
+        nested = helper.name in scope.functions and scope is not self.module_scope
+        closure = (migrator - set(params)) if nested else set()
+        if passed | closure:
+            inner = Scope(helper, scope if nested else self.module_scope)
+            self._read(helper, inner, passed | closure, batch, where, stack + [helper])
+
+    def _migrator_call(self, where: str, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
+        method = call.func.attr
+        first = call.args[0] if call.args else _keyword(call, "model")
+        table = None
+        if method in MODEL_METHODS and first is not None:
+            self._check_model_arg(where, method, first, scope)
+            # a model the lint cannot resolve is keyed by its text, the same in both functions
+            table = scope.table(first, call) or ast.unparse(first)
+        if method in CREATES and table:
+            batch.create(table)
+        elif method in DROPS:
+            what = f"{where}() dropping table {table}" + \
+                ("" if where == "migrate" else " that its migrate() did not create")
+            for rule, message, severity in batch.drop(table or "(unknown)", what):
+                self.add(rule, call.lineno, message, severity)
+        elif method == "sql":
+            self._check_sql_call(call, scope, batch)
+        elif table is not None and not batch.is_existing(table):
+            if method == "rename_table" and len(call.args) > 1:
+                batch.rename(table, scope.table(call.args[1], call) or "")
+        elif method in ADDS:
+            self._check_added_fields(call, table or "(unknown)", scope)
+        else:
+            self._check_locking_method(method, call, table or "the table")
+
+    def _check_model_arg(self, where: str, method: str, node: ast.expr, scope: Scope) -> None:
+        root = node
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if not isinstance(root, ast.Name):
+            return  # a table name string, or migrator.orm["table"]: this migration's schema
+        origin = self.imports.get(root.id)
+        if origin is None and (root is not node or scope.class_named(root.id) or scope.binds(root.id)):
+            return  # defined or bound in the migration (e.g. Project = migrator.orm["project"])
+        name = ast.unparse(node)
+        how = f"imported from {origin}" if origin else "not defined in this migration"
+        self.add("DM008", node.lineno,
+                 f"{where}() passes {name} to migrator.{method} but the class is {how}: the "
+                 "application's current model may not match the schema at this migration; "
+                 "define the model class in the migration file")
+
+    def _check_sql_call(self, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
+        """Check a migrator.sql call: how its SQL is built, its placeholders, then the SQL itself."""
+        node = call.args[0] if call.args else _keyword(call, "sql")
+        if node is None:
+            return
+        value = scope.string(node, call)
+        if value.built:
+            self.add("DM006", call.lineno,
+                     f"migrator.sql builds its SQL with {value.built}: keep the SQL a constant "
+                     "string and pass values as parameters, migrator.sql('... WHERE x = %s', value) "
+                     "(identifiers cannot be parameters: write them into the string)")
+            return
+        if value.text is None:
+            self.add("DM006", call.lineno,
+                     f"cannot check this SQL statically ({ast.unparse(node)[:60]} is not a constant "
+                     "string): write the SQL as a string literal in the migration, so that the "
+                     "lint (and the reviewer) can read it", "warning")
+            return
+        text, params = value.text, call.args[1:]
+        if _STRAY_PERCENT.search(text.replace("%%", "")):
+            self.add("DM009", call.lineno,
+                     "migrator.sql has a literal % that psycopg2 reads as a placeholder and fails "
+                     "on: write it as %%")
+        elif "%(" not in text and not any(isinstance(p, ast.Starred) for p in params):
+            wanted = text.replace("%%", "").count("%s")
+            if wanted != len(params):
+                self.add("DM009", call.lineno,
+                         f"migrator.sql has {wanted} %s placeholder(s) but {len(params)} "
+                         "parameter(s): pass one value per %s, as migrator.sql(sql, a, b)")
+        self.findings += batch.check(text, call.lineno)
+
+    def _added_fields(self, call: ast.Call, scope: Scope):
+        """Yield (name, field expression or None when unknown, line) of an add_columns call."""
+        for kw in call.keywords:
+            if kw.arg == "allow_not_null":
+                continue
+            if kw.arg is not None:
+                yield kw.arg, scope.value(kw.value, call), kw.value.lineno
+                continue
+            fields = scope.value(kw.value, call)
+            if isinstance(fields, ast.Dict) and all(isinstance(k, ast.Constant) for k in fields.keys):
+                for key, value in zip(fields.keys, fields.values):
+                    yield str(key.value), scope.value(value, call), value.lineno
+            else:
+                yield f"**{ast.unparse(kw.value)}", None, kw.value.lineno
+
+    def _check_added_fields(self, call: ast.Call, table: str, scope: Scope) -> None:
+        allow_not_null = any(k.arg == "allow_not_null" and isinstance(k.value, ast.Constant)
+                             and k.value.value is True for k in call.keywords)
+        for name, field, line in self._added_fields(call, scope):
+            if not isinstance(field, ast.Call):
+                self.add("DM004", line, f"cannot check the field(s) {table}.{name} statically: "
+                         "pass each field as name=pw.XField(...) in the call, so that the lint can "
+                         "tell whether it is added NOT NULL in one step", "warning")
+                continue
+            options = {k.arg: k.value for k in field.keywords if k.arg}
+
+            def is_true(key: str, default: bool = False) -> bool:
+                value = options.get(key)
+                return default if value is None else isinstance(value, ast.Constant) and value.value is True
+
+            default = options.get("default")
+            has_default = default is not None and not (isinstance(default, ast.Constant)
+                                                       and default.value is None)
+            kind = ast.unparse(field.func)
+            if not is_true("null") and (allow_not_null or not has_default):
+                consequence = ("PostgreSQL rejects it on any table with rows" if allow_not_null else
+                               "peewee raises ValueError ('... is not null but has no default') "
+                               "as soon as the migration runs")
+                self.add("DM004", line, f"{table}.{name} is added NOT NULL without a default in one "
+                         f"step: {consequence}; {DM004_FIX}")
+            foreign_key = kind.endswith("ForeignKeyField")
+            if foreign_key:
+                self.add("DS102", line,
+                         f"{table}.{name} adds a foreign key validated at once, locking {table} "
+                         f"while every row is checked: {RECIPES['DS102']}")
+            if is_true("index", default=foreign_key) or is_true("unique"):
+                what = "its foreign key's index" if foreign_key and not is_true("unique") else "an index"
+                self.add("DS101", line,
+                         f"{table}.{name} builds {what} on existing table {table} without "
+                         f"CONCURRENTLY: {RECIPES['DS101']}")
+
+    def _check_locking_method(self, method: str, call: ast.Call, table: str) -> None:
+        """The SQL rules, for migrator methods that generate such SQL themselves."""
+        if method in ("rename_field", "rename_column", "rename_table"):
+            self.add("DS105", call.lineno, f"migrator.{method} on {table} breaks the running "
+                     f"application's queries until it is redeployed: {RECIPES['DS105']}")
+        elif method in ("change_fields", "change_columns"):
+            self.add("DS103", call.lineno, f"migrator.{method} on {table} may change a column's "
+                     f"type, rewriting the table under an ACCESS EXCLUSIVE lock: {RECIPES['DS103']}")
+        elif method == "add_not_null":
+            self.add("DS104", call.lineno, f"migrator.add_not_null on {table} scans the whole table "
+                     f"under an ACCESS EXCLUSIVE lock: {RECIPES['DS104']}")
+        elif method == "add_index":
+            self.add("DS101", call.lineno, f"migrator.add_index on existing table {table} builds "
+                     f"the index without CONCURRENTLY: {RECIPES['DS101']}")

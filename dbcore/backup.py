@@ -212,14 +212,22 @@ def backup_to_s3(
     compression = f"zstd:{settings.backup_zstd_level}"
     log.info("backing %s up to s3://%s/%s (%s)", target.masked_url, storage.bucket, key, compression)
     upload = MultipartUpload(storage, key, CONTENT_TYPE)
+    completing = False
     try:
         upload.start()
         size, sha256 = _dump_compressed(pg_dump, target, settings, upload.put, progress)
+        completing = True
         upload.complete()
     except BaseException as exc:
-        upload.abort()
+        # once complete() was sent the object may exist: remove it, never leave one unchecked
+        aborted = upload.abort()
+        if completing:
+            _delete_quietly(storage, key)
         if isinstance(exc, S3_ERRORS):
-            raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}", exc) from exc
+            left = ("" if aborted else f"; the unfinished upload of {key} could not be aborted: a "
+                    "bucket lifecycle rule AbortIncompleteMultipartUpload removes such leftovers")
+            raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}{left}",
+                                   exc) from exc
         raise
     info = BackupInfo(
         key=key, bucket=storage.bucket, size=size, sha256=sha256, database=target.dbname,
@@ -228,11 +236,13 @@ def backup_to_s3(
     )
     try:
         replace_metadata(storage, key, info.to_metadata(), CONTENT_TYPE)
-    except S3_ERRORS as exc:
+    except BaseException as exc:
         # an object without its checksum is no backup: remove it rather than leave a trap
         _delete_quietly(storage, key)
-        raise BackupFailed(f"{what} failed recording its metadata: "
-                           f"{describe_error(exc, storage)}") from exc
+        if isinstance(exc, S3_ERRORS):
+            raise BackupFailed(f"{what} failed recording its metadata: "
+                               f"{describe_error(exc, storage)}") from exc
+        raise
     log.info("stored %s: %s bytes, sha256 %s", key, size, sha256)
     return info
 
@@ -385,7 +395,11 @@ def _archive_entries(pg_restore: PgTool, path: Path, key: str) -> int:
 
 
 def _major(version: str) -> int:
-    return int(version.split(".")[0])
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        raise BackupCorrupt(f"the backup's metadata names pg_dump version {version!r}, which "
+                            "is not a version: the object was not written by dbmigrate") from None
 
 
 def verify_backup(key: str, settings: Settings, progress: Progress | None = None) -> VerifyReport:
@@ -440,20 +454,39 @@ def _create_database(into: Target) -> None:
     log.info("created database %s to restore into", into.dbname)
 
 
+_USER_OBJECTS = """
+WITH user_ns AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+      AND nspname NOT LIKE 'pg\\_toast%%' AND nspname NOT LIKE 'pg\\_temp%%'
+), from_extensions AS (
+    SELECT objid FROM pg_depend WHERE deptype = 'e'
+), objects AS (
+    SELECT 0 AS rank, n.nspname || '.' || c.relname AS name
+    FROM pg_class c JOIN user_ns n ON n.oid = c.relnamespace
+    WHERE c.oid NOT IN (SELECT objid FROM from_extensions)
+    UNION ALL
+    SELECT 1, 'function ' || n.nspname || '.' || p.proname
+    FROM pg_proc p JOIN user_ns n ON n.oid = p.pronamespace
+    WHERE p.oid NOT IN (SELECT objid FROM from_extensions)
+    UNION ALL
+    SELECT 2, 'type ' || n.nspname || '.' || t.typname
+    FROM pg_type t JOIN user_ns n ON n.oid = t.typnamespace
+    WHERE t.typrelid = 0 AND t.typelem = 0 AND t.oid NOT IN (SELECT objid FROM from_extensions)
+    UNION ALL
+    SELECT 3, 'schema ' || nspname FROM user_ns WHERE nspname <> 'public'
+    UNION ALL
+    SELECT 4, 'extension ' || extname FROM pg_extension WHERE extname <> 'plpgsql'
+)
+SELECT count(*) OVER (), name FROM objects ORDER BY rank, name LIMIT %s
+"""
+
+
 def user_relations(conn, limit: int = 5) -> tuple[int, list[str]]:
-    """Return how many tables, views, sequences... the database holds outside the system schemas, and a few names."""
+    """Return how many objects of its own the database holds (tables, views, functions, types,
+    schemas, extensions), and a few names."""
     with conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT count(*) OVER (), n.nspname || '.' || c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
-            ORDER BY c.relkind <> 'r', 2
-            LIMIT %s
-            """,
-            (limit,),
-        )
+        cur.execute(_USER_OBJECTS, (limit,))
         rows = cur.fetchall()
     return (rows[0][0] if rows else 0), [name for _, name in rows]
 
@@ -466,17 +499,18 @@ def restore_backup(
 
     ``progress`` receives the bytes of the stored object downloaded so far.
     """
-    if into.env is Env.PRODUCTION and not allow_production:
+    if into.env is not Env.LOCAL and not allow_production:
+        # proxy is production too, reached through the tunnel
         raise RestoreRefused(
-            f"refusing to restore into the production database {into.dbname}: pass "
-            "--allow-production (allow_production=True) if overwriting production is really meant"
+            f"refusing to restore into the {into.env} database {into.dbname}: pass "
+            "--allow-production (allow_production=True) if overwriting it is really meant"
         )
     storage = open_storage(settings)
     started = time.monotonic()
     state = _inspect(into)
     if state.relations and not force:
         raise RestoreRefused(
-            f"database {into.dbname} is not empty ({state.relations} relations, e.g. "
+            f"database {into.dbname} is not empty ({state.relations} objects, e.g. "
             f"{', '.join(state.examples)}): restore into a new database, or pass --force to overwrite it"
         )
     pg_restore = find_pg_tool("pg_restore", state.server_major)
@@ -485,6 +519,11 @@ def restore_backup(
         path = Path(tmp) / "backup.dump"
         # the whole object is checked before the target is touched (or even created)
         info = _fetch(storage, key, path, progress)
+        if _major(info.pg_dump_version) > state.server_major:
+            raise RestoreRefused(
+                f"{key} was written by pg_dump {info.pg_dump_version}, newer than the PostgreSQL "
+                f"{state.server_major} server of {into.dbname}: restore it into a server of "
+                f"version {_major(info.pg_dump_version)} or later")
         _archive_entries(pg_restore, path, key)
         if not state.exists:
             _create_database(into)
@@ -522,7 +561,10 @@ def list_backups(settings: Settings, *, database: str | None = None,
     """Return the stored backups (of one database and/or environment if given), newest first."""
     storage = open_storage(settings)
     base = f"{storage.prefix}/" if storage.prefix else ""
-    listing = base + (f"{env}/" + (f"{database}/" if database else "") if env else "")
+    # keys hold the names made safe for a key: filter with the same spelling
+    env_part = _UNSAFE_IN_KEY.sub("_", env) if env else None
+    db_part = _UNSAFE_IN_KEY.sub("_", database) if database else None
+    listing = base + (f"{env_part}/" + (f"{db_part}/" if db_part else "") if env_part else "")
     found = []
     try:
         for obj in list_objects(storage, listing):
@@ -530,7 +572,7 @@ def list_backups(settings: Settings, *, database: str | None = None,
             rest = key[len(base):].split("/")
             if not key.endswith(SUFFIX) or len(rest) != 3:
                 continue
-            if database and rest[1] != database:
+            if db_part and rest[1] != db_part:
                 continue
             try:
                 found.append(BackupInfo.from_metadata(key, storage.bucket,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Callable
 
 import peewee
+import psycopg2
 from pydantic import ValidationError
 
 from dbcore.connection import Env, Target, redact, resolve_target
@@ -97,8 +100,18 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+def _interrupt_on_sigterm() -> None:
+    """Make SIGTERM (timeout, systemd, a container stop) unwind like Ctrl-C, so cleanups run."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dbmigrate``; return the exit code."""
+    _interrupt_on_sigterm()
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, default in (("database_url", None), ("migrations_dir", None), ("env", None),
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"dbmigrate: error: {describe_invalid(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except (DbcoreError, peewee.DatabaseError) as exc:
+    except (DbcoreError, peewee.DatabaseError, psycopg2.Error, OSError) as exc:
         secrets = [settings.database_password() if settings else None]
         if args.database_url:
             from dbcore.connection import url_password
@@ -127,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("%s", type(exc).__name__)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, DbcoreError):
+        if isinstance(exc, OSError):
+            text = f"{type(exc).__name__}: {text}"
+        elif not isinstance(exc, DbcoreError):
             text = f"the database refused: {text}"
         print(f"dbmigrate: error: {redact(text, *secrets)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED

@@ -126,6 +126,13 @@ def cmd_prune(ctx: Context) -> int:
     return 0
 
 
+def _jobs(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the backup sub-commands to ``dbmigrate``."""
     p = sub.add_parser("backup", parents=[common],
@@ -150,7 +157,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--force", action="store_true", help="overwrite a database that is not empty")
     p.add_argument("--allow-production", action="store_true",
                    help="allow restoring into a production database")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="pg_restore jobs (default: cores, at most 4)")
+    p.add_argument("--jobs", "-j", type=_jobs, default=None, help="pg_restore jobs (default: cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_restore)
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from dbcore.connection import Target
 from dbcore.errors import ToolNotFound
@@ -132,4 +132,6 @@ def libpq_args(target: Target) -> tuple[str, dict[str, str]]:
     if target.password:
         env["PGPASSWORD"] = target.password
     env.setdefault("PGCONNECT_TIMEOUT", "10")
-    return urlunsplit(parts), env
+    # Built by hand: urlunsplit drops the "//" of a URL with no host (postgres:///db?host=/run/x)
+    query_part = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query_part}", env

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 #: a dead endpoint must fail a backup in seconds, not after botocore's 60 s x 5 attempts
 CONNECT_TIMEOUT = 5
-READ_TIMEOUT = 60
-MAX_ATTEMPTS = 3
+# a hung server fails a backup in about a minute, not several (parts in flight each wait)
+READ_TIMEOUT = 20
+MAX_ATTEMPTS = 2
 #: 16 MiB parts: S3 allows 10,000 parts, so up to 160 GB stored per backup
 PART_SIZE = 16 * 1024 * 1024
 #: parts uploading while the next one is compressed; bounds memory to about (2 + 1) parts
@@ -217,13 +218,13 @@ class MultipartUpload:
             MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
         )
 
-    def abort(self) -> None:
-        """Drop the upload and its parts; an error doing so is logged (S3 may be the thing that failed)."""
+    def abort(self) -> bool:
+        """Drop the upload and its parts; return False if S3 could not be told (it may be what failed)."""
         for future in self._pending:
             future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.upload_id is None:
-            return
+            return True
         try:
             self.storage.client.abort_multipart_upload(
                 Bucket=self.storage.bucket, Key=self.key, UploadId=self.upload_id
@@ -232,6 +233,8 @@ class MultipartUpload:
             log.warning("could not abort the multipart upload of %s: %s (a bucket lifecycle rule "
                         "AbortIncompleteMultipartUpload cleans such leftovers)",
                         self.key, describe_error(exc, self.storage))
+            return False
+        return True
 
 
 def replace_metadata(storage: Storage, key: str, metadata: dict[str, str], content_type: str) -> None:

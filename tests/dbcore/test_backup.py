@@ -154,10 +154,27 @@ def test_restore_into_a_non_empty_database_needs_force(target, make_database, s3
     assert fingerprint(other.url) == fingerprint(target.url)
 
 
-def test_restore_refuses_production_unless_allowed(target, s3_settings):
-    production = Target(Env.PRODUCTION, target.url)
-    with pytest.raises(RestoreRefused, match="production"):
-        restore_backup("backups/any.dump", production, s3_settings)
+@pytest.mark.parametrize("env", [Env.PRODUCTION, Env.PROXY])
+def test_restore_refuses_production_unless_allowed(target, make_database, s3_settings, env):
+    fill(target.url)
+    info = backup_to_s3(target, s3_settings)
+    live = Target(env, make_database())
+    query(live.url, "CREATE TABLE orders (id int); INSERT INTO orders VALUES (1)")
+    with pytest.raises(RestoreRefused, match=f"{env} database.*--allow-production"):
+        restore_backup(info.key, live, s3_settings, force=True)
+    assert query(live.url, "SELECT count(*) FROM orders") == [(1,)]
+    restore_backup(info.key, live, s3_settings, force=True, allow_production=True)
+    assert fingerprint(live.url) == fingerprint(target.url)
+
+
+def test_a_database_with_only_functions_and_types_is_not_empty(target, make_database, s3_settings):
+    fill(target.url)
+    info = backup_to_s3(target, s3_settings)
+    other = Target(Env.LOCAL, make_database())
+    query(other.url, "CREATE SCHEMA app; CREATE TYPE app.mood AS ENUM ('ok'); "
+                     "CREATE FUNCTION app.f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    with pytest.raises(RestoreRefused, match="not empty"):
+        restore_backup(info.key, other, s3_settings)
 
 
 def test_missing_backup_is_reported(target, s3_settings):
@@ -240,6 +257,7 @@ def test_prune_keeps_the_newest_n_of_each_database(target, make_database, s3_set
 
     listed = list_backups(s3_settings, database=target.dbname)
     assert [b.key for b in listed] == keys[::-1]  # newest first
+    assert [b.key for b in list_backups(s3_settings, env="local", database=target.dbname)] == keys[::-1]
 
     deleted = prune_backups(s3_settings, keep=2)
     assert sorted(deleted) == sorted(keys[:2])

@@ -35,7 +35,8 @@ _PG_TYPE_NAMES = {
     "JSON": "json", "JSONB": "jsonb",
 }
 _DDL_TYPE = re.compile(r"^\s*([A-Za-z][A-Za-z ]*?)\s*(\([^)]*\))?\s*((?:\[\d*\])*)\s*$")
-_INDEX_METHOD = re.compile(r"\bUSING\s+(\w+)", re.IGNORECASE)
+_RAW_INDEX_NAME = re.compile(r'\bINDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?"?([\w$]+)"?',
+                             re.IGNORECASE)
 
 
 def pg_type_name(ddl_type: str) -> str:
@@ -91,6 +92,8 @@ class DriftReport:
 
     differences: tuple[Difference, ...]
     tables: tuple[str, ...] = ()
+    #: what was deliberately not compared (e.g. expression indexes), for a reader to check by hand
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -98,24 +101,29 @@ class DriftReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "tables": list(self.tables),
-                "differences": [d.to_dict() for d in self.differences]}
+                "differences": [d.to_dict() for d in self.differences], "notes": list(self.notes)}
 
     def text(self) -> str:
         """Return the terminal rendering: one line per difference, or that there is none."""
         if self.ok:
-            return f"schema matches the models ({len(self.tables)} tables)"
-        lines = [f"schema drift: {len(self.differences)} difference(s) between the models and the database"]
-        return "\n".join(lines + [f"  {d.kind}: {d.describe()}" for d in self.differences])
+            lines = [f"schema matches the models ({len(self.tables)} tables)"]
+        else:
+            lines = [f"schema drift: {len(self.differences)} difference(s) between the models and "
+                     "the database"] + [f"  {d.kind}: {d.describe()}" for d in self.differences]
+        return "\n".join(lines + [f"  not compared: {note}" for note in self.notes])
 
     def to_markdown(self) -> str:
         """Return a markdown section (a verdict and a table) for a Prefect artifact."""
         if self.ok:
-            return f"### Schema matches the models\n\n{len(self.tables)} tables compared."
-        lines = [f"### Schema drift: {len(self.differences)} difference(s)", "",
-                 "| kind | table | column / index | models | database |", "|---|---|---|---|---|"]
+            lines = [f"### Schema matches the models\n\n{len(self.tables)} tables compared."]
+        else:
+            lines = [f"### Schema drift: {len(self.differences)} difference(s)", "",
+                     "| kind | table | column / index | models | database |", "|---|---|---|---|---|"]
         for d in self.differences:
             cells = [d.kind, d.table, d.column or d.index or "", d.expected or "", d.actual or ""]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if self.notes:
+            lines += ["", "Not compared (check by hand):", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -125,11 +133,19 @@ class _Index:
     columns: tuple[str, ...]
     unique: bool
     method: str
+    predicate: str | None = None  # a partial index's WHERE, as pg_get_expr() prints it
+    expressions: bool = False  # indexes an expression: ``columns`` is then incomplete
+
+    @property
+    def key(self) -> tuple:
+        return (self.columns, self.unique, self.method, self.predicate)
 
     def label(self) -> str:
         kind = "UNIQUE " if self.unique else ""
         using = "" if self.method == "btree" else f" USING {self.method}"
-        return f"{kind}({', '.join(self.columns)}){using}"
+        where = f" WHERE {self.predicate}" if self.predicate else ""
+        what = "(expressions)" if self.expressions else f"({', '.join(self.columns)})"
+        return f"{kind}{what}{using}{where}"
 
 
 @contextmanager
@@ -153,29 +169,89 @@ def _ddl_type(db: peewee.Database, field: peewee.Field) -> str:
     return db.get_sql_context().sql(node).query()[0] if node is not None else ""
 
 
-def _expected_indexes(db: peewee.Database, model: type[peewee.Model]) -> list[_Index]:
-    indexes = []
+def _expected_indexes(model: type[peewee.Model], notes: list[str]) -> tuple[list[_Index], set[str]]:
+    """Return the model's indexes the check can compare, and the names of those it cannot.
+
+    An index on an expression, a partial index or one written as raw SQL has no reliable
+    counterpart in the catalog's spelling: it is listed in ``notes``, never reported as drift.
+    """
+    table = model._meta.table_name
+    indexes, skipped = [], set()
     for index in model._meta.fields_to_index():
-        columns = tuple(e.column_name if isinstance(e, peewee.Field)
-                        else db.get_sql_context().sql(e).query()[0] for e in index._expressions)
-        indexes.append(_Index(index._name, columns, bool(index._unique),
-                              (index._using or "btree").lower()))
-    return indexes
+        if not isinstance(index, peewee.Index):
+            match = _RAW_INDEX_NAME.search(getattr(index, "sql", ""))
+            name = match.group(1) if match else "(raw SQL)"
+            notes.append(f"index {name} on {table} is defined as raw SQL in the model")
+            skipped.add(name)
+            continue
+        why = ("has a WHERE clause (partial index)" if index._where is not None else
+               "indexes an expression" if not all(isinstance(e, peewee.Field) for e in index._expressions)
+               else None)
+        if why:
+            notes.append(f"index {index._name} on {table} {why}")
+            skipped.add(index._name)
+            continue
+        indexes.append(_Index(index._name, tuple(e.column_name for e in index._expressions),
+                              bool(index._unique), (index._using or "btree").lower()))
+    return indexes, skipped
+
+
+# every index of a table but the primary key's, with its key columns (INCLUDE columns aside)
+_TABLE_INDEXES = """
+    SELECT i.relname, x.indisunique, am.amname, pg_get_expr(x.indpred, x.indrelid),
+           x.indexprs IS NOT NULL,
+           ARRAY(SELECT a.attname::text
+                 FROM unnest((x.indkey::int2[])[0:x.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
+                 JOIN pg_attribute AS a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+                 ORDER BY k.ord)
+    FROM pg_index AS x
+    JOIN pg_class AS i ON i.oid = x.indexrelid
+    JOIN pg_class AS t ON t.oid = x.indrelid
+    JOIN pg_namespace AS n ON n.oid = t.relnamespace
+    JOIN pg_am AS am ON am.oid = i.relam
+    WHERE t.relname = %s AND n.nspname = COALESCE(%s, current_schema()) AND NOT x.indisprimary
+    ORDER BY i.relname
+"""
 
 
 def _actual_indexes(db: peewee.Database, table: str, schema: str | None) -> list[_Index]:
-    primary = tuple(db.get_primary_keys(table, schema))
-    found = []
-    for meta in db.get_indexes(table, schema):
-        if meta.unique and tuple(meta.columns) == primary:
-            continue  # the primary key's own index: compared as the primary key
-        method = _INDEX_METHOD.search(meta.sql)
-        found.append(_Index(meta.name, tuple(meta.columns), bool(meta.unique),
-                            method.group(1).lower() if method else "btree"))
-    return found
+    # peewee's get_indexes loses expressions and WHERE clauses: this needs the catalog
+    rows = db.execute_sql(_TABLE_INDEXES, (table, schema)).fetchall()
+    return [_Index(name, tuple(columns), bool(unique), method, predicate, bool(expressions))
+            for name, unique, method, predicate, expressions, columns in rows]
 
 
-def _model_drift(db: peewee.Database, model: type[peewee.Model]) -> Iterator[Difference]:
+def _index_drift(table: str, expected: list[_Index], skipped: set[str], actual: list[_Index],
+                 notes: list[str]) -> Iterator[Difference]:
+    """Yield the index differences: exact matches first, then same columns, then what is left."""
+    have = list(actual)
+    unmatched = []
+    for want in expected:
+        index = next((i for i in have if i.key == want.key and not i.expressions), None)
+        if index is None:
+            unmatched.append(want)
+        else:
+            have.remove(index)
+    for want in unmatched:
+        index = next((i for i in have if i.columns == want.columns and not i.expressions), None)
+        if index is None:
+            yield Difference("missing_index", table, index=want.name, expected=want.label())
+        else:
+            have.remove(index)
+            yield Difference("index_mismatch", table, index=index.name, expected=want.label(),
+                             actual=index.label())
+    for index in have:
+        if index.name in skipped:
+            continue  # the model's own uncomparable index: already in the notes
+        if skipped and (index.expressions or index.predicate):
+            notes.append(f"index {index.name} {index.label()} on {table} may be one of the "
+                         "model's indexes above")
+            continue
+        yield Difference("extra_index", table, index=index.name, actual=index.label())
+
+
+def _model_drift(db: peewee.Database, model: type[peewee.Model],
+                 notes: list[str]) -> Iterator[Difference]:
     meta = model._meta
     table, schema = meta.table_name, meta.schema
     actual = {c.name: c for c in db.get_columns(table, schema)}
@@ -206,16 +282,8 @@ def _model_drift(db: peewee.Database, model: type[peewee.Model]) -> Iterator[Dif
         yield Difference("primary_key_mismatch", table, expected=", ".join(want_pk),
                          actual=", ".join(have_pk))
 
-    have = {i.columns: i for i in _actual_indexes(db, table, schema)}
-    for want in _expected_indexes(db, model):
-        index = have.pop(want.columns, None)
-        if index is None:
-            yield Difference("missing_index", table, index=want.name, expected=want.label())
-        elif (index.unique, index.method) != (want.unique, want.method):
-            yield Difference("index_mismatch", table, index=index.name, expected=want.label(),
-                             actual=index.label())
-    for index in have.values():
-        yield Difference("extra_index", table, index=index.name, actual=index.label())
+    expected, skipped = _expected_indexes(model, notes)
+    yield from _index_drift(table, expected, skipped, _actual_indexes(db, table, schema), notes)
 
 
 def schema_drift(
@@ -228,6 +296,7 @@ def schema_drift(
     models = list(models)
     ignored = set(ignore_tables)
     differences: list[Difference] = []
+    notes: list[str] = []
     with _opened(db_or_target) as db:
         schemas = {m._meta.schema for m in models} or {None}
         present = {(s, t) for s in schemas for t in db.get_tables(s)}
@@ -236,12 +305,12 @@ def schema_drift(
             if (model._meta.schema, model._meta.table_name) not in present:
                 differences.append(Difference("missing_table", model._meta.table_name))
             else:
-                differences += _model_drift(db, model)
+                differences += _model_drift(db, model, notes)
         for schema, table in sorted(present - modelled, key=lambda p: (p[0] or "", p[1])):
             if table not in ignored:
                 differences.append(Difference("extra_table", table))
     log.debug("schema drift: %d difference(s) over %d model(s)", len(differences), len(models))
-    return DriftReport(tuple(differences), tuple(sorted(t for _, t in modelled)))
+    return DriftReport(tuple(differences), tuple(sorted(t for _, t in modelled)), tuple(notes))
 
 
 @dataclass(frozen=True)

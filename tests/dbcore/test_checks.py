@@ -71,6 +71,17 @@ def test_sample_migrations_build_exactly_the_models(target, settings, migrations
      "index_mismatch", "project", "project_slug", "UNIQUE (slug)", "(slug)"),
     ("CREATE INDEX document_filename ON document (filename)",
      "extra_index", "document", "document_filename", None, "(filename)"),
+    # a second index on the FK's columns is not hidden by the FK's own index
+    ("CREATE UNIQUE INDEX sourcedir_project_once ON sourcedir (project_id)",
+     "extra_index", "sourcedir", "sourcedir_project_once", None, "UNIQUE (project_id)"),
+    ("CREATE INDEX document_named ON document (filename) WHERE filename <> ''",
+     "extra_index", "document", "document_named", None,
+     "(filename) WHERE ((filename)::text <> ''::text)"),
+    ("DROP INDEX project_slug; CREATE UNIQUE INDEX project_slug ON project (slug) "
+     "WHERE slug IS NOT NULL", "index_mismatch", "project", "project_slug", "UNIQUE (slug)",
+     "UNIQUE (slug) WHERE (slug IS NOT NULL)"),
+    ("CREATE INDEX document_lower ON document (lower(filename))",
+     "extra_index", "document", "document_lower", None, "(expressions)"),
     ("CREATE TABLE stray (id integer)", "extra_table", "stray", None, None, None),
     ("DROP TABLE document", "missing_table", "document", None, None, None),
 ])
@@ -97,6 +108,44 @@ def test_several_differences_render_as_json_and_markdown(app_db):
     markdown = report.to_markdown()
     assert markdown.startswith("### Schema drift: 2 difference(s)")
     assert "| missing_column | document | content | text NOT NULL |  |" in markdown
+
+
+class Tagged(pw.Model):
+    """Indexes the drift check cannot compare with the catalog: skipped with a note, never drift."""
+
+    name = pw.CharField()
+
+    class Meta:
+        table_name = "tagged"
+
+
+Tagged.add_index(Tagged.index(pw.fn.lower(Tagged.name), name="tagged_lower_name"))
+Tagged.add_index(Tagged.index(Tagged.name, name="tagged_named", where=(Tagged.name != "")))
+Tagged.add_index(pw.SQL('CREATE INDEX "tagged_name_hash" ON "tagged" USING hash ("name")'))
+
+
+def test_expression_partial_and_raw_sql_indexes_are_notes_not_drift(target):
+    db = connect(target)
+    try:
+        with db.bind_ctx([Tagged]):
+            db.create_tables([Tagged])
+        report = schema_drift(db, [Tagged])
+        assert report.ok, report.text()
+        assert len(report.notes) == 3
+        assert any("tagged_lower_name" in n and "expression" in n for n in report.notes)
+        assert any("tagged_named" in n and "partial" in n for n in report.notes)
+        assert any("tagged_name_hash" in n and "raw SQL" in n for n in report.notes)
+        assert "not compared: " in report.text() and "Not compared" in report.to_markdown()
+        assert report.to_dict()["notes"] == list(report.notes)
+        # an extra expression index next to them is noted as possibly theirs, not drift
+        db.execute_sql("CREATE INDEX tagged_upper ON tagged (upper(name))")
+        report = schema_drift(db, [Tagged])
+        assert report.ok and any("tagged_upper" in n for n in report.notes)
+        # a plain index the model does not have still is drift
+        db.execute_sql("CREATE INDEX tagged_plain ON tagged (name)")
+        assert [d.index for d in schema_drift(db, [Tagged]).differences] == ["tagged_plain"]
+    finally:
+        db.close()
 
 
 class Everything(pw.Model):

@@ -189,7 +189,7 @@ def backup_to_s3(
 
     ``progress`` receives the bytes read from pg_dump so far (before compression).
     """
-    storage = open_storage(settings)
+    storage = open_storage(settings, str(env or target.env))
     conn = connect_raw(target, "dbmigrate-backup")
     try:
         major = server_major(conn)
@@ -505,7 +505,7 @@ def restore_backup(
             f"refusing to restore into the {into.env} database {into.dbname}: pass "
             "--allow-production (allow_production=True) if overwriting it is really meant"
         )
-    storage = open_storage(settings)
+    storage = open_storage(settings, str(into.env))
     started = time.monotonic()
     state = _inspect(into)
     if state.relations and not force:

@@ -94,8 +94,12 @@ def _session() -> boto3.session.Session:
     return session
 
 
-def open_storage(settings: Settings) -> Storage:
-    """Return the configured bucket (or the embedded `make run` one); raise ConfigError when there is none."""
+def open_storage(settings: Settings, env: str | None = None) -> Storage:
+    """Return the configured bucket (or, for local work, the embedded `make run` one); raise ConfigError when there is none.
+
+    ``env`` is the environment of the database being backed up or restored: a production or
+    proxy backup never lands on a laptop's embedded server.
+    """
     config = Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
@@ -105,6 +109,9 @@ def open_storage(settings: Settings) -> Storage:
     )
     prefix = settings.s3_prefix.strip("/")
     if not settings.s3_bucket and not settings.s3_endpoint_url:
+        if env not in (None, "local"):
+            raise ConfigError(f"no backup bucket for the {env} database: set MIGRATE_S3_BUCKET "
+                              "(and MIGRATE_S3_ENDPOINT_URL unless it is on AWS)")
         server = embedded_server(settings.local_dir / "s3")
         if not server.is_running():
             raise ConfigError(

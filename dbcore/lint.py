@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dbcore.lint_ast import ModuleLint
-from dbcore.lint_report import RULES, Finding, LintReport, finding
+from dbcore.lint_report import RULES, Finding, LintReport, finding, sort_key
 from dbcore.lint_sql import lint_sql
 from dbcore.migrations import FILE_RE
 
@@ -85,7 +85,7 @@ def lint_source(source: str, filename: str, *, allow_destructive: bool = False) 
     except RecursionError:
         return [finding("DM000", filename, 1, "the file is nested too deeply for the lint to read "
                         "it: simplify the expressions")]
-    return _apply_markers(findings, source)
+    return sorted(_apply_markers(findings, source), key=sort_key)
 
 
 def _apply_markers(findings: list[Finding], source: str) -> list[Finding]:

@@ -201,7 +201,7 @@ class ModuleLint:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in DROPS | {"drop_tables"} and id(node) not in self.visited):
                 for rule, message, severity in self.batch().drop(
-                        "?", f"{ast.unparse(node.func)}() (read outside migrate()/rollback())"):
+                        "?", f"{ast.unparse(node.func)}() drops its table(s) at once and"):
                     self.add(rule, node.lineno, message, severity)
 
     # -- migrate(), rollback() and their helpers ------------------------------------------------

@@ -175,8 +175,7 @@ class Scope:
         seen = 0
         while isinstance(node, ast.Name) and seen < _MAX_DEPTH:
             chain = self.assignments(node.id, at or node)
-            if not chain or isinstance(chain[-1], ast.AugAssign) or \
-                    any(isinstance(s, ast.AugAssign) for s in chain):
+            if not chain or any(isinstance(s, ast.AugAssign) for s in chain):
                 return node
             node, at, seen = chain[-1].value, chain[-1], seen + 1
         return node

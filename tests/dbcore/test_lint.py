@@ -419,6 +419,28 @@ def test_a_helper_never_called_with_the_migrator_is_still_read():
     assert [(f.rule, f.line) for f in findings] == [("DM003", 3)]
 
 
+@pytest.mark.parametrize("body", [
+    "Project.drop_table()",
+    "database.drop_tables([Project])",
+    "def inner():\n        migrator.remove_model(Project)\n    inner()",
+])
+def test_drops_by_any_route_are_dm003(body):
+    findings = lint_text(f"""
+import peewee as pw
+
+class Project(pw.Model):
+    class Meta:
+        table_name = "project"
+
+def migrate(migrator, database, *, fake=False):
+    {body}
+
+def rollback(migrator, database, *, fake=False):
+    raise RuntimeError("restore the backup")
+""")
+    assert rules_of(findings) == {"DM003"}
+
+
 def test_a_helper_shares_the_callers_batch():
     findings = lint_text("""
         def _create(m):

@@ -22,7 +22,7 @@ from dbcore.checks import CheckReport, run_post_checks
 from dbcore.connection import Target, connect_raw, redact
 from dbcore.errors import DbcoreError, RehearsalFailed
 from dbcore.lint_report import Finding
-from dbcore.lint_sql import lint_sql
+from dbcore.lint_sql import SqlBatch
 from dbcore.runner import MigrationResult, Plan, Progress, apply_plan
 from dbcore.settings import Settings
 
@@ -91,16 +91,21 @@ def drop_database(server: Target, dbname: str) -> None:
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
                       allow_destructive: bool = False) -> list[Finding]:
-    """Return the SQL lint findings on what each migration really sent."""
+    """Return the SQL lint findings on what each migration really sent.
+
+    The migrations of one transaction share one batch: a constraint added NOT VALID in one and
+    validated in the next is still one transaction's lock.
+    """
     findings: list[Finding] = []
-    created: list[str] = []
+    batch: SqlBatch | None = None
     for r in results:
-        statements = [s.split(" -- params: ")[0] for s in r.sql]
-        findings += lint_sql(statements, existing_tables=existing_tables, new_tables=created,
-                             in_transaction=r.atomic, allow_destructive=allow_destructive,
-                             source=f"{r.name}.py (rehearsal)")
-        created += [s.split('"')[1] for s in statements
-                    if s.upper().startswith("CREATE TABLE") and '"' in s]
+        if batch is None or not r.atomic or not batch.in_transaction:
+            batch = SqlBatch(existing_tables=existing_tables, allow_destructive=allow_destructive,
+                             in_transaction=r.atomic,
+                             new_tables=batch.created if batch is not None else ())
+        batch.source = f"{r.name}.py (rehearsal)"
+        for line, captured in enumerate(r.sql, 1):
+            findings += batch.check(captured.split(" -- params: ")[0], line)
     return findings
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
-from dbcore.backup import Progress, restore_backup
+from dbcore.backup import Progress
+from dbcore.restore import restore_backup
 from dbcore.connection import Target, connect_raw, redact
 from dbcore.errors import DbcoreError, RestoreFailed
 from dbcore.pgtools import find_pg_tool, libpq_args, server_major

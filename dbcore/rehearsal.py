@@ -17,7 +17,7 @@ import psycopg2
 from psycopg2 import sql
 
 from dbcore.backup import Progress as BytesProgress
-from dbcore.backup import restore_backup
+from dbcore.restore import restore_backup
 from dbcore.checks import CheckReport, run_post_checks
 from dbcore.connection import Target, connect_raw, redact
 from dbcore.errors import DbcoreError, RehearsalFailed

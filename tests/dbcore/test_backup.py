@@ -11,13 +11,8 @@ import psycopg2
 import pytest
 
 from dbcore import cli
-from dbcore.backup import (
-    backup_to_s3,
-    list_backups,
-    prune_backups,
-    restore_backup,
-    verify_backup,
-)
+from dbcore.backup import backup_to_s3, list_backups, prune_backups
+from dbcore.restore import restore_backup, verify_backup
 from dbcore.connection import Env, Target
 from dbcore.errors import (
     BackupCorrupt,

@@ -271,15 +271,19 @@ def render(args, db_size: int, med: dict[str, float], times: dict[str, list[floa
         return "met" if ok else "NOT met"
 
     stored = sizes["dbmigrate backup (zstd 1)"]
+    command = med["dbmigrate backup (CLI process)"]
     restore_default3 = med["restore: pg_restore -j3 of the local default dump"]
     restore_ours3 = med["restore: dbmigrate restore (download + zstd + -j3)"]
     cores = os.cpu_count() or 1
     cpu_z0 = statistics.median(CPU.get("pg_dump -Fc -Z0 > /dev/null") or [0])
     cpu_ours = statistics.median(CPU.get("backup_to_s3 (zstd 1)") or [0])
     lines += [
-        "", "Targets of issue 3 (backup = `backup_to_s3`, the function the CLI and the flow call):", "",
-        f"- backup end to end <= 0.5x `pg_dump -Fc > /dev/null`: {ours / default:.2f}x, {verdict(ours <= 0.5 * default)}",
-        f"- backup within 1.5x of `pg_dump -Fc -Z0 > /dev/null`: {ours / z0:.2f}x, {verdict(ours <= 1.5 * z0)}",
+        "", "Targets of issue 3, for `backup_to_s3` (what the flow calls, in a running process) and for "
+        "the `dbmigrate backup` command (which also pays Python's and boto3's start-up):", "",
+        f"- backup end to end <= 0.5x `pg_dump -Fc > /dev/null`: {ours / default:.2f}x in process, "
+        f"{command / default:.2f}x as a command: {verdict(max(ours, command) <= 0.5 * default)}",
+        f"- backup within 1.5x of `pg_dump -Fc -Z0 > /dev/null`: {ours / z0:.2f}x in process, "
+        f"{command / z0:.2f}x as a command: {verdict(max(ours, command) <= 1.5 * z0)}",
         f"- stored object no larger than the default dump: {stored / base:.2f}x, {verdict(stored <= base)}",
         f"- restore no slower than restoring the default dump: {restore_ours / restore_default:.2f}x "
         f"of a local default dump ({verdict(restore_ours <= restore_default)}); "

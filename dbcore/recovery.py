@@ -18,10 +18,11 @@ import psycopg2
 from psycopg2 import sql
 
 from dbcore.backup import Progress
-from dbcore.restore import restore_backup
+from dbcore.checks import check_no_invalid_indexes
 from dbcore.connection import Target, connect_raw, redact
 from dbcore.errors import DbcoreError, RestoreFailed
 from dbcore.pgtools import find_pg_tool, libpq_args, server_major
+from dbcore.restore import restore_backup
 from dbcore.rehearsal import derived_name
 from dbcore.settings import Settings
 
@@ -30,12 +31,6 @@ log = logging.getLogger(__name__)
 
 class SchemaSnapshotFailed(DbcoreError):
     """pg_dump --schema-only could not read the database."""
-
-
-_INVALID_INDEXES = """
-SELECT n.nspname || '.' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid ORDER BY 1
-"""
 
 
 def schema_snapshot(target: Target) -> str:
@@ -47,14 +42,12 @@ def schema_snapshot(target: Target) -> str:
     conn = connect_raw(target, "dbmigrate-snapshot")
     try:
         major = server_major(conn)
-        with conn.cursor() as cur:
-            cur.execute(_INVALID_INDEXES)
-            invalid = [f"INVALID INDEX {row[0]}" for row in cur.fetchall()]
     except psycopg2.Error as exc:
         raise SchemaSnapshotFailed(f"cannot read the schema of {target.dbname}: "
                                    f"{redact(str(exc).strip(), target.password)}") from None
     finally:
         conn.close()
+    invalid = [f"INVALID INDEX {i.schema}.{i.index}" for i in check_no_invalid_indexes(target)]
     pg_dump = find_pg_tool("pg_dump", major)
     conninfo, env = libpq_args(target)
     result = subprocess.run(

@@ -20,6 +20,7 @@ import peewee
 import psycopg2
 from playhouse.migrate import Operation
 
+from dbcore.checks import check_no_invalid_indexes
 from dbcore.connection import Target, connect, redact
 from dbcore.errors import (
     ConfigError,
@@ -167,22 +168,15 @@ def _xact_id(db: peewee.Database) -> str:
     return str(db.execute_sql("SELECT pg_current_xact_id()").fetchone()[0])
 
 
-_INVALID_INDEXES = """
-SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-"""
-
-
 def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str]) -> None:
     """Run an ``atomic = False`` migration; raise NonAtomicFailed if it fails or leaves an INVALID index."""
-    before = {r[0] for r in db.execute_sql(_INVALID_INDEXES).fetchall()}
+    before = {i.index for i in check_no_invalid_indexes(db)}
     try:
         run()
         error = None
     except Exception as exc:  # its statements ran in autocommit: nothing was rolled back
         error = exc
-    invalid = sorted({r[0] for r in db.execute_sql(_INVALID_INDEXES).fetchall()} - before)
+    invalid = sorted({i.index for i in check_no_invalid_indexes(db)} - before)
     if error is None and not invalid:
         return
     kept = f"committed before it: {', '.join(committed)}; " if committed else ""

@@ -23,7 +23,7 @@ import psycopg2
 import zstandard
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dbcore.connection import Target, connect_raw, redact
+from dbcore.connection import Target, connect_raw, error_line, redact
 from dbcore.errors import BackupFailed, ConfigError, StorageError
 from dbcore.pgtools import PgTool, find_pg_tool, libpq_args, server_major
 from dbcore.settings import Settings
@@ -146,7 +146,7 @@ def backup_to_s3(
         last_migration = last_applied_migration(conn)
     except psycopg2.Error as exc:
         raise BackupFailed(f"cannot read the migration history of {target.dbname}: "
-                           f"{redact(str(exc).strip().splitlines()[0], target.password)}") from None
+                           f"{error_line(exc, target.password)}") from None
     finally:
         conn.close()
     pg_dump = find_pg_tool("pg_dump", major)

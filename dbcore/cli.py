@@ -18,7 +18,7 @@ import peewee
 import psycopg2
 from pydantic import ValidationError
 
-from dbcore.connection import Env, Target, redact, resolve_target
+from dbcore.connection import Env, Target, error_line, redact, resolve_target
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.settings import Settings, describe_invalid
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             secrets.append(url_password(args.database_url))
         if args.verbose:
             log.exception("%s", type(exc).__name__)
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = error_line(exc)
         if isinstance(exc, OSError):
             text = f"{type(exc).__name__}: {text}"
         elif not isinstance(exc, DbcoreError):

@@ -102,6 +102,12 @@ def mask_url(url: str) -> str:
         return "<an unparseable database URL>"
 
 
+def error_line(exc: BaseException, *secrets: str | None) -> str:
+    """Return the first line of an error's message (its type when empty), secrets scrubbed."""
+    text = str(exc).strip()
+    return redact(text.splitlines()[0] if text else type(exc).__name__, *secrets)
+
+
 def redact(text: str, *secrets: str | None) -> str:
     """Return ``text`` with every given secret (and its URL-quoted form) replaced by ``***``."""
     for secret in secrets:
@@ -210,8 +216,7 @@ def open_database(target: Target, application_name: str = "dbmigrate") -> peewee
 
 def _unavailable(target: Target, exc: Exception) -> DatabaseUnavailable:
     """Return the one-line, password-free error for a failed connection."""
-    text = str(exc).strip()
-    detail = redact(text.splitlines()[0] if text else type(exc).__name__, target.password)
+    detail = error_line(exc, target.password)
     return DatabaseUnavailable(
         f"cannot connect to {target.masked_url}: {detail}: check that the server is running "
         "and DATABASE_URL is right"

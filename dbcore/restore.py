@@ -23,7 +23,7 @@ import zstandard
 from psycopg2 import sql
 
 from dbcore.backup import S3_ERRORS, BackupInfo, Progress, _tool_error
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, connect_raw, error_line
 from dbcore.errors import (
     BackupCorrupt,
     BackupNotFound,
@@ -221,7 +221,7 @@ def _create_database(into: Target) -> None:
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(into.dbname)))
     except psycopg2.Error as exc:
         raise RestoreFailed(f"cannot create database {into.dbname} to restore into: "
-                            f"{str(exc).strip().splitlines()[0]}: create it first") from None
+                            f"{error_line(exc, into.password)}: create it first") from None
     finally:
         admin.close()
     log.info("created database %s to restore into", into.dbname)

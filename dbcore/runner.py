@@ -21,7 +21,7 @@ import psycopg2
 from playhouse.migrate import Operation
 
 from dbcore.checks import check_no_invalid_indexes
-from dbcore.connection import Target, connect, redact
+from dbcore.connection import Target, connect, error_line
 from dbcore.errors import (
     ConfigError,
     MigrationFailed,
@@ -180,7 +180,7 @@ def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str])
     if error is None and not invalid:
         return
     kept = f"committed before it: {', '.join(committed)}; " if committed else ""
-    what = f"failed: {type(error).__name__}: {_first_line(error)}" if error else "succeeded"
+    what = f"failed: {type(error).__name__}: {error_line(error)}" if error else "succeeded"
     fix = (f"it left INVALID index(es) {', '.join(invalid)}: DROP INDEX CONCURRENTLY IF EXISTS "
            f"each, then run again" if invalid else "check what it did, then run again")
     failure = NonAtomicFailed(f"migration {m.name}.py (atomic = False, runs in autocommit) {what}; "
@@ -207,11 +207,6 @@ def _pgcode(exc: BaseException) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _fail(exc: Exception, name: str, action: str, committed: list[str], settings: Settings,
           target: Target) -> Exception:
     """Return the typed error for ``exc`` raised while running migration ``name``."""
@@ -220,7 +215,7 @@ def _fail(exc: Exception, name: str, action: str, committed: list[str], settings
             else "; nothing was changed (the whole batch was rolled back)")
     if isinstance(exc, MigrationFileError):
         return MigrationFileError(f"migration {name}.py: {exc}{kept}")
-    detail = redact(_first_line(exc), target.password)
+    detail = error_line(exc, target.password)
     if code == _LOCK_NOT_AVAILABLE:
         return TableLockTimeout(
             f"{action} of {name} waited longer than lock_timeout={settings.lock_timeout} for a "

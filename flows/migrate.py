@@ -30,7 +30,7 @@ from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
 from dbcore.checks import load_models
-from dbcore.connection import Env, redact, resolve_target
+from dbcore.connection import Env, error_line, resolve_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.settings import Settings, describe_invalid
 from flows import tasks
@@ -200,7 +200,7 @@ def migrate(
                  if stage in ("apply", "post-checks", "rollback") else "nothing changed")
         logger.exception("unexpected error at %s", stage)
         return Failed(message=f"failed at {stage} ({type(exc).__name__}: "
-                              f"{redact(str(exc).strip().splitlines()[0] if str(exc).strip() else '', target.password)}); {state}")
+                              f"{error_line(exc, target.password)}); {state}")
 
 
 def main(argv: Optional[list] = None) -> int:

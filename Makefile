@@ -33,6 +33,7 @@ stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m dbcore.services down; else echo "nothing to stop"; fi
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

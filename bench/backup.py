@@ -29,10 +29,10 @@ import psycopg2
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dbcore.backup import backup_to_s3  # noqa: E402
-from dbcore.restore import restore_backup  # noqa: E402
+from dbcore.backup.dump import backup_to_s3  # noqa: E402
+from dbcore.backup.pgtools import find_pg_tool  # noqa: E402
+from dbcore.backup.restore import restore_backup  # noqa: E402
 from dbcore.connection import Env, Target  # noqa: E402
-from dbcore.pgtools import find_pg_tool  # noqa: E402
 from dbcore.services.postgres import PostgresCluster  # noqa: E402
 from dbcore.services.seaweed import SeaweedServer  # noqa: E402
 from dbcore.settings import Settings  # noqa: E402

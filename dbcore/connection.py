@@ -8,22 +8,20 @@ never chosen by default, and an explicit ``--env`` that contradicts the variable
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import peewee
 import psycopg2
 
+from dbcore.embedded import embedded_database_url
 from dbcore.errors import ConfigError, DatabaseUnavailable, EnvMismatch
+from dbcore.redact import error_line, mask_url, url_password
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MASK = "***"
-
 
 class Env(str, Enum):
     """Where the target database lives."""
@@ -68,54 +66,6 @@ def resolve_env(settings: Settings, requested: Env | str | None = None) -> Env:
     return wanted
 
 
-def url_password(url: str) -> str | None:
-    """Return the (unquoted) password of a postgres URL, from its user info or ``?password=``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return None
-    if password:
-        return unquote(password)
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "password" and value:
-            return value
-    return None
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``; safe to print, log and raise."""
-    try:
-        parts = urlsplit(url)
-        if not parts.scheme.startswith("postgres"):
-            return "<a database address that is not a postgres:// URL>"
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if ":" in host:  # IPv6 literal
-                host = f"[{host}]"
-            netloc = f"{parts.username or ''}:{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
-        query = urlencode([(k, MASK if k == "password" else v)
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*/")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<an unparseable database URL>"
-
-
-def error_line(exc: BaseException, *secrets: str | None) -> str:
-    """Return the first line of an error's message (its type when empty), secrets scrubbed."""
-    text = str(exc).strip()
-    return redact(text.splitlines()[0] if text else type(exc).__name__, *secrets)
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """Return ``text`` with every given secret (and its URL-quoted form) replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK).replace(quote(secret, safe=""), MASK)
-    return text
-
-
 @dataclass(frozen=True)
 class Target:
     """A database to act on: its environment and URL. ``str()`` and ``repr()`` never show the password."""
@@ -146,19 +96,6 @@ class Target:
         return Target(self.env, urlunsplit(parts._replace(path="/" + dbname)))
 
 
-def local_services_file(settings: Settings):
-    """Return the path of the file where `make run` records the embedded services it started."""
-    return settings.local_dir / "services.json"
-
-
-def embedded_database_url(settings: Settings) -> str | None:
-    """Return the URL of the embedded local cluster started by `make run`, if it is recorded."""
-    path = local_services_file(settings)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("database_url")
-
-
 def resolve_target(
     settings: Settings, env: Env | str | None = None, database_url: str | None = None
 ) -> Target:
@@ -186,7 +123,7 @@ def resolve_target(
             "use postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         )
     try:
-        urlsplit(url).port
+        _ = urlsplit(url).port  # raises on a port that is not a number
     except ValueError:
         raise ConfigError(
             f"the port in {mask_url(url).split('@')[-1].split('/')[0]} is not a number: "

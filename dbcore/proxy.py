@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
-from dbcore.connection import Env, Target, redact
+from dbcore.connection import Env, Target
 from dbcore.errors import ConfigError, TunnelError
-from dbcore.services.postgres import free_port
+from dbcore.ports import free_port
+from dbcore.redact import redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)

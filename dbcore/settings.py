@@ -7,12 +7,13 @@ credentials are not settings: boto3 reads its own chain (``AWS_ACCESS_KEY_ID``, 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dbcore.redact import url_password
 
 #: where `make run` keeps the embedded PostgreSQL cluster and S3 server (ignored by git)
 DEFAULT_LOCAL_DIR = Path(".local")
@@ -88,8 +89,6 @@ class Settings(BaseSettings):
 
     def database_password(self) -> str | None:
         """Return the password inside DATABASE_URL (to scrub it from any text), or None."""
-        from dbcore.connection import url_password  # local import: connection imports settings
-
         return url_password(self.database_url.get_secret_value()) if self.database_url else None
 
 

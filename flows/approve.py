@@ -19,8 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                            ArtifactFilterKey)
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings

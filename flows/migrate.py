@@ -29,9 +29,10 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
-from dbcore.checks import load_models
-from dbcore.connection import Env, error_line, resolve_target
+from dbcore.checks.post import load_models
+from dbcore.connection import Env, resolve_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
+from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
 from flows import tasks
 from flows.approval import approval_form

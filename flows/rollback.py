@@ -17,9 +17,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FlowPauseTimeout
 from pydantic import ValidationError
 
-from dbcore import recovery, runner
 from dbcore.connection import Target
+from dbcore.deploy import recovery
 from dbcore.errors import DbcoreError, RollbackFailed
+from dbcore.migrate import plan as planning
+from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import approval_form
 
@@ -29,7 +31,7 @@ _HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 @task(name="rollback-functions", cache_policy=NO_CACHE)
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
     """Run the rollback() of ``names`` (newest first) in one transaction; return what was undone."""
-    plan = runner.plan_rollback(target, settings, names=list(names))
+    plan = planning.plan_rollback(target, settings, names=list(names))
     return runner.rollback_plan(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
 
 

@@ -16,11 +16,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
-from dbcore import backup, checks, lint, recovery, rehearsal, runner
+from dbcore.backup import dump as backup
+from dbcore.checks import post as checks
 from dbcore.connection import Target, server_version
-from dbcore.deploy_plan import DeployPlan
+from dbcore.deploy import recovery, rehearsal
+from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
-from dbcore.lint_report import LintReport
+from dbcore.lint import engine as lint
+from dbcore.lint.report import LintReport
+from dbcore.migrate import plan as planning
+from dbcore.migrate import runner
 from dbcore.settings import Settings
 
 
@@ -75,9 +80,9 @@ def check_connection(target: Target) -> str:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def make_plan(target: Target, settings: Settings, allow_destructive: bool
-              ) -> tuple[runner.Plan, LintReport]:
+              ) -> tuple[planning.Plan, LintReport]:
     """Return the pending migrations and the lint report over the ones that will run."""
-    plan = runner.plan_apply(target, settings)
+    plan = planning.plan_apply(target, settings)
     return plan, lint.lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
                                    allow_destructive=allow_destructive)
 
@@ -114,7 +119,7 @@ def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
-def rehearse(plan: runner.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
+def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
              models, run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
     """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
     meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
@@ -134,12 +139,12 @@ def snapshot(target: Target) -> str:
 
 @task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30],
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
-def apply(plan: runner.Plan, target: Target, settings: Settings, actor: str, run_id: str
-          ) -> runner.RunReport:
+def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str
+          ) -> planning.RunReport:
     """Apply the plan in one transaction under the migration lock (retried only on lock timeouts)."""
     logger = get_run_logger()
 
-    def progress(event: runner.ProgressEvent) -> None:
+    def progress(event: planning.ProgressEvent) -> None:
         if event.stage == "done":
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from helpers import SAMPLE_MIGRATIONS
 
 from dbcore.connection import Env, Target
 from dbcore.services.postgres import PostgresCluster
 from dbcore.settings import Settings
-
-from helpers import SAMPLE_MIGRATIONS
 
 # Tests never read the developer's own configuration.
 for _var in ("DATABASE_URL", "FLY_APP_NAME", "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from dbcore.connection import mask_url
 from dbcore.errors import DbcoreError
+from dbcore.redact import mask_url
 from dbcore.services.local import down, read_local_services, up
 from dbcore.settings import Settings
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psycopg2
 
-from dbcore.connection import local_services_file
+from dbcore.embedded import LOCAL_BUCKET, local_services_file
 from dbcore.services.postgres import PostgresCluster, server_user_can_reach
-from dbcore.services.seaweed import LOCAL_BUCKET, embedded_server
+from dbcore.services.seaweed import embedded_server
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class LocalServices:
     postgres_root: str = ""
     s3_endpoint_url: str = ""
     s3_bucket: str = ""
+    #: the embedded server's local-only keys (it listens on 127.0.0.1 alone), for dbcore.embedded
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
 
 
 def read_local_services(settings: Settings) -> LocalServices | None:
@@ -86,7 +89,8 @@ def up(settings: Settings) -> LocalServices:
         server = embedded_server(root / "s3")
         server.start()
         server.create_bucket(LOCAL_BUCKET)
-        s3 = {"s3_endpoint_url": server.endpoint_url, "s3_bucket": LOCAL_BUCKET}
+        s3 = {"s3_endpoint_url": server.endpoint_url, "s3_bucket": LOCAL_BUCKET,
+              "s3_access_key": server.access_key, "s3_secret_key": server.secret_key}
     services = LocalServices(database_url=database_url, postgres_root=postgres_root, **s3)
     local_services_file(settings).write_text(json.dumps(asdict(services), indent=2))
     return services

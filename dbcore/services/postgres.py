@@ -10,12 +10,13 @@ import glob
 import logging
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbcore.backup.pgtools import major_of_path
 from dbcore.errors import ConfigError
+from dbcore.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def find_pg_bindir(program: str = "initdb") -> Path:
     candidates = []
     if os.environ.get("PG_BINDIR"):
         candidates.append(os.environ["PG_BINDIR"])
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major_of_path, reverse=True)
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major_of_path, reverse=True)
     on_path = shutil.which(program)
     if on_path:
         candidates.append(str(Path(on_path).resolve().parent))
@@ -38,20 +39,6 @@ def find_pg_bindir(program: str = "initdb") -> Path:
         f"PostgreSQL's {program} was not found: install the server "
         "(apt-get install postgresql) or set PG_BINDIR"
     )
-
-
-def _major_of_path(path: str) -> int:
-    try:
-        return int(Path(path).parent.name)
-    except ValueError:
-        return 0
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_server_user(cmd: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbcore.errors import ConfigError
-from dbcore.services.postgres import free_port
+from dbcore.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,6 @@ def _reap(pid: int | None) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-#: the bucket `make run` creates on the embedded server, used when no bucket is configured
-LOCAL_BUCKET = "dbmigrate-local"
 
 
 def embedded_server(root: Path) -> SeaweedServer:

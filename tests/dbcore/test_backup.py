@@ -9,10 +9,13 @@ import uuid
 import boto3
 import psycopg2
 import pytest
+from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY
+from helpers import query, schema_dump
 
-from dbcore import cli
-from dbcore.backup import backup_to_s3, list_backups, prune_backups
-from dbcore.restore import restore_backup, verify_backup
+from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
+from dbcore.backup.pgtools import find_pg_tool
+from dbcore.backup.restore import restore_backup, verify_backup
+from dbcore.cli import main as cli
 from dbcore.connection import Env, Target
 from dbcore.errors import (
     BackupCorrupt,
@@ -22,10 +25,7 @@ from dbcore.errors import (
     RestoreRefused,
     ToolNotFound,
 )
-from dbcore.pgtools import find_pg_tool
 from dbcore.services.seaweed import SeaweedServer
-from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY
-from helpers import query, schema_dump
 
 SAMPLE_SQL = """
 CREATE TABLE customers (

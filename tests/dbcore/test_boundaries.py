@@ -1,7 +1,13 @@
-"""dbcore is plain database logic: it never imports Prefect."""
+"""The layers of dbcore import one way only, and dbcore never imports Prefect.
+
+Layers, lowest first (docs/architecture.md): the core modules of ``dbcore/`` -> ``migrate/``,
+``backup/``, ``lint/``, ``checks/`` -> ``deploy/`` -> ``cli/``. ``services/`` (the embedded
+default and the tests' servers) is imported only by ``cli/``, ``flows/``, tests and benches.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +15,92 @@ from pathlib import Path
 import dbcore
 
 DBCORE = Path(dbcore.__file__).parent
+REPO = DBCORE.parent
+LAYERS = {"migrate": 1, "backup": 1, "lint": 1, "checks": 1, "deploy": 2, "cli": 3, "services": 4}
+MAY_IMPORT_SERVICES = ("dbcore.cli", "dbcore.services", "flows")
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """Return (module, imported names, line) for every import of dbcore in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dbcore":
+            found.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "dbcore"]
+    return found
+
+
+def _is_module(name: str) -> bool:
+    path = REPO / name.replace(".", "/")
+    return path.is_dir() or path.with_suffix(".py").exists()
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], 0) if len(parts) > 1 and parts[0] == "dbcore" else 5
+
+
+def _sources() -> list[Path]:
+    return sorted(DBCORE.rglob("*.py")) + sorted((REPO / "flows").rglob("*.py"))
+
+
+def test_lower_layers_never_import_higher_ones():
+    wrong = []
+    for path in _sources():
+        me = _module_name(path)
+        for module, names, line in _imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names if _is_module(f"{module}.{n}")]
+            for target in targets:
+                if _layer(target) > _layer(me) and not target.startswith("dbcore.services"):
+                    wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not wrong, "a lower layer imports a higher one:\n" + "\n".join(wrong)
+
+
+def test_only_cli_and_flows_import_the_services():
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {module}"
+             for path in _sources() for module, _, line in _imports(path)
+             if module.startswith("dbcore.services") and not _module_name(path).startswith(MAY_IMPORT_SERVICES)]
+    assert not wrong, "runtime code reaches into dbcore/services:\n" + "\n".join(wrong)
+
+
+def test_no_private_name_crosses_a_module():
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {name} from {module}"
+             for path in _sources() for module, names, line in _imports(path)
+             for name in names if name.startswith("_")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    graph: dict[str, set[str]] = {}
+    for path in _sources():
+        me = _module_name(path)
+        graph[me] = set()
+        for module, names, _ in _imports(path):
+            graph[me].add(module)
+            graph[me].update(f"{module}.{n}" for n in names if _is_module(f"{module}.{n}"))
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            cycles.append(" -> ".join(stack[stack.index(node):] + [node]))
+            return
+        if node not in graph or node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, stack + [node])
+        done.add(node)
+
+    done: set[str] = set()
+    for start in sorted(graph):
+        visit(start, [])
+    # a package's __init__ importing its own modules is no cycle; there are none such here
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles)))
 
 
 def test_dbcore_never_imports_prefect():

@@ -6,15 +6,15 @@ import json
 
 import peewee as pw
 import pytest
+from helpers import query
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
-from helpers import query
-from dbcore import cli
-from dbcore.checks import (check_no_invalid_indexes, pg_type_name, run_post_checks,
-                           schema_drift)
+from dbcore.checks.drift import pg_type_name, schema_drift
+from dbcore.checks.post import check_no_invalid_indexes, run_post_checks
+from dbcore.cli import main as cli
 from dbcore.connection import connect, connect_raw
+from dbcore.migrate.runner import apply_pending
 from dbcore.models import MODELS
-from dbcore.runner import apply_pending
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import query, schema_dump
 
 DBMIGRATE = [sys.executable, "-m", "dbcore.cli"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dbcore.connection import Env, Target, mask_url, resolve_env, resolve_target
+from dbcore.connection import Env, Target, resolve_env, resolve_target
 from dbcore.errors import ConfigError, EnvMismatch
+from dbcore.redact import mask_url
 from dbcore.settings import Settings
 
 

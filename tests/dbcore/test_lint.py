@@ -7,10 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, SAMPLE_MIGRATIONS
-from dbcore import cli
-from dbcore.lint import RULES, LintReport, lint_file, lint_paths, lint_source, lint_sql
+
+from dbcore.cli import main as cli
+from dbcore.lint.engine import RULES, LintReport, lint_file, lint_paths, lint_source, lint_sql
 
 BAD = REPO / "tests" / "fixtures" / "bad_migrations"
 CASES = sorted(p for p in BAD.iterdir() if p.is_dir())
@@ -505,7 +505,7 @@ def _folder(tmp_path, *names):
     (["001_a.py"], ["002_b.py", "003_c.py"], []),
 ])
 def test_lint_pending_judges_only_the_pending_numbers(tmp_path, applied, pending, flagged):
-    from dbcore.lint import lint_pending
+    from dbcore.lint.engine import lint_pending
     folder = _folder(tmp_path, *applied, *pending)
     report = lint_pending(folder, [folder / p for p in pending])
     assert sorted(Path(f.file).name for f in report.findings if f.rule == "DM007") == flagged

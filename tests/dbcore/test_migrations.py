@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-
 from helpers import query, schema_dump
+
 from dbcore.connection import connect
 from dbcore.errors import (
     MigrationFailed,
@@ -22,9 +22,10 @@ from dbcore.errors import (
     TableLockTimeout,
     TransactionBroken,
 )
-from dbcore.history import read_audit
-from dbcore.migrations import new_migration, status
-from dbcore.runner import apply_pending, apply_plan, plan_apply, rollback_last
+from dbcore.migrate.files import new_migration, status
+from dbcore.migrate.history import read_audit
+from dbcore.migrate.plan import plan_apply
+from dbcore.migrate.runner import apply_pending, apply_plan, rollback_last
 
 APP_TABLES = {"project", "sourcedir", "document"}
 

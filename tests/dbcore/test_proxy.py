@@ -16,8 +16,8 @@ import pytest
 from dbcore import proxy
 from dbcore.connection import Env, Target, connect
 from dbcore.errors import ConfigError, DatabaseUnavailable, TunnelError
+from dbcore.ports import free_port
 from dbcore.proxy import local_target, open_tunnel, tunnel_command
-from dbcore.services.postgres import free_port
 from dbcore.settings import Settings
 
 FORWARDER = Path(__file__).resolve().parent.parent / "tcp_forwarder.py"

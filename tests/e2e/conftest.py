@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 
 import httpx
 import pytest
-
-from dbcore.services.postgres import free_port
 from helpers import REPO
 from processes import Service
+
+from dbcore.ports import free_port
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 90.0

@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
+from helpers import REPO, query, schema_dump
+from processes import alive, descendants
 
 from dbcore.connection import Env, Target
-from dbcore.runner import apply_pending
-from processes import alive, descendants
-from helpers import REPO, query, schema_dump
+from dbcore.migrate.runner import apply_pending
 
 ALL = ["001_initial_schema", "002_add_document_metadata", "003_add_project_slug",
        "004_fix_sourcedir_language"]

@@ -7,18 +7,17 @@ import threading
 import time
 
 import pytest
-
+from helpers import query, schema_dump
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
-from helpers import query, schema_dump
-from dbcore.backup import list_backups
+from dbcore.backup.dump import list_backups
 from dbcore.connection import Env, Target
-from dbcore.recovery import schema_snapshot
-from dbcore.runner import apply_pending
+from dbcore.deploy.recovery import schema_snapshot
+from dbcore.migrate.runner import apply_pending
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
 
@@ -123,7 +122,7 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     query(db_url, "INSERT INTO project (name, created_at, updated_at) VALUES ('kept', now(), now())")
     admin_url = db_url.rsplit("/", 1)[0] + "/postgres"
     query(admin_url, f'ALTER DATABASE "{target.dbname}" SET statement_timeout = \'7s\'')
-    from dbcore.backup import backup_to_s3
+    from dbcore.backup.dump import backup_to_s3
 
     backup = backup_to_s3(target, flow_env)
     before = schema_snapshot(target)
@@ -235,7 +234,6 @@ def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_
     import psycopg2
 
     from dbcore.settings import Settings
-
     from flows import tasks
 
     monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "1")

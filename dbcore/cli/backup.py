@@ -11,9 +11,9 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from dbcore.backup import backup_to_s3, list_backups, prune_backups
-from dbcore.restore import restore_backup, verify_backup
-from dbcore.cli import Context
+from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
+from dbcore.backup.restore import restore_backup, verify_backup
+from dbcore.cli.context import Context
 from dbcore.connection import Target, resolve_target
 
 

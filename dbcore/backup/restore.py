@@ -22,8 +22,10 @@ import psycopg2
 import zstandard
 from psycopg2 import sql
 
-from dbcore.backup import S3_ERRORS, BackupInfo, Progress, _tool_error
-from dbcore.connection import Env, Target, connect_raw, error_line
+from dbcore.backup.dump import S3_ERRORS, BackupInfo, Progress
+from dbcore.backup.pgtools import PgTool, find_pg_tool, libpq_args, server_major, tool_error
+from dbcore.backup.storage import Storage, describe_error, head, is_missing_key, open_storage, read_chunks
+from dbcore.connection import Env, Target, connect_raw
 from dbcore.errors import (
     BackupCorrupt,
     BackupNotFound,
@@ -32,9 +34,8 @@ from dbcore.errors import (
     RestoreRefused,
     StorageError,
 )
-from dbcore.pgtools import PgTool, find_pg_tool, libpq_args, server_major
+from dbcore.redact import error_line
 from dbcore.settings import Settings
-from dbcore.storage import Storage, describe_error, head, is_missing_key, open_storage, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _archive_entries(pg_restore: PgTool, path: Path, key: str) -> int:
     result = subprocess.run([str(pg_restore.path), "--list", str(path)], capture_output=True)
     if result.returncode != 0:
         raise BackupCorrupt(f"pg_restore cannot read backup {key}: "
-                            f"{_tool_error(result.stderr, 'pg_restore', None)}")
+                            f"{tool_error(result.stderr, 'pg_restore', None)}")
     lines = result.stdout.decode(errors="replace").splitlines()
     return sum(1 for line in lines if line and not line.startswith(";"))
 
@@ -321,6 +322,6 @@ def _run_pg_restore(pg_restore: PgTool, path: Path, into: Target, info: BackupIn
     if result.returncode != 0:
         raise RestoreFailed(
             f"pg_restore of {info.key} into {into.dbname} failed: "
-            f"{_tool_error(result.stderr, 'pg_restore', into.password)}: the database may be "
+            f"{tool_error(result.stderr, 'pg_restore', into.password)}: the database may be "
             "partly restored; restore into a new database, or again with --force"
         ) from None

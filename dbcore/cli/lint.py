@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from dbcore.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dbcore.cli import Context
+    from dbcore.cli.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def cmd_lint(ctx: Context) -> int:
     """Print the lint report; return 1 when it has errors."""
-    from dbcore.lint import lint_paths
+    from dbcore.lint.engine import lint_paths
 
     paths = ctx.args.paths or [ctx.settings.migrations_dir]
     missing = [str(p) for p in paths if not p.exists()]
@@ -61,7 +61,7 @@ def cmd_lint(ctx: Context) -> int:
 
 def cmd_check(ctx: Context) -> int:
     """Print the post-check report (schema drift, invalid indexes); return 1 when it is not ok."""
-    from dbcore.checks import load_models, run_post_checks
+    from dbcore.checks.post import load_models, run_post_checks
 
     report = run_post_checks(ctx.target, load_models(ctx.args.models or ctx.settings.models))
     print(json.dumps(report.to_dict(), indent=2) if ctx.args.json else report.text())

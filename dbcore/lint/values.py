@@ -72,7 +72,7 @@ class Scope:
         stack: list[ast.AST] = [owner]
         while stack:
             node = stack.pop()
-            for name, value in ast.iter_fields(node):
+            for _name, value in ast.iter_fields(node):
                 if isinstance(value, list):
                     for child in value:
                         if isinstance(child, ast.AST):

@@ -2,7 +2,7 @@
 
 Each sub-command is a small function over dbcore; only ``main()`` turns errors into exit codes:
 0 success; 1 the operation failed (the database is as before); 2 usage or configuration error.
-Sub-commands of other areas register themselves from ``dbcore/cli_*.py`` modules.
+Sub-commands of each area register themselves from the modules beside this one.
 """
 
 from __future__ import annotations
@@ -12,75 +12,23 @@ import logging
 import signal
 import sys
 import threading
-from typing import Callable
 
 import peewee
 import psycopg2
 from pydantic import ValidationError
 
-from dbcore.connection import Env, Target, error_line, redact, resolve_target
+from dbcore.cli import backup as cli_backup
+from dbcore.cli import lint as cli_lint
+from dbcore.cli import migrations as cli_migrations
+from dbcore.cli.context import EXIT_FAILED, EXIT_USAGE, Context, common_options
 from dbcore.errors import ConfigError, DbcoreError
+from dbcore.redact import error_line, redact
 from dbcore.settings import Settings, describe_invalid
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class Context:
-    """What every sub-command receives: parsed arguments and settings, and the target on demand."""
-
-    def __init__(self, args: argparse.Namespace, settings: Settings):
-        self.args = args
-        self.settings = settings
-        self._target: Target | None = None
-        self._tunnel = None
-
-    @property
-    def target(self) -> Target:
-        """The database to act on (resolved lazily: `new` and `lint` need none).
-
-        In the proxy environment the tunnel is opened here and closed by :meth:`close`.
-        """
-        if self._target is None:
-            target = resolve_target(self.settings, self.args.env, self.args.database_url)
-            if target.env is Env.PROXY:
-                from dbcore.proxy import open_tunnel
-
-                self._tunnel = open_tunnel(self.settings)
-                target = self._tunnel.target_for(target)
-            self._target = target
-        return self._target
-
-    def close(self) -> None:
-        """Close the tunnel, if one was opened."""
-        if self._tunnel is not None:
-            self._tunnel.close()
-            self._tunnel = None
-
-
-Handler = Callable[[Context], int]
-
-
-def common_options() -> argparse.ArgumentParser:
-    """Options every sub-command accepts, before or after its name."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", default=argparse.SUPPRESS,
-                        help="target database (default: $DATABASE_URL, else the embedded local one)")
-    common.add_argument("--migrations-dir", default=argparse.SUPPRESS,
-                        help="folder of NNN_name.py migrations (default: ./migrations)")
-    common.add_argument("--env", choices=[e.value for e in Env], default=argparse.SUPPRESS,
-                        help="assert the environment; it must agree with FLY_APP_NAME / "
-                             "USE_FLY_POSTGRES_FROM_LOCAL_PROXY")
-    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
-                        help="show debug logs and tracebacks")
-    return common
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every sub-command."""
-    from dbcore import cli_backup, cli_lint, cli_migrations
-
     common = common_options()
     parser = argparse.ArgumentParser(
         prog="dbmigrate", parents=[common],
@@ -134,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DbcoreError, peewee.DatabaseError, psycopg2.Error, OSError) as exc:
         secrets = [settings.database_password() if settings else None]
         if args.database_url:
-            from dbcore.connection import url_password
+            from dbcore.redact import url_password
 
             secrets.append(url_password(args.database_url))
         if args.verbose:
@@ -150,6 +98,3 @@ def main(argv: list[str] | None = None) -> int:
         print("dbmigrate: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,10 +16,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from dbcore.lint_ast import ModuleLint
-from dbcore.lint_report import RULES, Finding, LintReport, finding, sort_key
-from dbcore.lint_sql import lint_sql
-from dbcore.migrations import FILE_RE
+from dbcore.lint.ast_rules import ModuleLint
+from dbcore.lint.report import RULES, Finding, LintReport, finding, sort_key
+from dbcore.lint.sql_rules import lint_sql
+from dbcore.migrate.files import FILE_RE
 
 __all__ = ["RULES", "Finding", "LintReport", "lint_file", "lint_paths", "lint_pending",
            "lint_source", "lint_sql", "check_names"]

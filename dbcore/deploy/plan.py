@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbcore.backup import BackupInfo
-from dbcore.lint_report import LintReport, _cell
-from dbcore.rehearsal import RehearsalReport
-from dbcore.runner import Plan
+from dbcore.backup.dump import BackupInfo
+from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.lint.report import LintReport, md_cell
+from dbcore.migrate.plan import Plan
 
 
 def _size(n: int) -> str:
@@ -93,7 +93,7 @@ class DeployPlan:
                     f"applied in {r.apply_seconds:.2f} s, then dropped the copy.", ""]
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
-                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {_cell(f.message)} |"
+                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
                         for f in self.new_sql_findings]
                 out.append("")
             if r.checks:

@@ -13,9 +13,9 @@ import ast
 import logging
 import re
 
-from dbcore.lint_report import Finding, finding
-from dbcore.lint_sql import RECIPES, SqlBatch
-from dbcore.lint_values import Scope
+from dbcore.lint.report import Finding, finding
+from dbcore.lint.sql_rules import RECIPES, SqlBatch
+from dbcore.lint.values import Scope
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ModuleLint:
         self.file = filename
         self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
         self.allowed = allow_destructive or self._module_flag("allow_destructive") is True
-        # dbcore.runner runs a migration declaring atomic = False alone, outside any transaction
+        # dbcore.migrate.runner runs a migration declaring atomic = False alone, outside any transaction
         self.in_transaction = self._module_flag("atomic") is not False
         self.imports: dict[str, str] = {}
         for node in ast.walk(tree):

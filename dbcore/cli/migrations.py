@@ -6,21 +6,14 @@ import argparse
 import json
 import sys
 
-from dbcore.cli import Context
+from dbcore.cli.context import Context
 from dbcore.connection import Env, connect
-from dbcore.deploy_plan import DeployPlan
+from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import ConfigError
-from dbcore.lint import lint_pending
-from dbcore.migrations import new_migration, status
-from dbcore.runner import (
-    Plan,
-    ProgressEvent,
-    RunReport,
-    apply_plan,
-    plan_apply,
-    plan_rollback,
-    rollback_plan,
-)
+from dbcore.lint.engine import lint_pending
+from dbcore.migrate.files import new_migration, status
+from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
+from dbcore.migrate.runner import apply_plan, rollback_plan
 
 
 def _print_progress(event: ProgressEvent) -> None:

@@ -30,9 +30,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from dbcore.connection import redact
+from dbcore.embedded import embedded_s3
 from dbcore.errors import ConfigError
-from dbcore.services.seaweed import LOCAL_BUCKET, embedded_server
+from dbcore.redact import redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ def _session() -> boto3.session.Session:
 
 
 def open_storage(settings: Settings, env: str | None = None) -> Storage:
-    """Return the configured bucket (or, for local work, the embedded `make run` one); raise ConfigError when there is none.
+    """Return the configured bucket (or, for local work, the embedded `make run` one).
+
+    Raises ConfigError when there is none.
 
     ``env`` is the environment of the database being backed up or restored: a production or
     proxy backup never lands on a laptop's embedded server.
@@ -112,8 +114,8 @@ def open_storage(settings: Settings, env: str | None = None) -> Storage:
         if env not in (None, "local"):
             raise ConfigError(f"no backup bucket for the {env} database: set MIGRATE_S3_BUCKET "
                               "(and MIGRATE_S3_ENDPOINT_URL unless it is on AWS)")
-        server = embedded_server(settings.local_dir / "s3")
-        if not server.is_running():
+        server = embedded_s3(settings)
+        if server is None:
             raise ConfigError(
                 "no backup bucket: set MIGRATE_S3_BUCKET (and MIGRATE_S3_ENDPOINT_URL unless it "
                 "is on AWS), or run `make run` to start the embedded S3 server"
@@ -122,7 +124,7 @@ def open_storage(settings: Settings, env: str | None = None) -> Storage:
             "s3", endpoint_url=server.endpoint_url, region_name="us-east-1", config=config,
             aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
         )
-        return Storage(LOCAL_BUCKET, prefix, server.endpoint_url, client, server.secret_key)
+        return Storage(server.bucket, prefix, server.endpoint_url, client, server.secret_key)
     if not settings.s3_bucket:
         raise ConfigError(
             f"MIGRATE_S3_ENDPOINT_URL is {settings.s3_endpoint_url} but no bucket is set: "

@@ -3,7 +3,7 @@
 No temp file and never the whole dump in memory on the way up: pg_dump's output is compressed
 and cut into multipart-upload parts as it is read, and its sha256 and size are computed on the
 way. pg_dump's own zlib is 4x slower than zstd level 1 for a similar size (bench/RESULTS.md), so
-pg_dump writes uncompressed. Reading a backup back (verify, restore) is in ``dbcore/restore.py``.
+pg_dump writes uncompressed. Reading a backup back (verify, restore) is in ``dbcore/backup/restore.py``.
 """
 
 from __future__ import annotations
@@ -23,22 +23,23 @@ import psycopg2
 import zstandard
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dbcore.connection import Target, connect_raw, error_line, redact
-from dbcore.errors import BackupFailed, ConfigError, StorageError
-from dbcore.pgtools import PgTool, find_pg_tool, libpq_args, server_major
-from dbcore.settings import Settings
-from dbcore.storage import (
+from dbcore.backup.pgtools import PgTool, find_pg_tool, libpq_args, server_major, tool_error
+from dbcore.backup.storage import (
     PART_SIZE,
     MultipartUpload,
     Storage,
     delete,
     describe_error,
-    is_transient,
     head,
+    is_transient,
     list_objects,
     open_storage,
     replace_metadata,
 )
+from dbcore.connection import Target, connect_raw
+from dbcore.errors import BackupFailed, ConfigError, StorageError
+from dbcore.redact import error_line
+from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def _dump_compressed(
                 stderr.seek(0)
                 raise BackupFailed(
                     f"pg_dump of {target.dbname} failed: "
-                    f"{_tool_error(stderr.read(), 'pg_dump', target.password)}"
+                    f"{tool_error(stderr.read(), 'pg_dump', target.password)}"
                 ) from None
             emit(chunker.finish())
         finally:
@@ -239,14 +240,6 @@ def _dump_compressed(
                 proc.wait()
             proc.stdout.close()
     return size, digest.hexdigest()
-
-
-def _tool_error(stderr: bytes, program: str, password: str | None) -> str:
-    """Return the error lines of a client program's stderr as one line, password scrubbed."""
-    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()] or lines[-3:]
-    text = "; ".join(line.removeprefix(f"{program}: ") for line in errors) or "no error output"
-    return redact(text, password)
 
 
 # -- list and prune

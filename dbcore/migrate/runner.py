@@ -13,28 +13,36 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import peewee
 import psycopg2
 from playhouse.migrate import Operation
 
-from dbcore.checks import check_no_invalid_indexes
-from dbcore.connection import Target, connect, error_line
+from dbcore.checks.post import check_no_invalid_indexes
+from dbcore.connection import Target, connect
 from dbcore.errors import (
-    ConfigError,
     MigrationFailed,
     MigrationFileError,
     NonAtomicFailed,
-    NothingToRollback,
     PlanOutdated,
     TableLockTimeout,
     TransactionBroken,
 )
-from dbcore.history import default_actor, ensure_audit_table, read_applied, record_audit
-from dbcore.locking import configure_session, migration_lock
-from dbcore.migrations import FileRouter, LoadedMigration, MigrationFile, discover, load
+from dbcore.migrate.files import LoadedMigration, MigrationFile, load
+from dbcore.migrate.history import default_actor, ensure_audit_table, record_audit
+from dbcore.migrate.locking import configure_session, migration_lock
+from dbcore.migrate.plan import (
+    MigrationResult,
+    Plan,
+    Progress,
+    ProgressEvent,
+    RunReport,
+    plan_apply,
+    plan_rollback,
+    read_state,
+)
+from dbcore.migrate.router import FileRouter
+from dbcore.redact import error_line
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,99 +50,6 @@ log = logging.getLogger(__name__)
 #: SQLSTATEs a caller may retry after: the batch was rolled back because a lock was busy
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Reported to a progress callback before and after each migration."""
-
-    action: str  # "apply" | "rollback"
-    stage: str  # "start" | "done"
-    name: str
-    index: int  # 1-based
-    total: int
-    seconds: float = 0.0
-
-
-Progress = Callable[[ProgressEvent], None]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What an apply or rollback will do: the migrations in order, split into transaction phases."""
-
-    action: str  # "apply" | "rollback"
-    database: str  # masked URL
-    applied_before: tuple[str, ...]
-    migrations: tuple[MigrationFile, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.migrations]
-
-    @property
-    def empty(self) -> bool:
-        return not self.migrations
-
-    @property
-    def phases(self) -> list[tuple[bool, list[MigrationFile]]]:
-        """Consecutive atomic migrations grouped into one transaction; each non-atomic one alone."""
-        phases: list[tuple[bool, list[MigrationFile]]] = []
-        for m in self.migrations:
-            if m.atomic and phases and phases[-1][0]:
-                phases[-1][1].append(m)
-            else:
-                phases.append((m.atomic, [m]))
-        return phases
-
-    def to_dict(self) -> dict:
-        return {
-            "action": self.action, "database": self.database,
-            "applied_before": list(self.applied_before),
-            "migrations": [{"name": m.name, "sha256": m.sha256, "atomic": m.atomic}
-                           for m in self.migrations],
-            "transactions": len(self.phases),
-        }
-
-
-@dataclass(frozen=True)
-class MigrationResult:
-    """One migration as it ran: how long it took and the SQL it sent."""
-
-    name: str
-    seconds: float
-    sql: tuple[str, ...] = ()
-    atomic: bool = True
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """What an apply or rollback did."""
-
-    action: str
-    database: str
-    run_id: str
-    results: tuple[MigrationResult, ...] = ()
-    dry_run: bool = False
-    note: str = ""
-    skipped: tuple[str, ...] = field(default=())
-
-    @property
-    def names(self) -> list[str]:
-        return [r.name for r in self.results]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        """One line: what happened."""
-        if not self.results:
-            return self.note or ("up to date" if self.action == "apply" else "nothing rolled back")
-        verb = "applied" if self.action == "apply" else "rolled back"
-        if self.dry_run:
-            verb = f"rehearsed (rolled back) {self.action} of"
-        total = sum(r.seconds for r in self.results)
-        return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
 
 
 class _SqlRecorder:
@@ -241,72 +156,6 @@ def _typed_failure(exc: Exception, name: str, action: str, committed: list[str],
     return error
 
 
-def _read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
-    own = db is None
-    db = db or connect(target)
-    try:
-        return discover(settings.migrations_dir), [a.name for a in read_applied(db)]
-    finally:
-        if own:
-            db.close()
-
-
-def _pending(files: list[MigrationFile], applied: list[str], upto: str | None) -> list[MigrationFile]:
-    done = set(applied)
-    pending = [f for f in files if f.name not in done]
-    if upto is None:
-        return pending
-    names = [f.name for f in files]
-    match = [n for n in names if n == upto or n.startswith(upto + "_") or n[:3] == upto]
-    if not match:
-        raise MigrationFileError(f"no migration named {upto!r} in {files[0].path.parent if files else 'the folder'}: "
-                                 "pass a name from `dbmigrate status`")
-    upto_name = match[0]
-    if upto_name in done:
-        return []
-    cut = [f.name for f in pending].index(upto_name) + 1
-    return pending[:cut]
-
-
-def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
-               db: peewee.Database | None = None) -> Plan:
-    """Return the plan of pending migrations (up to ``upto``), every file compiled and checked."""
-    files, applied = _read_state(target, settings, db)
-    pending = _pending(files, applied, upto)
-    for f in pending:
-        load(f)  # fail now, naming the file, rather than after earlier ones ran
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
-
-
-def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
-                  names: list[str] | None = None, db: peewee.Database | None = None) -> Plan:
-    """Return the plan of rolling back the newest ``count`` applied migrations (or exactly ``names``)."""
-    files, applied = _read_state(target, settings, db)
-    if names is not None:
-        count = len(names)
-    if count < 1:
-        raise ConfigError("--count must be 1 or more")
-    if count > len(applied):
-        raise NothingToRollback(
-            f"cannot roll back {count}: only {len(applied)} migration(s) applied on {target.dbname!r}")
-    chosen = list(reversed(applied[-count:]))
-    if names is not None and sorted(names) != sorted(chosen):
-        raise PlanOutdated(
-            f"{', '.join(names)} are not the newest applied migrations ({', '.join(chosen)}): "
-            "roll back newest first")
-    by_name = {f.name: f for f in files}
-    missing = [n for n in chosen if n not in by_name]
-    if missing:
-        raise MigrationFileError(
-            f"cannot roll back {', '.join(missing)}: the file is missing from "
-            f"{settings.migrations_dir}: restore it from version control")
-    for name in chosen:
-        if load(by_name[name]).rollback is None:
-            raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
-                                     "or restore the database from its backup")
-    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
-
-
 def _run_ops(migrator) -> None:
     """Run the operations a migrate()/rollback() queued, in the current transaction (or none)."""
     # Migrator.__call__ would wrap these in its own atomic(): we decide the transaction.
@@ -355,7 +204,7 @@ def _execute(plan: Plan, target: Target, settings: Settings, *, actor: str | Non
 
 def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress) -> RunReport:
     # Under the lock the history is final: a plan made before it may be stale.
-    files, applied = _read_state(target, settings, db)
+    files, applied = read_state(target, settings, db)
     if tuple(applied) != plan.applied_before:
         if plan.action == "apply" and set(plan.names) <= set(applied):
             return RunReport(plan.action, plan.database, run_id,

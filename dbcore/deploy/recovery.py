@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
-from dbcore.backup import Progress
-from dbcore.checks import check_no_invalid_indexes
-from dbcore.connection import Target, connect_raw, redact
+from dbcore.backup.dump import Progress
+from dbcore.backup.pgtools import find_pg_tool, libpq_args, server_major
+from dbcore.backup.restore import restore_backup
+from dbcore.checks.post import check_no_invalid_indexes
+from dbcore.connection import Target, connect_raw
+from dbcore.deploy.rehearsal import derived_name
 from dbcore.errors import DbcoreError, RestoreFailed
-from dbcore.pgtools import find_pg_tool, libpq_args, server_major
-from dbcore.restore import restore_backup
-from dbcore.rehearsal import derived_name
+from dbcore.redact import redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pglast import ast
 from pglast.enums import AlterTableType, ConstrType, DropBehavior, NullTestType, ObjectType
 from pglast.parser import ParseError
 
-from dbcore.lint_report import Finding, finding
+from dbcore.lint.report import Finding, finding
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ RECIPES = {
              "then drop the old name in a later migration",
 }
 
-#: how a migration leaves the batch transaction (dbcore.runner runs it alone, in autocommit)
+#: how a migration leaves the batch transaction (dbcore.migrate.runner runs it alone, in autocommit)
 NON_ATOMIC_FIX = ("move it to a migration of its own that declares atomic = False at the top "
                   "(DROP INDEX CONCURRENTLY IF EXISTS first, so that a rerun after a failure "
                   "rebuilds an INVALID index)")

@@ -16,14 +16,16 @@ import peewee
 import psycopg2
 from psycopg2 import sql
 
-from dbcore.backup import Progress as BytesProgress
-from dbcore.restore import restore_backup
-from dbcore.checks import CheckReport, run_post_checks
-from dbcore.connection import Target, connect_raw, redact
+from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.restore import restore_backup
+from dbcore.checks.post import CheckReport, run_post_checks
+from dbcore.connection import Target, connect_raw
 from dbcore.errors import DbcoreError, RehearsalFailed
-from dbcore.lint_report import Finding
-from dbcore.lint_sql import SqlBatch
-from dbcore.runner import MigrationResult, Plan, Progress, apply_plan
+from dbcore.lint.report import Finding
+from dbcore.lint.sql_rules import SqlBatch
+from dbcore.migrate.plan import MigrationResult, Plan, Progress
+from dbcore.migrate.runner import apply_plan
+from dbcore.redact import redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)

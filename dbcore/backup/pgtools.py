@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from dbcore.connection import Target
 from dbcore.errors import ToolNotFound
-from dbcore.services.postgres import _major_of_path
+from dbcore.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ class PgTool:
         return int(self.version.split(".")[0])
 
 
+def major_of_path(path: str) -> int:
+    try:
+        return int(Path(path).parent.name)
+    except ValueError:
+        return 0
+
+
+
 def _candidate_dirs() -> list[str]:
     dirs = []
     if os.environ.get("PG_BINDIR"):
@@ -52,7 +60,7 @@ def _candidate_dirs() -> list[str]:
             out = ""
         if out:
             dirs.append(out)
-    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major_of_path, reverse=True)
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major_of_path, reverse=True)
     dirs += os.environ.get("PATH", "").split(os.pathsep)
     seen, unique = set(), []
     for folder in dirs:
@@ -135,3 +143,11 @@ def libpq_args(target: Target) -> tuple[str, dict[str, str]]:
     # Built by hand: urlunsplit drops the "//" of a URL with no host (postgres:///db?host=/run/x)
     query_part = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{parts.path}{query_part}", env
+
+
+def tool_error(stderr: bytes, program: str, password: str | None) -> str:
+    """Return the error lines of a client program's stderr as one line, password scrubbed."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines[-3:]
+    text = "; ".join(line.removeprefix(f"{program}: ") for line in errors) or "no error output"
+    return redact(text, password)

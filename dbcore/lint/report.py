@@ -127,10 +127,10 @@ class LintReport:
         lines += ["| severity | rule | where | message |", "|---|---|---|---|"]
         for f in self.findings:
             mark = "error" if f.severity == "error" else "warning"
-            lines.append(f"| {mark} | {f.rule} | `{f.file}:{f.line}` | {_cell(f.message)} |")
+            lines.append(f"| {mark} | {f.rule} | `{f.file}:{f.line}` | {md_cell(f.message)} |")
         return "\n".join(lines)
 
 
-def _cell(text: str) -> str:
+def md_cell(text: str) -> str:
     # a pipe or a newline would end the table cell early
     return text.replace("|", "\\|").replace("\n", " ")

@@ -6,7 +6,6 @@ artifact and decides whether to roll back. The database is read, never written.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -16,7 +15,6 @@ from dataclasses import asdict, dataclass
 import peewee
 
 from dbcore.connection import Target, connect
-from dbcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +147,7 @@ class _Index:
 
 
 @contextmanager
-def _opened(db_or_target: peewee.Database | Target) -> Iterator[peewee.Database]:
+def opened(db_or_target: peewee.Database | Target) -> Iterator[peewee.Database]:
     """Yield a connected database; close only what was opened here."""
     if isinstance(db_or_target, Target):
         db = connect(db_or_target, application_name="dbmigrate-check")
@@ -297,7 +295,7 @@ def schema_drift(
     ignored = set(ignore_tables)
     differences: list[Difference] = []
     notes: list[str] = []
-    with _opened(db_or_target) as db:
+    with opened(db_or_target) as db:
         schemas = {m._meta.schema for m in models} or {None}
         present = {(s, t) for s in schemas for t in db.get_tables(s)}
         modelled = {(m._meta.schema, m._meta.table_name) for m in models}
@@ -306,108 +304,10 @@ def schema_drift(
                 differences.append(Difference("missing_table", model._meta.table_name))
             else:
                 differences += _model_drift(db, model, notes)
-        for schema, table in sorted(present - modelled, key=lambda p: (p[0] or "", p[1])):
+        for _schema, table in sorted(present - modelled, key=lambda p: (p[0] or "", p[1])):
             if table not in ignored:
                 differences.append(Difference("extra_table", table))
     log.debug("schema drift: %d difference(s) over %d model(s)", len(differences), len(models))
     return DriftReport(tuple(differences), tuple(sorted(t for _, t in modelled)), tuple(notes))
 
 
-@dataclass(frozen=True)
-class InvalidIndex:
-    """An index PostgreSQL does not use (pg_index.indisvalid is false), e.g. a failed CONCURRENTLY build."""
-
-    schema: str
-    table: str
-    index: str
-    definition: str
-
-    def describe(self) -> str:
-        return (f"index {self.schema}.{self.index} on {self.table} is invalid: "
-                f"DROP INDEX {self.schema}.{self.index} and build it again")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "message": self.describe()}
-
-
-_INVALID_INDEXES = """
-    SELECT n.nspname, t.relname, i.relname, pg_get_indexdef(x.indexrelid)
-    FROM pg_index AS x
-    JOIN pg_class AS i ON i.oid = x.indexrelid
-    JOIN pg_class AS t ON t.oid = x.indrelid
-    JOIN pg_namespace AS n ON n.oid = i.relnamespace
-    WHERE NOT x.indisvalid
-      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-      AND n.nspname NOT LIKE 'pg_toast%%'
-    ORDER BY 1, 2, 3
-"""
-
-
-def check_no_invalid_indexes(db: peewee.Database) -> list[InvalidIndex]:
-    """Return every invalid index of the database (empty when all are usable)."""
-    # peewee's introspection has no indisvalid: this one needs the catalog
-    with _opened(db) as opened:
-        rows = opened.execute_sql(_INVALID_INDEXES).fetchall()
-    return [InvalidIndex(*row) for row in rows]
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """The post-checks of one database: schema drift and invalid indexes."""
-
-    drift: DriftReport
-    invalid_indexes: tuple[InvalidIndex, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.drift.ok and not self.invalid_indexes
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "drift": self.drift.to_dict(),
-                "invalid_indexes": [i.to_dict() for i in self.invalid_indexes]}
-
-    def text(self) -> str:
-        """Return the terminal rendering of both checks."""
-        lines = [self.drift.text()]
-        if self.invalid_indexes:
-            lines.append(f"invalid indexes: {len(self.invalid_indexes)}")
-            lines += [f"  {i.describe()}" for i in self.invalid_indexes]
-        else:
-            lines.append("no invalid indexes")
-        return "\n".join(lines)
-
-    def to_markdown(self) -> str:
-        """Return a markdown section for a Prefect artifact."""
-        verdict = "passed" if self.ok else "**failed**"
-        parts = [f"## Post-checks {verdict}", "", self.drift.to_markdown(), ""]
-        if self.invalid_indexes:
-            parts += ["### Invalid indexes", "", "| table | index | definition |", "|---|---|---|"]
-            parts += [f"| {i.table} | {i.index} | `{i.definition}` |" for i in self.invalid_indexes]
-        else:
-            parts.append("### No invalid indexes")
-        return "\n".join(parts)
-
-
-def run_post_checks(
-    db_or_target: peewee.Database | Target,
-    models: Iterable[type[peewee.Model]],
-    *,
-    ignore_tables: Iterable[str] = DEFAULT_IGNORED_TABLES,
-) -> CheckReport:
-    """Return the post-checks of a database (one connection for all); raise DatabaseUnavailable."""
-    with _opened(db_or_target) as db:
-        drift = schema_drift(db, models, ignore_tables=ignore_tables)
-        invalid = check_no_invalid_indexes(db)
-    return CheckReport(drift, tuple(invalid))
-
-
-def load_models(spec: str) -> list[type[peewee.Model]]:
-    """Return the models named by ``module:attribute``; raise ConfigError when it names none."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        models = getattr(importlib.import_module(module_name), attr or "MODELS")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load models {spec!r} ({exc}): pass --models module:LIST or set MIGRATE_MODELS") from exc
-    if not all(isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
-        raise ConfigError(f"{spec} is not a list of peewee models: pass --models module:LIST or set MIGRATE_MODELS")
-    return list(models)

@@ -1,0 +1,1 @@
+"""Post-checks: the models against the live schema, invalid indexes."""

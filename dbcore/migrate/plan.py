@@ -1,0 +1,180 @@
+"""Plan first: what an apply or rollback will do, decided and returned as data.
+
+``plan_apply`` and ``plan_rollback`` read the folder and the history and return a :class:`Plan`;
+``dbcore.migrate.runner`` executes it. The report types of a run live here too, so that callers
+that only read plans and reports need not import the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import peewee
+
+from dbcore.connection import Target, connect
+from dbcore.errors import ConfigError, MigrationFileError, NothingToRollback, PlanOutdated
+from dbcore.migrate.files import MigrationFile, discover, load
+from dbcore.migrate.history import read_applied
+from dbcore.settings import Settings
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported to a progress callback before and after each migration."""
+
+    action: str  # "apply" | "rollback"
+    stage: str  # "start" | "done"
+    name: str
+    index: int  # 1-based
+    total: int
+    seconds: float = 0.0
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an apply or rollback will do: the migrations in order, split into transaction phases."""
+
+    action: str  # "apply" | "rollback"
+    database: str  # masked URL
+    applied_before: tuple[str, ...]
+    migrations: tuple[MigrationFile, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.migrations]
+
+    @property
+    def empty(self) -> bool:
+        return not self.migrations
+
+    @property
+    def phases(self) -> list[tuple[bool, list[MigrationFile]]]:
+        """Consecutive atomic migrations grouped into one transaction; each non-atomic one alone."""
+        phases: list[tuple[bool, list[MigrationFile]]] = []
+        for m in self.migrations:
+            if m.atomic and phases and phases[-1][0]:
+                phases[-1][1].append(m)
+            else:
+                phases.append((m.atomic, [m]))
+        return phases
+
+    def to_dict(self) -> dict:
+        return {
+            "action": self.action, "database": self.database,
+            "applied_before": list(self.applied_before),
+            "migrations": [{"name": m.name, "sha256": m.sha256, "atomic": m.atomic}
+                           for m in self.migrations],
+            "transactions": len(self.phases),
+        }
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """One migration as it ran: how long it took and the SQL it sent."""
+
+    name: str
+    seconds: float
+    sql: tuple[str, ...] = ()
+    atomic: bool = True
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What an apply or rollback did."""
+
+    action: str
+    database: str
+    run_id: str
+    results: tuple[MigrationResult, ...] = ()
+    dry_run: bool = False
+    note: str = ""
+    skipped: tuple[str, ...] = field(default=())
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.results]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: what happened."""
+        if not self.results:
+            return self.note or ("up to date" if self.action == "apply" else "nothing rolled back")
+        verb = "applied" if self.action == "apply" else "rolled back"
+        if self.dry_run:
+            verb = f"rehearsed (rolled back) {self.action} of"
+        total = sum(r.seconds for r in self.results)
+        return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+
+
+def read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
+    """Return the migration files on disk and the names recorded as applied, in order."""
+    own = db is None
+    db = db or connect(target)
+    try:
+        return discover(settings.migrations_dir), [a.name for a in read_applied(db)]
+    finally:
+        if own:
+            db.close()
+
+
+def pending_files(files: list[MigrationFile], applied: list[str], upto: str | None) -> list[MigrationFile]:
+    """Return the files not yet applied, in order, up to and including ``upto`` when given."""
+    done = set(applied)
+    pending = [f for f in files if f.name not in done]
+    if upto is None:
+        return pending
+    names = [f.name for f in files]
+    match = [n for n in names if n == upto or n.startswith(upto + "_") or n[:3] == upto]
+    if not match:
+        raise MigrationFileError(f"no migration named {upto!r} in {files[0].path.parent if files else 'the folder'}: "
+                                 "pass a name from `dbmigrate status`")
+    upto_name = match[0]
+    if upto_name in done:
+        return []
+    cut = [f.name for f in pending].index(upto_name) + 1
+    return pending[:cut]
+
+
+def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
+               db: peewee.Database | None = None) -> Plan:
+    """Return the plan of pending migrations (up to ``upto``), every file compiled and checked."""
+    files, applied = read_state(target, settings, db)
+    pending = pending_files(files, applied, upto)
+    for f in pending:
+        load(f)  # fail now, naming the file, rather than after earlier ones ran
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+
+
+def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
+                  names: list[str] | None = None, db: peewee.Database | None = None) -> Plan:
+    """Return the plan of rolling back the newest ``count`` applied migrations (or exactly ``names``)."""
+    files, applied = read_state(target, settings, db)
+    if names is not None:
+        count = len(names)
+    if count < 1:
+        raise ConfigError("--count must be 1 or more")
+    if count > len(applied):
+        raise NothingToRollback(
+            f"cannot roll back {count}: only {len(applied)} migration(s) applied on {target.dbname!r}")
+    chosen = list(reversed(applied[-count:]))
+    if names is not None and sorted(names) != sorted(chosen):
+        raise PlanOutdated(
+            f"{', '.join(names)} are not the newest applied migrations ({', '.join(chosen)}): "
+            "roll back newest first")
+    by_name = {f.name: f for f in files}
+    missing = [n for n in chosen if n not in by_name]
+    if missing:
+        raise MigrationFileError(
+            f"cannot roll back {', '.join(missing)}: the file is missing from "
+            f"{settings.migrations_dir}: restore it from version control")
+    for name in chosen:
+        if load(by_name[name]).rollback is None:
+            raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
+                                     "or restore the database from its backup")
+    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))

@@ -1,8 +1,9 @@
 """The `migrate` flow: pending migrations to a database, safely.
 
-resolve target -> tunnel (proxy) -> check connection -> plan + lint -> backup -> rehearsal on a
-copy -> plan artifact -> [dry run stops] -> approval pause -> apply (one transaction, lock) ->
-post-checks -> on failure the rollback subflow -> tunnel closed in every case.
+resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup ->
+rehearsal on a copy -> plan artifact -> [dry run stops] -> approval pause -> preflight again ->
+apply (one transaction, lock) -> post-checks -> on failure the rollback subflow -> tunnel closed
+in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads
@@ -133,14 +134,20 @@ def migrate(
                 return _failed_at("lint", f"{lint_report.summary()}: "
                                           f"{lint_report.errors[0].text()}")
             models = load_models(settings.models)
-            backup_info = rehearsal = None
+            backup_info = rehearsal = checked_before = None
             if backup:
+                stage = "configuration"
+                server = tasks.rehearsal_server(target, settings)
+                stage = "preflight"
+                checked_before = tasks.preflight(target, settings, tasks.touched_tables(plan),
+                                                 "before the backup")
                 stage = "backup"
                 backup_info = tasks.take_backup(target, settings)
                 stage = "rehearsal"
                 rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                           allow_destructive)
-            deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
+                                           allow_destructive, server)
+            deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal,
+                                       checked_before)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
                                      description=deploy.headline())
             logger.info("plan:\n%s", deploy.text())
@@ -159,6 +166,9 @@ def migrate(
                     return refusal
                 stage = "connection check after the approval"
                 tasks.check_connection(target)  # an hour may have passed; the tunnel too
+            stage = "preflight"
+            tasks.preflight(target, settings, tasks.touched_tables(plan, rehearsal),
+                            "before the apply")
             stage = "snapshot"
             before = tasks.snapshot(target)
             stage = "apply"

@@ -18,14 +18,15 @@ from prefect.logging.handlers import APILogHandler
 
 from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
-from dbcore.connection import Target, server_version
-from dbcore.deploy import recovery, rehearsal
+from dbcore.connection import Env, Target, server_version
+from dbcore.deploy import preflight as preflight_checks
+from dbcore.deploy import recovery, rehearsal, scratch, touched
 from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
-from dbcore.migrate import runner
+from dbcore.migrate import retry
 from dbcore.settings import Settings
 
 
@@ -118,16 +119,50 @@ def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
     return info
 
 
+def rehearsal_server(target: Target, settings: Settings) -> scratch.RehearsalServer:
+    """Return where the rehearsal copy is made (not a task: it decides, from the settings).
+
+    The proxy environment rehearses on the laptop's embedded cluster, started here if needed.
+    """
+    local = None
+    if target.env is Env.PROXY and settings.rehearsal_database_url is None:
+        from dbcore.services.local import ensure_local_cluster
+
+        local = ensure_local_cluster(settings)
+    return scratch.rehearsal_server(target, settings, local)
+
+
+def touched_tables(plan: planning.Plan, rehearsal_report: rehearsal.RehearsalReport | None = None
+                   ) -> set[str] | None:
+    """Return the tables the plan touches: from the rehearsal's SQL, else from the files."""
+    captured = ([s for r in rehearsal_report.results for s in r.sql] if rehearsal_report
+                else None)
+    return touched.tables_of_plan([m.path for m in plan.migrations], captured)
+
+
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight(target: Target, settings: Settings, tables: set[str] | None, stage: str
+              ) -> preflight_checks.PreflightReport:
+    """Wait until nothing on the live database blocks the run; fail naming what still does."""
+    report = preflight_checks.preflight(target, settings, tables, stage)
+    get_run_logger().info("%s", report.text())
+    return report
+
+
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
-             models, run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
-    """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
+             models, run_id: str, allow_destructive: bool,
+             server: scratch.RehearsalServer | None = None) -> rehearsal.RehearsalReport:
+    """Copy the database into a scratch one, apply the plan there, check it, drop it."""
+    server = server or rehearsal_server(target, settings)
     meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
-                              f"restore of {backup_info.key} into a scratch copy")
-    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, models=models,
-                                        run_id=run_id, allow_destructive=allow_destructive,
+                              f"restore of {backup_info.key} into a scratch copy on {server.where}")
+    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, server=server,
+                                        models=models, run_id=run_id,
+                                        allow_destructive=allow_destructive,
                                         restore_progress=meter)
     meter.finish()
+    get_run_logger().info("rehearsal copy made on %s (%s)", server.where, report.method)
     return report
 
 
@@ -137,11 +172,15 @@ def snapshot(target: Target) -> str:
     return recovery.schema_snapshot(target)
 
 
-@task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30],
+@task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30], retry_jitter_factor=0.5,
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
 def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str
           ) -> planning.RunReport:
-    """Apply the plan in one transaction under the migration lock (retried only on lock timeouts)."""
+    """Apply the plan in one transaction under the migration lock.
+
+    A table lock timeout is retried inside, with jittered backoff (dbcore.migrate.retry); the
+    task's own retries are for a busy migration lock or a lost connection (nothing changed).
+    """
     logger = get_run_logger()
 
     def progress(event: planning.ProgressEvent) -> None:
@@ -149,7 +188,8 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
-    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
+    return retry.apply_retrying(plan, target, settings, actor=actor, run_id=run_id,
+                                progress=progress)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
@@ -158,6 +198,7 @@ def post_checks(target: Target, models) -> checks.CheckReport:
     return checks.run_post_checks(target, models)
 
 
-def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None) -> DeployPlan:
+def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None,
+                preflight_report=None) -> DeployPlan:
     """Return the deploy plan (not a task: it only gathers data)."""
-    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report)
+    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report, preflight_report)

@@ -50,6 +50,21 @@ def pg_server_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def other_pg_server_url():
+    """URL of the maintenance database of a second private server: where a rehearsal copy goes
+    when it must not land on the target's cluster."""
+    root = Path(tempfile.mkdtemp(prefix="dbmigrate-pg-other-"))
+    cluster = PostgresCluster(root)
+    cluster.init()
+    cluster.start(fast=True)
+    try:
+        yield cluster.url("postgres")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _admin(server_url: str):
     conn = psycopg2.connect(server_url)
     conn.autocommit = True

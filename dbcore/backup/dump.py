@@ -67,6 +67,8 @@ class BackupInfo:
     pg_dump_version: str
     compression: str  # "zstd:LEVEL" or "none"
     created_at: datetime
+    #: major version of the server that was dumped (0: not recorded by older versions)
+    server_major: int = 0
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict (created_at in ISO 8601)."""
@@ -90,6 +92,7 @@ class BackupInfo:
             database=meta["database"], env=meta["env"], last_migration=meta["last-migration"],
             pg_dump_version=meta["pg-dump-version"], compression=meta["compression"],
             created_at=datetime.fromisoformat(meta["created-at"]),
+            server_major=int(meta.get("server-major") or 0),
         )
 
 
@@ -183,7 +186,7 @@ def backup_to_s3(
     info = BackupInfo(
         key=key, bucket=storage.bucket, size=size, sha256=sha256, database=target.dbname,
         env=env_name, last_migration=last_migration, pg_dump_version=pg_dump.version,
-        compression=compression, created_at=created_at,
+        compression=compression, created_at=created_at, server_major=major,
     )
     try:
         replace_metadata(storage, key, info.to_metadata(), CONTENT_TYPE)

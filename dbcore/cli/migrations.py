@@ -13,6 +13,7 @@ from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
+from dbcore.migrate.retry import apply_retrying
 from dbcore.migrate.runner import apply_plan, rollback_plan
 
 
@@ -129,8 +130,10 @@ def _execute(ctx: Context, plan: Plan, execute) -> int:
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock."""
-    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target), apply_plan)
+    """Apply pending migrations in one transaction under the migration lock (a lock timeout is
+    retried with backoff; a dry run is not)."""
+    execute = apply_plan if ctx.args.dry_run else apply_retrying
+    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target), execute)
 
 
 def cmd_rollback(ctx: Context) -> int:

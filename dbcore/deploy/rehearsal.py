@@ -2,7 +2,8 @@
 
 The rehearsal proves three things before anyone approves: the backup restores, the migrations
 apply to the real data (with the SQL and timings captured), and the result passes the
-post-checks. The live database is only read (by the backup).
+post-checks. The live database is only read (by the backup). Where the copy is made is decided
+in ``dbcore.deploy.scratch``: never on the production cluster unless asked.
 """
 
 from __future__ import annotations
@@ -14,18 +15,27 @@ from dataclasses import dataclass, field
 
 import peewee
 import psycopg2
-from psycopg2 import sql
 
 from dbcore.backup.dump import Progress as BytesProgress
 from dbcore.backup.restore import restore_backup
 from dbcore.checks.post import CheckReport, run_post_checks
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Env, Target, connect_raw
+from dbcore.deploy.scratch import (
+    Leftovers,
+    RehearsalServer,
+    claimed,
+    copy_with_template,
+    drop_database,
+    drop_leftovers,
+    rehearsal_server,
+    scratch_name,
+)
 from dbcore.errors import DbcoreError, RehearsalFailed
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
 from dbcore.migrate.runner import apply_plan
-from dbcore.redact import redact
+from dbcore.redact import error_line, redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,9 @@ class RehearsalReport:
     results: tuple[MigrationResult, ...]
     checks: CheckReport | None
     sql_findings: tuple[Finding, ...] = field(default=())
+    server: str = ""  # where the copy was made, and why there
+    method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
     @property
     def ok(self) -> bool:
@@ -60,35 +73,8 @@ class RehearsalReport:
                         for r in self.results],
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
+            "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
         }
-
-
-def derived_name(dbname: str, suffix: str) -> str:
-    """Return ``dbname`` cut to fit ``suffix`` within PostgreSQL's 63 bytes (never mid-character)."""
-    room = 63 - len(suffix.encode())
-    head = dbname.encode()[:room].decode(errors="ignore")
-    return head + suffix
-
-
-def scratch_name(dbname: str, run_id: str | None = None) -> str:
-    """Return a scratch database name derived from ``dbname`` (at most 63 bytes)."""
-    return derived_name(dbname, f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}")
-
-
-def drop_database(server: Target, dbname: str) -> None:
-    """Drop ``dbname`` on ``server``'s cluster, ending its sessions; raise RehearsalFailed."""
-    if dbname == server.dbname:
-        raise RehearsalFailed(f"refusing to drop {dbname}: it is the live database")
-    conn = connect_raw(server.with_dbname("postgres"), "dbmigrate-rehearsal")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"could not drop the scratch database {dbname}: "
-                              f"{redact(str(exc).strip(), server.password)}: drop it by hand") from None
-    finally:
-        conn.close()
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
@@ -126,43 +112,57 @@ def _existing_tables(target: Target) -> set[str]:
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
+                     server: RehearsalServer | None = None,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
                      restore_progress: BytesProgress | None = None) -> RehearsalReport:
-    """Restore ``backup_key`` into a scratch database beside ``target``, apply ``plan`` there, check it.
+    """Copy ``target`` into a scratch database on ``server``, apply ``plan`` there, check it.
 
-    Returns the report; raises RehearsalFailed (the scratch copy is always dropped).
+    ``server`` defaults to :func:`rehearsal_server` of the target. The copy is the restore of
+    ``backup_key``; locally on the target's own cluster a ``CREATE DATABASE ... TEMPLATE`` when
+    nobody else is connected to the target. Scratch databases that runs which died left behind
+    are dropped first. Returns the report; raises RehearsalFailed (the copy is always dropped).
     """
-    scratch = target.with_dbname(scratch_name(target.dbname, run_id))
-    if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
+    server = server or rehearsal_server(target, settings)
+    run_id = run_id or uuid.uuid4().hex
+    leftovers = drop_leftovers(server, target.dbname)
+    scratch = server.scratch(scratch_name(target.dbname, run_id))
+    if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
         raise RehearsalFailed("the scratch database would be the live one")
-    started = time.monotonic()
-    try:
-        # A scratch copy, never the live database: the production guard does not apply.
-        restore_backup(backup_key, scratch, settings, allow_production=True,
-                       progress=restore_progress)
-        restore_seconds = round(time.monotonic() - started, 3)
-        existing = _existing_tables(scratch)
+    with claimed(server, scratch.dbname):
+        started = time.monotonic()
         try:
-            report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                                progress=progress)
-        except DbcoreError as exc:
-            raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
-                                  f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models) if models is not None else None
-        findings = lint_captured_sql(report.results, existing, allow_destructive)
-        result = RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
-                                 checks, tuple(findings))
-    except BaseException:
-        _drop_quietly(target, scratch.dbname)  # the original error is the one to report
-        raise
-    drop_database(target, scratch.dbname)
+            method = "restore"
+            if (server.on_target and target.env is Env.LOCAL
+                    and copy_with_template(server, target.dbname, scratch.dbname)):
+                method = "template"
+            else:
+                # A scratch copy, never the live database: the production guard does not apply.
+                restore_backup(backup_key, scratch, settings, allow_production=True,
+                               progress=restore_progress)
+            copy_seconds = round(time.monotonic() - started, 3)
+            existing = _existing_tables(scratch)
+            try:
+                report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+                                    progress=progress)
+            except DbcoreError as exc:
+                raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
+                                      f"touched: {exc}") from exc
+            checks = run_post_checks(scratch, models) if models is not None else None
+            findings = lint_captured_sql(report.results, existing, allow_destructive)
+            result = RehearsalReport(scratch.dbname, backup_key, copy_seconds, report.results,
+                                     checks, tuple(findings), server=server.where, method=method,
+                                     leftovers=leftovers)
+        except BaseException:
+            _drop_quietly(server, scratch.dbname, target.dbname)  # the original error is reported
+            raise
+        drop_database(server, scratch.dbname, target.dbname)
     return result
 
 
-def _drop_quietly(server: Target, dbname: str) -> None:
+def _drop_quietly(server: RehearsalServer, dbname: str, live: str) -> None:
     try:
-        drop_database(server, dbname)
+        drop_database(server, dbname, live)
     except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised
-        log.warning("could not drop the scratch database %s (%s): drop it by hand", dbname,
-                    redact(str(exc).strip(), server.password))
+        log.warning("could not drop the scratch database %s (%s): the next run drops it", dbname,
+                    error_line(exc, server.admin.password))

@@ -303,10 +303,13 @@ def test_cli_errors_are_one_line_without_the_secret(target, s3_settings, monkeyp
     assert "leaky-" not in captured.err and S3_SECRET_KEY not in captured.err
 
 
-def test_pg_tool_of_another_major_version_is_a_clear_error():
-    with pytest.raises(ToolNotFound, match=r"PostgreSQL 99 .*pg_dump.* is 15\.\d+.*postgresql-client-99"):
+def test_pg_tool_older_than_the_server_is_refused_newer_is_used():
+    with pytest.raises(ToolNotFound, match=r"PostgreSQL 99 .*every pg_dump found is older"
+                                           r".* is 15\.\d+.*postgresql-client-99"):
         find_pg_tool("pg_dump", 99)
     assert find_pg_tool("pg_restore", 15).major == 15
+    # a newer client dumps and restores older servers
+    assert find_pg_tool("pg_dump", 13).major == 15 and find_pg_tool("pg_restore", 12).major == 15
 
 
 def test_running_s3_server_is_found_by_another_process(s3_server):

@@ -203,7 +203,7 @@ def test_an_unanswered_approval_times_out_as_rejected(flow_env, db_url):
 
 
 def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, monkeypatch,
-                                                             pg_server_url):
+                                                             pg_server_url, tmp_path):
     import shlex
     import sys
     from pathlib import Path
@@ -217,10 +217,24 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     monkeypatch.setenv("MIGRATE_PROXY_LOCAL_PORT", "0")
     # As Fly names it: only the tunnel's local end can reach it.
     monkeypatch.setenv("DATABASE_URL", f"postgres://postgres:pw@my-db.flycast:5432{urlsplit(db_url).path}")
+    # the rehearsal runs on the laptop's embedded cluster, started here for the run
+    monkeypatch.setenv("MIGRATE_LOCAL_DIR", str(tmp_path / ".local"))
     before = schema_dump(db_url)
-    state = migrate(env="proxy", dry_run=True, return_state=True)
+    try:
+        state = migrate(env="proxy", dry_run=True, return_state=True)
+    finally:
+        import shutil
+
+        from dbcore.services.local import down, postgres_root
+        from dbcore.settings import Settings
+
+        laptop = Settings(local_dir=tmp_path / ".local")
+        down(laptop)
+        shutil.rmtree(postgres_root(laptop), ignore_errors=True)
     assert state.is_completed(), state.message
     assert state.message.startswith("dry run: would apply 4")
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "on the embedded local cluster" in plan and "not through the tunnel" in plan
     assert schema_dump(db_url) == before
     backup = list_backups(flow_env)[0]
     assert backup.env == "proxy"

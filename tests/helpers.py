@@ -34,3 +34,9 @@ def query(url: str, sql: str, params=None) -> list[tuple]:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def random_rows(url: str, megabytes: int) -> None:
+    """Add a table of ``megabytes`` of incompressible rows, so that a backup takes a while."""
+    query(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto; CREATE TABLE blobs AS SELECT g AS id, "
+               f"gen_random_bytes(1024) AS data FROM generate_series(1, {megabytes * 1000}) g")

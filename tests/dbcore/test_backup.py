@@ -6,10 +6,9 @@ import json
 import time
 import uuid
 
-import boto3
 import psycopg2
 import pytest
-from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY
+from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY, leftovers, s3_client
 from helpers import query, schema_dump
 
 from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
@@ -65,17 +64,6 @@ def fingerprint(url: str) -> dict[str, tuple[int, str]]:
     }
 
 
-def s3_client(settings):
-    return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url,
-                                          region_name="us-east-1")
-
-
-def leftovers(settings) -> tuple[list[str], list[str]]:
-    """Objects and unfinished multipart uploads in the bucket."""
-    client = s3_client(settings)
-    objects = [o["Key"] for o in client.list_objects_v2(Bucket=settings.s3_bucket).get("Contents", [])]
-    uploads = [u["Key"] for u in client.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", [])]
-    return objects, uploads
 
 
 def test_backup_then_restore_into_a_new_database_gives_identical_data(target, s3_settings):

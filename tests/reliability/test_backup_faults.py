@@ -1,0 +1,59 @@
+"""A backup cut off halfway (the tunnel dies, the S3 server stops) or refused leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY, leftovers
+from helpers import random_rows
+
+from dbcore.backup.dump import backup_to_s3
+from dbcore.connection import Env, Target
+from dbcore.errors import BackupFailed
+from dbcore.proxy import open_tunnel
+from dbcore.services.seaweed import SeaweedServer
+
+
+def test_the_tunnel_killed_mid_backup_fails_it_and_leaves_no_object(forwarder_settings, db_url,
+                                                                     s3_settings):
+    random_rows(db_url, 8)
+    cfg = s3_settings.model_copy(update={"proxy_command": forwarder_settings.proxy_command,
+                                         "proxy_local_port": 0})
+    with open_tunnel(cfg) as tunnel:
+        target = tunnel.target_for(Target(Env.PROXY, db_url))
+
+        def kill_the_tunnel(done: int) -> None:
+            if tunnel.process.poll() is None:
+                tunnel.process.kill()
+
+        with pytest.raises(BackupFailed, match="pg_dump") as failure:
+            backup_to_s3(target, cfg, progress=kill_the_tunnel)
+        assert not tunnel.healthy()
+    assert "\n" not in str(failure.value)
+    assert leftovers(cfg) == ([], [])
+
+
+def test_the_s3_server_stopped_mid_upload_leaves_no_object_and_no_multipart_upload(
+        target, tmp_path, s3_credentials, settings):
+    server = SeaweedServer(tmp_path / "s3", S3_ACCESS_KEY, S3_SECRET_KEY)
+    server.start()
+    try:
+        server.create_bucket("cut")
+        cfg = settings.model_copy(update={"s3_bucket": "cut", "s3_endpoint_url": server.endpoint_url,
+                                          "backup_zstd_level": 1})
+        random_rows(target.url, 24)
+
+        def stop_the_server(done: int) -> None:
+            if done > 12 * 2**20 and server.is_running():
+                server.stop()
+
+        with pytest.raises(BackupFailed) as failure:
+            backup_to_s3(target, cfg, progress=stop_the_server)
+        assert server.endpoint_url in str(failure.value) and failure.value.retryable
+        server.start()  # same ports: the same endpoint
+        objects, uploads = leftovers(cfg)
+        assert objects == []  # no object: nothing half-written can be taken for a backup
+        # the upload could not be aborted while the server was down: the next backup does it
+        info = backup_to_s3(target, cfg)
+        assert leftovers(cfg) == ([info.key], [])
+    finally:
+        server.stop()

@@ -16,6 +16,7 @@ from typing import Iterable
 from pglast import parser as pg_parser
 
 _PLACEHOLDER = re.compile(r"%\(\w+\)s|%s")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 
 def tables_in_sql(statements: Iterable[str]) -> set[str] | None:
@@ -67,16 +68,15 @@ def tables_in_files(paths: Iterable[Path]) -> set[str] | None:
                     isinstance(node.value, ast.Attribute) and node.value.attr == "orm":
                 tables.add(_default_table_name(node.slice.value))
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                strings = [a.value for a in node.args if _is_str(a)]
+                literal = bool(node.args) and _is_str(node.args[0])
                 if node.func.attr == "sql":
-                    literal = node.args[:1] and _is_str(node.args[0])
                     found = tables_in_sql([node.args[0].value]) if literal else None
                     if found is None:
                         return None
                     tables |= found
-                elif strings:  # migrator.add_index("table", ...), migrator.drop_table("x")
-                    tables.add(strings[0])
-    return tables
+                elif literal:  # migrator.add_index("table", ...), migrator.drop_table("x")
+                    tables.add(node.args[0].value)
+    return {t for t in tables if _IDENTIFIER.fullmatch(t)}
 
 
 def _is_str(node: ast.AST) -> bool:

@@ -25,6 +25,7 @@ from dbcore.deploy.scratch import (
     RehearsalServer,
     claimed,
     copy_with_template,
+    create_database,
     drop_database,
     drop_leftovers,
     rehearsal_server,
@@ -137,6 +138,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                     and copy_with_template(server, target.dbname, scratch.dbname)):
                 method = "template"
             else:
+                create_database(server, scratch.dbname)
                 # A scratch copy, never the live database: the production guard does not apply.
                 restore_backup(backup_key, scratch, settings, allow_production=True,
                                progress=restore_progress)

@@ -210,6 +210,21 @@ def copy_with_template(server: RehearsalServer, source: str, dbname: str) -> boo
     return True
 
 
+def create_database(server: RehearsalServer, dbname: str) -> None:
+    """Create the empty scratch database ``dbname`` from the server's maintenance database (which
+    need not be called postgres on a managed server); raise RehearsalFailed."""
+    conn = connect_raw(server.admin, "dbmigrate rehearsal: create")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    except psycopg2.Error as exc:
+        raise RehearsalFailed(f"cannot create the scratch database {dbname} on {server.where}: "
+                              f"{error_line(exc, server.admin.password)}: the user needs CREATEDB "
+                              "there") from None
+    finally:
+        conn.close()
+
+
 def drop_database(server: RehearsalServer, dbname: str, live: str) -> None:
     """Drop scratch database ``dbname`` on ``server``, ending its sessions; raise RehearsalFailed."""
     if server.on_target and dbname == live:

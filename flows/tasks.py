@@ -149,7 +149,7 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
-    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
+    return runner.execute(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

@@ -128,9 +128,7 @@ def database_size(target: Target) -> int:
 
 def _storage_failure(message: str, exc: BaseException) -> BackupFailed:
     """Return BackupFailed for an S3 error, retryable when the cause is passing (nothing was left)."""
-    error = BackupFailed(message)
-    error.retryable = is_transient(exc)
-    return error
+    return BackupFailed(message, retryable=is_transient(exc))
 
 
 def backup_to_s3(

@@ -24,7 +24,7 @@ from dbcore.errors import DbcoreError, RehearsalFailed
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
-from dbcore.migrate.runner import apply_plan
+from dbcore.migrate.runner import execute
 from dbcore.redact import redact
 from dbcore.settings import Settings
 
@@ -144,7 +144,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         restore_seconds = round(time.monotonic() - started, 3)
         existing = _existing_tables(scratch)
         try:
-            report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
                                 progress=progress)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "

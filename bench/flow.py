@@ -79,6 +79,12 @@ def generate(url: str, env: dict[str, str], size_mb: int) -> int:
     return sql(url, "SELECT pg_database_size(current_database())")[0][0]
 
 
+def to_null(cmd: list[str]) -> None:
+    """Run ``cmd > /dev/null`` as a shell would (pg_dump's ``-f`` would also fsync)."""
+    with open(os.devnull, "wb") as out:
+        subprocess.run(cmd, stdout=out, check=True)
+
+
 def timed(fn) -> float:
     os.sync()
     started = time.perf_counter()
@@ -176,7 +182,7 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         env = dict(base_env, DATABASE_URL=url)
         print(f"generating a ~{size} MB database ...", file=sys.stderr)
         db_size = generate(url, env, size)
-        subprocess.run([pg_dump, "-Fc", "-Z0", "-f", os.devnull, url], check=True)  # warm the cache
+        to_null([pg_dump, "-Fc", "-Z0", url])  # warm the cache
         if warm:  # a warm PREFECT_HOME, as on a developer's machine after the first run
             dry_run(env)
             warm = False
@@ -184,7 +190,7 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         stages: list[dict[str, float]] = []
         for number in range(1, args.rounds + 1):
             print(f"{size} MB round {number}/{args.rounds} ...", file=sys.stderr)
-            times["a"].append(timed(lambda: subprocess.run([pg_dump, "-Fc", "-f", os.devnull, url], check=True)))
+            times["a"].append(timed(lambda: to_null([pg_dump, "-Fc", url])))
             times["b"].append(timed(lambda: hand_copy(pg_dump, pg_restore, cluster.url(), url, f"{name}_hand")))
             holder: dict = {}
             times["c"].append(timed(lambda: holder.update(out=dry_run(env))))

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, resolve_target
+from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
@@ -136,10 +137,12 @@ def migrate(
             backup_info = rehearsal = None
             if backup:
                 stage = "backup"
-                backup_info = tasks.take_backup(target, settings)
+                # the rehearsal's copy is restored from the backup's own stream as it uploads
+                scratch = scratch_target(target, settings, run_id)
+                backup_info, copy_seconds = tasks.take_backup(target, settings, copy_into=scratch)
                 stage = "rehearsal"
                 rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                           allow_destructive)
+                                           allow_destructive, restored=(scratch, copy_seconds))
             deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
                                      description=deploy.headline())

@@ -108,26 +108,41 @@ class _ProgressArtifact:
 
 @task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
       cache_policy=NO_CACHE)
-def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
-    """Back the database up to S3 and return what was stored (a progress artifact meanwhile)."""
+def take_backup(target: Target, settings: Settings, copy_into: Target | None = None
+                ) -> tuple[backup.BackupInfo, float | None]:
+    """Back the database up to S3 (and, given ``copy_into``, restore the same stream there meanwhile).
+
+    Returns what was stored and the seconds the copy took (None without one); progress
+    artifacts for both while they run.
+    """
     meter = _ProgressArtifact("backup-progress", backup.database_size(target),
                               f"backup of {target.dbname}")
-    info = backup.backup_to_s3(target, settings, progress=meter)
+    if copy_into is None:
+        info, copy_seconds = backup.backup_to_s3(target, settings, progress=meter), None
+    else:
+        # the compressed size is unknown until the end: the dump's own size bounds it
+        restoring = _ProgressArtifact("rehearsal-restore-progress", backup.database_size(target) // 3,
+                                      f"restore of the backup stream into {copy_into.dbname}")
+        info, copy_seconds = rehearsal.backup_into_copy(target, copy_into, settings, progress=meter,
+                                                        restore_progress=restoring)
+        restoring.finish()
     meter.finish()
     get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
-    return info
+    return info, copy_seconds
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
-             models, run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
-    """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
-    meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
-                              f"restore of {backup_info.key} into a scratch copy")
+             models, run_id: str, allow_destructive: bool,
+             restored: tuple[Target, float] | None = None) -> rehearsal.RehearsalReport:
+    """Apply the plan on a copy (``restored``, else the backup restored now), check it, drop it."""
+    meter = None if restored else _ProgressArtifact(
+        "rehearsal-restore-progress", backup_info.size, f"restore of {backup_info.key} into a scratch copy")
     report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, models=models,
                                         run_id=run_id, allow_destructive=allow_destructive,
-                                        restore_progress=meter)
-    meter.finish()
+                                        restore_progress=meter, restored=restored)
+    if meter:
+        meter.finish()
     return report
 
 

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, resolve_target
+from dbcore.deploy import head_start
 from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.redact import error_line
@@ -138,11 +139,11 @@ def migrate(
             if backup:
                 stage = "backup"
                 # the rehearsal's copy is restored from the backup's own stream as it uploads
-                scratch = scratch_target(target, settings, run_id)
-                backup_info, copy_seconds = tasks.take_backup(target, settings, copy_into=scratch)
+                backup_info, copied = tasks.take_backup(target, settings, plan,
+                                                        copy_into=scratch_target(target, settings, run_id))
                 stage = "rehearsal"
                 rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                           allow_destructive, restored=(scratch, copy_seconds))
+                                           allow_destructive, restored=copied)
             deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
                                      description=deploy.headline())
@@ -207,6 +208,28 @@ def migrate(
                               f"{error_line(exc, target.password)}); {state}")
 
 
+def _head_start(args: argparse.Namespace):
+    """Begin the backup and the rehearsal's copy while Prefect starts its API (None where it cannot).
+
+    Prefect's temporary API takes seconds to start; the backup need not wait for it. Only where
+    no tunnel is needed; the flow's backup task takes it over for the same plan, else it is
+    dropped (dbcore/deploy/head_start.py).
+    """
+    if not args.backup:
+        return None
+    try:
+        overrides = {"migrations_dir": Path(args.migrations_dir)} if args.migrations_dir else {}
+        settings = Settings(**overrides)
+        target = resolve_target(settings, args.env)
+    except (ValidationError, DbcoreError):
+        return None  # the flow says what is wrong, in its own words
+    if target.env is Env.PROXY:
+        return None
+    head = head_start.begin(target, settings, allow_destructive=args.allow_destructive)
+    tasks.HEAD_STARTS.append(head)
+    return head
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the flow from a terminal: print one line of what happened; exit 0 on success."""
     parser = argparse.ArgumentParser(prog="python flows/migrate.py", description=__doc__.splitlines()[0])
@@ -223,9 +246,14 @@ def main(argv: Optional[list] = None) -> int:
                         help="allow migrations that drop tables")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
-    state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
-                    backup=args.backup, allow_destructive=args.allow_destructive,
-                    migrations_dir=args.migrations_dir, return_state=True)
+    head = _head_start(args)
+    try:
+        state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
+                        backup=args.backup, allow_destructive=args.allow_destructive,
+                        migrations_dir=args.migrations_dir, return_state=True)
+    finally:
+        if head is not None:
+            head.discard()
     print(f"migrate: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

@@ -19,7 +19,7 @@ from prefect.logging.handlers import APILogHandler
 from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
 from dbcore.connection import Target, server_version
-from dbcore.deploy import recovery, rehearsal
+from dbcore.deploy import head_start, recovery, rehearsal
 from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
@@ -27,6 +27,10 @@ from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
+
+#: backups begun in this process before the flow started (flows/migrate.py main()); a task
+#: takes one over only for the very plan it was begun for (dbcore/deploy/head_start.py)
+HEAD_STARTS: list[head_start.HeadStart] = []
 
 
 def _retry_if_retryable(task, task_run, state) -> bool:
@@ -108,27 +112,38 @@ class _ProgressArtifact:
 
 @task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
       cache_policy=NO_CACHE)
-def take_backup(target: Target, settings: Settings, copy_into: Target | None = None
-                ) -> tuple[backup.BackupInfo, float | None]:
+def take_backup(target: Target, settings: Settings, plan: planning.Plan, copy_into: Target | None = None
+                ) -> tuple[backup.BackupInfo, tuple[Target, float] | None]:
     """Back the database up to S3 (and, given ``copy_into``, restore the same stream there meanwhile).
 
-    Returns what was stored and the seconds the copy took (None without one); progress
-    artifacts for both while they run.
+    Returns what was stored and the copy with the seconds it took (None without one), progress
+    artifacts for both meanwhile. A head start of this very plan (``python flows/migrate.py``
+    begins it while Prefect starts) is taken over instead of starting again.
     """
-    meter = _ProgressArtifact("backup-progress", backup.database_size(target),
-                              f"backup of {target.dbname}")
-    if copy_into is None:
-        info, copy_seconds = backup.backup_to_s3(target, settings, progress=meter), None
+    size = backup.database_size(target)
+    meter = _ProgressArtifact("backup-progress", size, f"backup of {target.dbname}")
+    # the compressed size is unknown until the end: a third of the database bounds it well
+    restoring = None if copy_into is None else _ProgressArtifact(
+        "rehearsal-restore-progress", size // 3, "restore of the backup stream into the rehearsal's copy")
+    head = next((h for h in HEAD_STARTS if copy_into is not None and h.claim(plan, target)), None)
+    if head is not None:
+        get_run_logger().info("taking over the backup and copy begun while Prefect started")
+        while not head.wait(timeout=1.0):
+            meter(head.dumped)
+            restoring(head.restored)
+        info, scratch, seconds = head.outcome()
+        copied = (scratch, seconds)
+    elif copy_into is None:
+        info, copied = backup.backup_to_s3(target, settings, progress=meter), None
     else:
-        # the compressed size is unknown until the end: the dump's own size bounds it
-        restoring = _ProgressArtifact("rehearsal-restore-progress", backup.database_size(target) // 3,
-                                      f"restore of the backup stream into {copy_into.dbname}")
-        info, copy_seconds = rehearsal.backup_into_copy(target, copy_into, settings, progress=meter,
-                                                        restore_progress=restoring)
-        restoring.finish()
+        info, seconds = rehearsal.backup_into_copy(target, copy_into, settings, progress=meter,
+                                                   restore_progress=restoring)
+        copied = (copy_into, seconds)
     meter.finish()
+    if restoring:
+        restoring.finish()
     get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
-    return info, copy_seconds
+    return info, copied
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)

@@ -100,11 +100,11 @@ def backup_into_copy(target: Target, scratch: Target, settings: Settings, *,
         with StreamRestore(scratch, str(target.env), progress=restore_progress) as restore:
             info = backup_to_s3(target, settings, progress=progress, tee=restore)
     except (RestoreFailed, RestoreRefused, BackupCorrupt) as exc:
-        _drop_quietly(target, scratch.dbname)
+        drop_quietly(target, scratch.dbname)
         raise RehearsalFailed(f"the backup does not restore into a copy, the live database was "
                               f"not touched: {exc}") from exc
     except BaseException:
-        _drop_quietly(target, scratch.dbname)
+        drop_quietly(target, scratch.dbname)
         raise
     return info, round(time.monotonic() - started, 3)
 
@@ -193,13 +193,14 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         result = RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
                                  checks, tuple(findings))
     except BaseException:
-        _drop_quietly(target, scratch.dbname)  # the original error is the one to report
+        drop_quietly(target, scratch.dbname)  # the original error is the one to report
         raise
     drop_database(target, scratch.dbname)
     return result
 
 
-def _drop_quietly(server: Target, dbname: str) -> None:
+def drop_quietly(server: Target, dbname: str) -> None:
+    """Drop ``dbname`` on ``server``'s cluster; a failure is logged, never raised."""
     try:
         drop_database(server, dbname)
     except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised

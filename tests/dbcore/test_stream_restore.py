@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from helpers import query
+from helpers import apply_pending, query
 from test_backup import fill, fingerprint, leftovers
 
 from dbcore.backup.restore import verify_backup
 from dbcore.connection import Target
-from dbcore.deploy.rehearsal import backup_into_copy, scratch_target
+from dbcore.deploy import head_start
+from dbcore.deploy.rehearsal import backup_into_copy, drop_quietly, scratch_target
 from dbcore.errors import RehearsalFailed
+from dbcore.migrate.plan import plan_apply
 
 
 def _exists(server_url: str, dbname: str) -> bool:
@@ -48,3 +50,26 @@ def test_a_copy_that_does_not_restore_fails_the_rehearsal_and_stores_nothing(tar
     finally:
         query(server, f'DROP DATABASE IF EXISTS "{scratch.dbname}" WITH (FORCE)')
         query(server, "DROP ROLE IF EXISTS stream_limited")
+
+
+def test_a_head_start_is_taken_over_only_for_the_same_plan(target, s3_settings, migrations_dir):
+    settings = s3_settings.model_copy(update={"migrations_dir": migrations_dir})
+    apply_pending(target, settings, upto="003")
+    query(target.url, "INSERT INTO project (name, slug, created_at, updated_at) VALUES ('p', 'p', now(), now())")
+    head = head_start.begin(target, settings)
+    plan = plan_apply(target, settings)
+    assert head.claim(plan, target)
+    info, copy, seconds = head.outcome()
+    try:
+        assert query(copy.url, "SELECT name FROM project") == [("p",)]  # the data, as it was
+        assert verify_backup(info.key, settings).sha256 == info.sha256
+    finally:
+        drop_quietly(target, copy.dbname)
+
+    other = head_start.begin(target, settings)
+    assert other.planned(timeout=30)
+    (migrations_dir / "004_fix_sourcedir_language.py").write_text(
+        (migrations_dir / "004_fix_sourcedir_language.py").read_text() + "\n# changed\n")
+    assert not other.claim(plan_apply(target, settings), target)  # a file changed: not the same work
+    other.discard()
+    assert not _exists(target.with_dbname("postgres").url, other.scratch.dbname)  # its copy is gone

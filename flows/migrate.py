@@ -1,9 +1,9 @@
 """The `migrate` flow: pending migrations to a database, safely.
 
-resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup ->
-rehearsal on a copy -> plan artifact -> [dry run stops] -> approval pause -> preflight again ->
-apply (one transaction, lock) -> post-checks -> on failure the rollback subflow -> tunnel closed
-in every case.
+resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup (the
+rehearsal's copy made meanwhile) -> rehearsal on the copy -> plan artifact -> [dry run stops] ->
+approval pause -> preflight again -> apply (one transaction, lock) -> post-checks -> on failure
+the rollback subflow -> tunnel closed in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads
@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, resolve_target
+from dbcore.deploy import head_start
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
@@ -137,15 +138,15 @@ def migrate(
             backup_info = rehearsal = checked_before = None
             if backup:
                 stage = "configuration"
-                server = tasks.rehearsal_server(target, settings)
+                server = tasks.rehearsal_server(target, settings)  # never production's by default
                 stage = "preflight"
-                checked_before = tasks.preflight(target, settings, tasks.touched_tables(plan),
-                                                 "before the backup")
+                checked_before = tasks.preflight(target, settings, plan, "before the backup")
                 stage = "backup"
-                backup_info = tasks.take_backup(target, settings)
+                # the rehearsal's copy is made on that server while the backup uploads
+                backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
                 stage = "rehearsal"
                 rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                           allow_destructive, server)
+                                           allow_destructive, copy)
             deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal,
                                        checked_before)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
@@ -167,8 +168,7 @@ def migrate(
                 stage = "connection check after the approval"
                 tasks.check_connection(target)  # an hour may have passed; the tunnel too
             stage = "preflight"
-            tasks.preflight(target, settings, tasks.touched_tables(plan, rehearsal),
-                            "before the apply")
+            tasks.preflight(target, settings, plan, "before the apply", rehearsal)
             stage = "snapshot"
             before = tasks.snapshot(target)
             stage = "apply"
@@ -214,6 +214,32 @@ def migrate(
                               f"{error_line(exc, target.password)}); {state}")
 
 
+def _head_start(args: argparse.Namespace):
+    """Begin the backup and the rehearsal's copy while Prefect starts its API (None where it cannot).
+
+    Prefect's temporary API takes seconds to start; the backup need not wait for it. Only where
+    no tunnel is needed; the flow's backup task takes it over for the same plan, else it is
+    dropped (dbcore/deploy/head_start.py).
+    """
+    if not args.backup:
+        return None
+    try:
+        overrides = {"migrations_dir": Path(args.migrations_dir)} if args.migrations_dir else {}
+        settings = Settings(**overrides)
+        target = resolve_target(settings, args.env)
+    except (ValidationError, DbcoreError):
+        return None  # the flow says what is wrong, in its own words
+    if target.env is Env.PROXY:
+        return None
+    try:
+        server = tasks.rehearsal_server(target, settings)
+    except DbcoreError:
+        return None  # the flow says what is wrong, in its own words
+    head = head_start.begin(target, settings, server, allow_destructive=args.allow_destructive)
+    tasks.HEAD_STARTS.append(head)
+    return head
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the flow from a terminal: print one line of what happened; exit 0 on success."""
     parser = argparse.ArgumentParser(prog="python flows/migrate.py", description=__doc__.splitlines()[0])
@@ -230,9 +256,14 @@ def main(argv: Optional[list] = None) -> int:
                         help="allow migrations that drop tables")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
-    state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
-                    backup=args.backup, allow_destructive=args.allow_destructive,
-                    migrations_dir=args.migrations_dir, return_state=True)
+    head = _head_start(args)
+    try:
+        state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
+                        backup=args.backup, allow_destructive=args.allow_destructive,
+                        migrations_dir=args.migrations_dir, return_state=True)
+    finally:
+        if head is not None:
+            head.discard()
     print(f"migrate: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

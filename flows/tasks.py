@@ -19,8 +19,8 @@ from prefect.logging.handlers import APILogHandler
 from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
 from dbcore.connection import Env, Target, server_version
+from dbcore.deploy import head_start, recovery, rehearsal, scratch, touched
 from dbcore.deploy import preflight as preflight_checks
-from dbcore.deploy import recovery, rehearsal, scratch, touched
 from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
@@ -28,6 +28,10 @@ from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
 from dbcore.migrate import retry
 from dbcore.settings import Settings
+
+#: backups begun in this process before the flow started (flows/migrate.py main()); a task
+#: takes one over only for the very plan it was begun for (dbcore/deploy/head_start.py)
+HEAD_STARTS: list[head_start.HeadStart] = []
 
 
 def _retry_if_retryable(task, task_run, state) -> bool:
@@ -107,18 +111,6 @@ class _ProgressArtifact:
         update_progress_artifact(self.id, 100.0, description=f"{self.what}: done")
 
 
-@task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
-      cache_policy=NO_CACHE)
-def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
-    """Back the database up to S3 and return what was stored (a progress artifact meanwhile)."""
-    meter = _ProgressArtifact("backup-progress", backup.database_size(target),
-                              f"backup of {target.dbname}")
-    info = backup.backup_to_s3(target, settings, progress=meter)
-    meter.finish()
-    get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
-    return info
-
-
 def rehearsal_server(target: Target, settings: Settings) -> scratch.RehearsalServer:
     """Return where the rehearsal copy is made (not a task: it decides, from the settings).
 
@@ -141,28 +133,74 @@ def touched_tables(plan: planning.Plan, rehearsal_report: rehearsal.RehearsalRep
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
-def preflight(target: Target, settings: Settings, tables: set[str] | None, stage: str
+def preflight(target: Target, settings: Settings, plan: planning.Plan, stage: str,
+              rehearsal_report: rehearsal.RehearsalReport | None = None
               ) -> preflight_checks.PreflightReport:
-    """Wait until nothing on the live database blocks the run; fail naming what still does."""
-    report = preflight_checks.preflight(target, settings, tables, stage)
+    """Wait until nothing on the live database blocks the run; fail naming what still does.
+
+    Before the backup, a head start of this very plan has checked already (and its pg_dump,
+    running now, is no blocker of its own run).
+    """
+    head = next((h for h in HEAD_STARTS if stage == "before the backup"
+                 and h.matches(plan, target) and h.checked is not None), None)
+    report = head.checked if head else preflight_checks.preflight(
+        target, settings, touched_tables(plan, rehearsal_report), stage)
     get_run_logger().info("%s", report.text())
     return report
+
+
+@task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
+      cache_policy=NO_CACHE)
+def take_backup(target: Target, settings: Settings, plan: planning.Plan,
+                server: scratch.RehearsalServer | None = None, run_id: str = ""
+                ) -> tuple[backup.BackupInfo, rehearsal.ScratchCopy | None]:
+    """Back the database up to S3 (and, given ``server``, make the rehearsal's copy there meanwhile).
+
+    Returns what was stored and the copy (None without one), progress artifacts for both
+    meanwhile. A head start of this very plan (``python flows/migrate.py`` begins it while
+    Prefect starts) is taken over instead of starting again.
+    """
+    size = backup.database_size(target)
+    meter = _ProgressArtifact("backup-progress", size, f"backup of {target.dbname}")
+    # the compressed size is unknown until the end: a third of the database bounds it well
+    restoring = None if server is None else _ProgressArtifact(
+        "rehearsal-restore-progress", size // 3, f"the rehearsal's copy on {server.where}")
+    head = next((h for h in HEAD_STARTS if server is not None and h.claim(plan, target)), None)
+    if head is not None:
+        get_run_logger().info("taking over the backup and copy begun while Prefect started")
+        while not head.wait(timeout=1.0):
+            meter(head.dumped)
+            restoring(head.restored)
+        info, copy = head.outcome()
+    elif server is None:
+        info, copy = backup.backup_to_s3(target, settings, progress=meter), None
+    else:
+        info, copy = rehearsal.backup_into_copy(target, server, settings, run_id or "",
+                                                progress=meter, restore_progress=restoring)
+    meter.finish()
+    if restoring:
+        restoring.finish()
+    get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
+    if copy is not None:
+        get_run_logger().info("rehearsal copy %s made on %s (%s)", copy.target.dbname,
+                              copy.server.where, copy.method)
+    return info, copy
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
              models, run_id: str, allow_destructive: bool,
-             server: scratch.RehearsalServer | None = None) -> rehearsal.RehearsalReport:
-    """Copy the database into a scratch one, apply the plan there, check it, drop it."""
-    server = server or rehearsal_server(target, settings)
-    meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
-                              f"restore of {backup_info.key} into a scratch copy on {server.where}")
-    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, server=server,
+             copy: rehearsal.ScratchCopy | None = None) -> rehearsal.RehearsalReport:
+    """Apply the plan on the copy (else on the backup restored now, where the rehearsal runs),
+    check it, drop it."""
+    meter = None if copy else _ProgressArtifact(
+        "rehearsal-restore-progress", backup_info.size, f"restore of {backup_info.key} into a scratch copy")
+    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, copy=copy,
+                                        server=None if copy else rehearsal_server(target, settings),
                                         models=models, run_id=run_id,
-                                        allow_destructive=allow_destructive,
-                                        restore_progress=meter)
-    meter.finish()
-    get_run_logger().info("rehearsal copy made on %s (%s)", server.where, report.method)
+                                        allow_destructive=allow_destructive, restore_progress=meter)
+    if meter:
+        meter.finish()
     return report
 
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import psycopg2
 
+from dbcore.connection import Target
+from dbcore.migrate.plan import RunReport, plan_apply, plan_rollback
+from dbcore.migrate.runner import execute
 from dbcore.services.postgres import find_pg_bindir
+from dbcore.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MIGRATIONS = REPO / "migrations"
@@ -34,6 +38,16 @@ def query(url: str, sql: str, params=None) -> list[tuple]:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def apply_pending(target: Target, settings: Settings, *, upto: str | None = None, **kwargs) -> RunReport:
+    """Plan and apply every pending migration (up to ``upto``), as `dbmigrate apply` does."""
+    return execute(plan_apply(target, settings, upto=upto), target, settings, **kwargs)
+
+
+def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwargs) -> RunReport:
+    """Plan and roll back the newest ``count`` applied migrations, as `dbmigrate rollback` does."""
+    return execute(plan_rollback(target, settings, count=count), target, settings, **kwargs)
 
 
 def random_rows(url: str, megabytes: int) -> None:

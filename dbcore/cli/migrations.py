@@ -14,7 +14,7 @@ from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
 from dbcore.migrate.retry import apply_retrying
-from dbcore.migrate.runner import apply_plan, rollback_plan
+from dbcore.migrate.runner import execute
 
 
 def _print_progress(event: ProgressEvent) -> None:
@@ -109,37 +109,36 @@ def cmd_plan(ctx: Context) -> int:
     if not ctx.args.json:
         print(_render_plan(plan) if plan.empty else deploy.text())
     if ctx.args.sql and not plan.empty:
-        report = apply_plan(plan, ctx.target, ctx.settings, dry_run=True,
+        report = execute(plan, ctx.target, ctx.settings, dry_run=True,
                             progress=_print_progress)
         _emit(report, ctx.args.json, show_sql=True)
     return 0 if deploy.lint.ok else 1
 
 
-def _execute(ctx: Context, plan: Plan, execute) -> int:
+def _run(ctx: Context, plan: Plan) -> int:
     """Show the plan, run it with progress on stderr, print what happened."""
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
     quiet = ctx.args.json
     if not quiet:
         print(_render_plan(plan), file=sys.stderr)
-    report = execute(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
-                     actor=ctx.args.actor, run_id=ctx.args.run_id,
-                     progress=None if quiet else _print_progress)
+    # an apply rolled back at lock_timeout is tried again with backoff (a dry run is not)
+    run = apply_retrying if plan.action == "apply" and not ctx.args.dry_run else execute
+    report = run(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
+                 actor=ctx.args.actor, run_id=ctx.args.run_id,
+                 progress=None if quiet else _print_progress)
     _emit(report, quiet, show_sql=ctx.args.dry_run and not quiet)
     return 0
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock (a lock timeout is
-    retried with backoff; a dry run is not)."""
-    execute = apply_plan if ctx.args.dry_run else apply_retrying
-    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target), execute)
+    """Apply pending migrations in one transaction under the migration lock."""
+    return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target))
 
 
 def cmd_rollback(ctx: Context) -> int:
     """Roll back the newest N applied migrations in one transaction."""
-    return _execute(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count),
-                    rollback_plan)
+    return _run(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count))
 
 
 def _positive(text: str) -> int:

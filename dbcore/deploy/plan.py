@@ -40,7 +40,9 @@ def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
         return (f"Copied the database into {name}{where} with CREATE DATABASE ... TEMPLATE "
                 f"(nobody else was connected; the backup itself was not restored) in "
                 f"{r.restore_seconds:.2f} s")
-    return f"Restored the backup into {name}{where} in {r.restore_seconds:.2f} s"
+    how = "from its own stream as it uploaded" if r.method == "stream" else "after it was stored"
+    return (f"Restored the backup (the bytes stored, sha256 checked) into {name}{where}, {how}, "
+            f"in {r.restore_seconds:.2f} s")
 
 
 def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:

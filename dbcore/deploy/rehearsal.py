@@ -1,9 +1,11 @@
-"""Rehearse a plan on a copy: restore the backup into a scratch database, apply there, check, drop.
+"""Rehearse a plan on a copy: copy the database into a scratch one, apply there, check, drop.
 
 The rehearsal proves three things before anyone approves: the backup restores, the migrations
 apply to the real data (with the SQL and timings captured), and the result passes the
 post-checks. The live database is only read (by the backup). Where the copy is made is decided
-in ``dbcore.deploy.scratch``: never on the production cluster unless asked.
+in ``dbcore.deploy.scratch``: never on the production cluster unless asked. The copy is made
+while the backup uploads, from its own stream (dbcore/backup/stream.py); locally on the target's
+own cluster, with ``CREATE DATABASE ... TEMPLATE`` when nobody else is connected to the target.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from dataclasses import dataclass, field
 import peewee
 import psycopg2
 
+from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
 from dbcore.backup.restore import restore_backup
+from dbcore.backup.stream import StreamRestore
 from dbcore.checks.post import CheckReport, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
-    claimed,
+    claim,
     copy_with_template,
     create_database,
     drop_database,
@@ -31,11 +35,11 @@ from dbcore.deploy.scratch import (
     rehearsal_server,
     scratch_name,
 )
-from dbcore.errors import DbcoreError, RehearsalFailed
+from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
-from dbcore.migrate.runner import apply_plan
+from dbcore.migrate.runner import execute
 from dbcore.redact import error_line, redact
 from dbcore.settings import Settings
 
@@ -78,6 +82,103 @@ class RehearsalReport:
         }
 
 
+@dataclass
+class ScratchCopy:
+    """A scratch copy made for one run: where, how and how fast; claimed until it is dropped.
+
+    The claim (dbcore.deploy.scratch) is a session of the rehearsal server: while it is open no
+    other run takes the copy for a leftover. It is not pickled: a copy that crossed a process
+    boundary is simply unclaimed, and the next run's sweep drops it if it was left behind.
+    """
+
+    server: RehearsalServer
+    target: Target
+    method: str  # "stream" (restored from the backup's stream), "template" or "restore"
+    seconds: float
+    leftovers: Leftovers = field(default_factory=Leftovers)
+    holder: object = None  # the claiming session
+
+    def release(self) -> None:
+        """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
+
+    def discard(self) -> None:
+        """Drop the copy (quietly: a failure is logged, the next run's sweep drops it) and release it."""
+        drop_quietly(self.server, self.target.dbname)
+        self.release()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "holder": None}
+
+
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+    """Drop what dead runs left on ``server``, then claim this run's scratch name."""
+    leftovers = drop_leftovers(server, target.dbname)
+    scratch = server.scratch(scratch_name(target.dbname, run_id))
+    if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
+        raise RehearsalFailed("the scratch database would be the live one")
+    return scratch, leftovers, claim(server, scratch.dbname)
+
+
+def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
+                     progress: BytesProgress | None = None,
+                     restore_progress: BytesProgress | None = None,
+                     template: bool = True) -> tuple[BackupInfo, ScratchCopy]:
+    """Back ``target`` up to S3 and make the rehearsal's copy on ``server`` meanwhile.
+
+    The copy is restored from the backup's own stream as it uploads (sha256 and size compared
+    before the upload completes), or, locally on the target's cluster with nobody else
+    connected (and ``template``), made by ``CREATE DATABASE ... TEMPLATE`` just before the
+    backup. Returns the
+    stored backup and the claimed copy; raises BackupFailed for the backup, RehearsalFailed for
+    the copy (then no backup is stored either, and the copy is dropped).
+    """
+    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    started = time.monotonic()
+    try:
+        if (template and server.on_target and target.env is Env.LOCAL
+                and copy_with_template(server, target.dbname, scratch.dbname)):
+            method, copied = "template", round(time.monotonic() - started, 3)
+            info = backup_to_s3(target, settings, progress=progress)
+        else:
+            method = "stream"
+            create_database(server, scratch.dbname)
+            with StreamRestore(scratch, str(target.env), progress=restore_progress) as restore:
+                info = backup_to_s3(target, settings, progress=progress, tee=restore)
+            copied = round(time.monotonic() - started, 3)
+    except (RestoreFailed, RestoreRefused, BackupCorrupt) as exc:
+        drop_quietly(server, scratch.dbname)
+        holder.close()
+        raise RehearsalFailed(f"the backup does not restore into a copy, the live database was "
+                              f"not touched: {exc}") from exc
+    except BaseException:
+        drop_quietly(server, scratch.dbname)
+        holder.close()
+        raise
+    log.info("rehearsal copy %s made on %s (%s) in %.2fs", scratch.dbname, server.where, method,
+             copied)
+    return info, ScratchCopy(server, scratch, method, copied, leftovers, holder)
+
+
+def restore_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,
+                      backup_key: str, progress: BytesProgress | None = None) -> ScratchCopy:
+    """Make the rehearsal's copy on ``server`` by restoring ``backup_key``; raise RehearsalFailed."""
+    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    started = time.monotonic()
+    try:
+        create_database(server, scratch.dbname)
+        # A scratch copy, never the live database: the production guard does not apply.
+        restore_backup(backup_key, scratch, settings, allow_production=True, progress=progress)
+    except BaseException:
+        drop_quietly(server, scratch.dbname)
+        holder.close()
+        raise
+    return ScratchCopy(server, scratch, "restore", round(time.monotonic() - started, 3),
+                       leftovers, holder)
+
+
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
                       allow_destructive: bool = False) -> list[Finding]:
     """Return the SQL lint findings on what each migration really sent.
@@ -113,58 +214,49 @@ def _existing_tables(target: Target) -> set[str]:
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
-                     server: RehearsalServer | None = None,
+                     copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
                      restore_progress: BytesProgress | None = None) -> RehearsalReport:
-    """Copy ``target`` into a scratch database on ``server``, apply ``plan`` there, check it.
+    """Apply ``plan`` on a scratch copy of ``target``, check it, drop it.
 
-    ``server`` defaults to :func:`rehearsal_server` of the target. The copy is the restore of
-    ``backup_key``; locally on the target's own cluster a ``CREATE DATABASE ... TEMPLATE`` when
-    nobody else is connected to the target. Scratch databases that runs which died left behind
-    are dropped first. Returns the report; raises RehearsalFailed (the copy is always dropped).
+    ``copy`` is the one :func:`backup_into_copy` made; without it, ``backup_key`` is restored
+    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). Returns the
+    report; raises RehearsalFailed (the copy is always dropped).
     """
-    server = server or rehearsal_server(target, settings)
     run_id = run_id or uuid.uuid4().hex
-    leftovers = drop_leftovers(server, target.dbname)
-    scratch = server.scratch(scratch_name(target.dbname, run_id))
-    if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
-        raise RehearsalFailed("the scratch database would be the live one")
-    with claimed(server, scratch.dbname):
-        started = time.monotonic()
+    if copy is None:
+        copy = restore_into_copy(target, server or rehearsal_server(target, settings), settings,
+                                 run_id, backup_key, restore_progress)
+    scratch = copy.target
+    try:
+        existing = _existing_tables(scratch)
         try:
-            method = "restore"
-            if (server.on_target and target.env is Env.LOCAL
-                    and copy_with_template(server, target.dbname, scratch.dbname)):
-                method = "template"
-            else:
-                create_database(server, scratch.dbname)
-                # A scratch copy, never the live database: the production guard does not apply.
-                restore_backup(backup_key, scratch, settings, allow_production=True,
-                               progress=restore_progress)
-            copy_seconds = round(time.monotonic() - started, 3)
-            existing = _existing_tables(scratch)
-            try:
-                report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                                    progress=progress)
-            except DbcoreError as exc:
-                raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
-                                      f"touched: {exc}") from exc
-            checks = run_post_checks(scratch, models) if models is not None else None
-            findings = lint_captured_sql(report.results, existing, allow_destructive)
-            result = RehearsalReport(scratch.dbname, backup_key, copy_seconds, report.results,
-                                     checks, tuple(findings), server=server.where, method=method,
-                                     leftovers=leftovers)
-        except BaseException:
-            _drop_quietly(server, scratch.dbname, target.dbname)  # the original error is reported
-            raise
-        drop_database(server, scratch.dbname, target.dbname)
+            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+                             progress=progress)
+        except DbcoreError as exc:
+            raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
+                                  f"touched: {exc}") from exc
+        checks = run_post_checks(scratch, models) if models is not None else None
+        findings = lint_captured_sql(report.results, existing, allow_destructive)
+        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
+                                 checks, tuple(findings), server=copy.server.where,
+                                 method=copy.method, leftovers=copy.leftovers)
+    except BaseException:
+        drop_quietly(copy.server, scratch.dbname)  # the original error is reported
+        copy.release()
+        raise
+    try:
+        drop_database(copy.server, scratch.dbname)
+    finally:
+        copy.release()
     return result
 
 
-def _drop_quietly(server: RehearsalServer, dbname: str, live: str) -> None:
+def drop_quietly(server: RehearsalServer, dbname: str) -> None:
+    """Drop scratch database ``dbname``; a failure is logged (the next run's sweep drops it)."""
     try:
-        drop_database(server, dbname, live)
+        drop_database(server, dbname)
     except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised
         log.warning("could not drop the scratch database %s (%s): the next run drops it", dbname,
                     error_line(exc, server.admin.password))

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -119,18 +117,19 @@ def _release(cur, dbname: str) -> None:
     cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_CLAIM_CLASS, dbname))
 
 
-@contextmanager
-def claimed(server: RehearsalServer, dbname: str) -> Iterator[None]:
-    """Hold the claim on scratch name ``dbname`` for the block; raise RehearsalFailed if taken."""
+def claim(server: RehearsalServer, dbname: str):
+    """Return a session of ``server`` holding the claim on scratch name ``dbname`` (closing it
+    releases the claim); raise RehearsalFailed if another run holds it."""
     conn = connect_raw(server.admin, f"dbmigrate rehearsal: {dbname}"[:63])
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT set_config('idle_session_timeout', '0', false)")
             if not _try_claim(cur, dbname):
                 raise RehearsalFailed(f"another run is rehearsing in {dbname}: wait for it to end")
-        yield
-    finally:
-        conn.close()  # closing the session releases the claim
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,8 @@ def copy_with_template(server: RehearsalServer, source: str, dbname: str) -> boo
     """Create ``dbname`` as a copy of ``source`` with CREATE DATABASE ... TEMPLATE.
 
     Returns False, having changed nothing, when another session is connected to ``source``
-    (PostgreSQL then refuses the copy); raises RehearsalFailed on any other error.
+    (PostgreSQL then refuses the copy) or PostgreSQL refuses it for another reason (a role that
+    may not copy that database): the caller restores the backup instead.
     """
     conn = connect_raw(server.admin, "dbmigrate rehearsal: copy")
     try:
@@ -201,10 +201,10 @@ def copy_with_template(server: RehearsalServer, source: str, dbname: str) -> boo
                 cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
                     sql.Identifier(dbname), sql.Identifier(source)))
             except psycopg2.Error as exc:
-                if exc.pgcode == errorcodes.OBJECT_IN_USE:  # a session connected meanwhile
-                    return False
-                raise RehearsalFailed(f"cannot copy {source} into {dbname}: "
-                                      f"{error_line(exc, server.admin.password)}") from None
+                if exc.pgcode != errorcodes.OBJECT_IN_USE:  # else: a session connected meanwhile
+                    log.info("no TEMPLATE copy of %s (%s): restoring the backup instead", source,
+                             error_line(exc, server.admin.password))
+                return False
     finally:
         conn.close()
     return True
@@ -225,10 +225,13 @@ def create_database(server: RehearsalServer, dbname: str) -> None:
         conn.close()
 
 
-def drop_database(server: RehearsalServer, dbname: str, live: str) -> None:
-    """Drop scratch database ``dbname`` on ``server``, ending its sessions; raise RehearsalFailed."""
-    if server.on_target and dbname == live:
-        raise RehearsalFailed(f"refusing to drop {dbname}: it is the live database")
+def drop_database(server: RehearsalServer, dbname: str) -> None:
+    """Drop scratch database ``dbname`` on ``server``, ending its sessions; raise RehearsalFailed.
+
+    Only a name this product made for scratch copies: never the live database, never another.
+    """
+    if SCRATCH_INFIX not in dbname:
+        raise RehearsalFailed(f"refusing to drop {dbname}: it is not a scratch database")
     conn = connect_raw(server.admin, "dbmigrate rehearsal: drop")
     try:
         with conn.cursor() as cur:

@@ -16,7 +16,7 @@ from typing import Callable
 from dbcore.connection import Target
 from dbcore.errors import TableLockTimeout
 from dbcore.migrate.plan import Plan, RunReport
-from dbcore.migrate.runner import apply_plan
+from dbcore.migrate.runner import execute
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def backoff(base: float, attempt: int, rng: Callable[[], float] = random.random)
 
 def apply_retrying(plan: Plan, target: Target, settings: Settings, *,
                    sleep: Callable[[float], None] = time.sleep, **kwargs) -> RunReport:
-    """Apply ``plan`` (see :func:`apply_plan`), retrying up to ``settings.lock_retries`` times
+    """Apply ``plan`` (see :func:`dbcore.migrate.runner.execute`), retrying up to ``settings.lock_retries`` times
     when it gave up at lock_timeout with nothing committed.
 
     Raises the last TableLockTimeout (then no longer retryable) or any other error at once.
@@ -37,14 +37,13 @@ def apply_retrying(plan: Plan, target: Target, settings: Settings, *,
     tries = settings.lock_retries + 1
     for attempt in range(tries):
         try:
-            return apply_plan(plan, target, settings, **kwargs)
+            return execute(plan, target, settings, **kwargs)
         except TableLockTimeout as exc:
             if not exc.retryable:  # something was committed: never repeat
                 raise
             if attempt + 1 >= tries:
-                final = TableLockTimeout(f"{exc} (tried {tries} times)")
-                final.committed, final.retryable = exc.committed, False
-                raise final from exc
+                raise TableLockTimeout(f"{exc} (tried {tries} times)", committed=exc.committed,
+                                       retryable=False) from exc
             wait = backoff(settings.lock_retry_delay, attempt)
             log.warning("apply gave up at lock_timeout=%s, nothing changed (try %d of %d); "
                         "trying again in %.1fs", settings.lock_timeout, attempt + 1, tries, wait)

@@ -6,14 +6,13 @@ import json
 
 import peewee as pw
 import pytest
-from helpers import query
+from helpers import apply_pending, query
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from dbcore.checks.drift import pg_type_name, schema_drift
 from dbcore.checks.post import check_no_invalid_indexes, run_post_checks
 from dbcore.cli import main as cli
 from dbcore.connection import connect, connect_raw
-from dbcore.migrate.runner import apply_pending
 from dbcore.models import MODELS
 
 

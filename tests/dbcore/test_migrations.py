@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from helpers import query, schema_dump
+from helpers import apply_pending, query, rollback_last, schema_dump
 
 from dbcore.connection import connect
 from dbcore.errors import (
@@ -25,7 +25,7 @@ from dbcore.errors import (
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.history import read_audit
 from dbcore.migrate.plan import plan_apply
-from dbcore.migrate.runner import apply_pending, apply_plan, rollback_last
+from dbcore.migrate.runner import execute
 
 APP_TABLES = {"project", "sourcedir", "document"}
 
@@ -202,7 +202,7 @@ def test_two_concurrent_applies_the_patient_one_finds_nothing_to_do(target, cfg,
     reports = [None, None]
 
     def run(i):
-        reports[i] = apply_plan(plans[i], target, patient)
+        reports[i] = execute(plans[i], target, patient)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -260,7 +260,7 @@ def test_an_atomic_false_migration_runs_alone_outside_the_transaction(target, cf
     plan = plan_apply(target, cfg)
     assert [(atomic, [m.name[:3] for m in group]) for atomic, group in plan.phases] == [
         (True, ["001", "002", "003", "004"]), (False, ["005"]), (True, ["006"])]
-    report = apply_plan(plan, target, cfg)
+    report = execute(plan, target, cfg)
     assert len(report.names) == 6
     assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
                          "'document_filename'::regclass") == [(True,)]
@@ -289,7 +289,7 @@ def test_a_plan_made_before_another_run_changed_history_is_refused(target, cfg):
     path = cfg.migrations_dir / "002_add_document_metadata.py"
     path.write_text(path.read_text() + "\n")
     with pytest.raises(PlanOutdated):
-        apply_plan(plan, target, cfg)
+        execute(plan, target, cfg)
 
 
 def test_the_guide_three_steps_do_not_rewrite_the_table(target, cfg):

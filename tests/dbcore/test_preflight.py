@@ -7,12 +7,11 @@ import time
 
 import psycopg2
 import pytest
-from helpers import query
+from helpers import apply_pending, query
 
 from dbcore.deploy.preflight import mask_query, preflight
 from dbcore.deploy.touched import tables_in_files, tables_in_sql
 from dbcore.errors import PreflightFailed
-from dbcore.migrate.runner import apply_pending
 
 
 @pytest.fixture

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
-from helpers import query
+from helpers import apply_pending, query
 from pydantic import SecretStr
 
 from dbcore.backup.dump import backup_to_s3
 from dbcore.connection import Env, Target
 from dbcore.deploy.plan import DeployPlan
-from dbcore.deploy.rehearsal import rehearse_on_copy
+from dbcore.deploy.rehearsal import backup_into_copy, rehearse_on_copy
 from dbcore.deploy.scratch import rehearsal_server, scratch_name
 from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.plan import plan_apply
-from dbcore.migrate.runner import apply_pending
 
 SCRATCH = "SELECT datname FROM pg_database WHERE datname LIKE '%%\\_rehearsal\\_%%' ORDER BY 1"
 
@@ -48,19 +47,24 @@ def test_each_environment_has_its_rehearsal_server(settings, db_url, other_pg_se
 
 
 def test_locally_the_copy_is_a_template_when_nobody_else_is_connected(target, staged, db_url):
-    cfg, backup, plan = staged
-    report = rehearse_on_copy(plan, target, cfg, backup.key, run_id="aaaaaaaa1111")
+    cfg, _, plan = staged
+    server = rehearsal_server(target, cfg)
+    info, copy = backup_into_copy(target, server, cfg, "aaaaaaaa1111")
+    report = rehearse_on_copy(plan, target, cfg, info.key, copy=copy)
     assert report.method == "template" and "own cluster" in report.server
     assert report.results[0].name == "004_fix_sourcedir_language"
-    text = DeployPlan("local", plan, lint_pending(cfg.migrations_dir, []), backup, report).to_markdown()
+    text = DeployPlan("local", plan, lint_pending(cfg.migrations_dir, []), info, report).to_markdown()
     assert "CREATE DATABASE ... TEMPLATE" in text and "the target's own cluster" in text
 
     app = psycopg2.connect(db_url, application_name="the app")  # now someone is connected
     try:
-        report = rehearse_on_copy(plan, target, cfg, backup.key, run_id="bbbbbbbb2222")
+        info, copy = backup_into_copy(target, server, cfg, "bbbbbbbb2222")
     finally:
         app.close()
-    assert report.method == "restore"
+    report = rehearse_on_copy(plan, target, cfg, info.key, copy=copy)
+    assert report.method == "stream"  # restored from the backup's own stream instead
+    text = DeployPlan("local", plan, lint_pending(cfg.migrations_dir, []), info, report).to_markdown()
+    assert "from its own stream as it uploaded" in text
     assert query(db_url, SCRATCH) == []
 
 
@@ -69,6 +73,10 @@ def test_a_named_rehearsal_server_gets_the_copy(target, staged, db_url, other_pg
     cfg = cfg.model_copy(update={"rehearsal_database_url": SecretStr(other_pg_server_url)})
     report = rehearse_on_copy(plan, target, cfg, backup.key, run_id="cccccccc3333")
     assert report.method == "restore" and "MIGRATE_REHEARSAL_DATABASE_URL" in report.server
+    assert query(other_pg_server_url, SCRATCH) == []
+    info, copy = backup_into_copy(target, rehearsal_server(target, cfg), cfg, "cccccccc4444")
+    assert copy.method == "stream" and copy.target.url.startswith(other_pg_server_url.rsplit("/", 1)[0])
+    report = rehearse_on_copy(plan, target, cfg, info.key, copy=copy)
     assert report.checks is None and report.ok
     assert query(other_pg_server_url, SCRATCH) == []
 

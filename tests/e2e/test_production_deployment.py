@@ -12,11 +12,10 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, query, schema_dump
+from helpers import REPO, apply_pending, query, schema_dump
 from processes import alive, descendants
 
 from dbcore.connection import Env, Target
-from dbcore.migrate.runner import apply_pending
 
 ALL = ["001_initial_schema", "002_add_document_metadata", "003_add_project_slug",
        "004_fix_sourcedir_language"]

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from helpers import query, schema_dump
+from helpers import apply_pending, query, schema_dump
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -17,7 +17,6 @@ from prefect.flow_runs import resume_flow_run
 from dbcore.backup.dump import list_backups
 from dbcore.connection import Env, Target
 from dbcore.deploy.recovery import schema_snapshot
-from dbcore.migrate.runner import apply_pending
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
 

@@ -6,10 +6,9 @@ before (or as applied), nothing left behind, one clear line."""
 from __future__ import annotations
 
 import pytest
-from helpers import query
+from helpers import apply_pending, query
 
 from dbcore.connection import Target
-from dbcore.migrate.runner import apply_pending
 
 
 @pytest.fixture

@@ -131,9 +131,8 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
     The copy is restored from the backup's own stream as it uploads (sha256 and size compared
     before the upload completes), or, locally on the target's cluster with nobody else
     connected (and ``template``), made by ``CREATE DATABASE ... TEMPLATE`` just before the
-    backup. Returns the
-    stored backup and the claimed copy; raises BackupFailed for the backup, RehearsalFailed for
-    the copy (then no backup is stored either, and the copy is dropped).
+    backup. Returns the stored backup and the claimed copy; raises BackupFailed for the backup,
+    RehearsalFailed for the copy (then no backup is stored either, and the copy is dropped).
     """
     scratch, leftovers, holder = _start_copy(target, server, run_id)
     started = time.monotonic()

@@ -93,8 +93,9 @@ class Blocker:
 
     def text(self) -> str:
         since = f" since {self.since:%Y-%m-%d %H:%M:%S %Z}" if self.since else ""
+        query = f": {self.query}" if self.query else ""
         return (f"pid {self.pid} ({self.application or 'no application name'}, "
-                f"{self.state or 'no state'}{since}, {self.reason}): {self.query or '(no query)'}")
+                f"{self.state or 'no state'}{since}, {self.reason}){query}")
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "application": self.application, "state": self.state,

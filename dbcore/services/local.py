@@ -47,7 +47,7 @@ def read_local_services(settings: Settings) -> LocalServices | None:
     return LocalServices(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
-def postgres_root(settings: Settings) -> Path:
+def local_postgres_root(settings: Settings) -> Path:
     """Return where the embedded cluster lives: under the local folder, if PostgreSQL may enter it.
 
     As root, the server runs as the postgres user, which cannot enter a checkout under a private
@@ -76,7 +76,7 @@ def ensure_local_cluster(settings: Settings) -> str:
     """Start (or reuse) the embedded PostgreSQL cluster under the local folder; return its
     maintenance database URL. The proxy environment rehearses there, never through the tunnel;
     `make stop` stops it."""
-    cluster = PostgresCluster(postgres_root(settings))
+    cluster = PostgresCluster(local_postgres_root(settings))
     cluster.init()
     cluster.start()
     return cluster.url("postgres")
@@ -89,7 +89,7 @@ def up(settings: Settings) -> LocalServices:
     database_url = ""
     database_url = postgres_root = ""
     if settings.database_url is None:
-        cluster = PostgresCluster(postgres_root(settings))
+        cluster = PostgresCluster(local_postgres_root(settings))
         cluster.init()
         cluster.start()
         _ensure_database(cluster.url("postgres"), APP_DATABASE)
@@ -112,7 +112,7 @@ def down(settings: Settings) -> list[str]:
     stopped = []
     recorded = read_local_services(settings)
     cluster = PostgresCluster(Path(recorded.postgres_root) if recorded and recorded.postgres_root
-                              else postgres_root(settings))
+                              else local_postgres_root(settings))
     if cluster.is_running():
         cluster.stop()
         stopped.append("postgres")

@@ -224,12 +224,12 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     finally:
         import shutil
 
-        from dbcore.services.local import down, postgres_root
+        from dbcore.services.local import down, local_postgres_root
         from dbcore.settings import Settings
 
         laptop = Settings(local_dir=tmp_path / ".local")
         down(laptop)
-        shutil.rmtree(postgres_root(laptop), ignore_errors=True)
+        shutil.rmtree(local_postgres_root(laptop), ignore_errors=True)
     assert state.is_completed(), state.message
     assert state.message.startswith("dry run: would apply 4")
     plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
@@ -243,25 +243,29 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     assert left.strip() == ""  # the tunnel was closed
 
 
-def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_url, monkeypatch):
+def test_a_busy_migration_lock_stops_the_run_at_preflight_with_nothing_changed(flow_env, db_url,
+                                                                               monkeypatch):
+    # (a lock taken between the preflight and the apply: MigrationLockTimeout, tests/dbcore)
     import psycopg2
 
     from dbcore.settings import Settings
-    from flows import tasks
 
-    monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "1")
-    monkeypatch.setattr(tasks.apply, "retry_delay_seconds", [0, 0, 0])  # retried, but quickly
-    holder = psycopg2.connect(db_url)  # another deploy, holding the migration lock
-    holder.autocommit = True
+    monkeypatch.setenv("MIGRATE_PREFLIGHT_WAIT", "1")
+    holder = psycopg2.connect(db_url, application_name="dbmigrate lock: apply by ci")
+    holder.autocommit = True  # another deploy, holding the migration lock
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (Settings().advisory_lock_key,))
     try:
         before = schema_dump(db_url)
         state = migrate(return_state=True)
+        pid = holder.get_backend_pid()
     finally:
         holder.close()
     assert state.is_failed()
-    assert state.message.startswith("failed at apply, nothing changed: another migration run "
-                                    "holds the lock")
+    assert state.message.startswith("failed at preflight, nothing changed: 1 session(s) would "
+                                    "block the migration")
+    assert f"pid {pid} (dbmigrate lock: apply by ci, holds the migration lock since" in state.message
+    assert "another migration run" in state.message
+    assert list_backups(flow_env) == []  # stopped before the backup
     assert schema_dump(db_url) == before
     assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
                  ("%_failed_%",)) == [(0,)]  # no restore was attempted

@@ -1,16 +1,18 @@
-"""A backup cut off halfway (the tunnel dies, the S3 server stops) or refused leaves nothing behind."""
+"""A backup cut off halfway (the tunnel dies, the S3 server stops) or refused (wrong credentials:
+see also tests/dbcore/test_backup.py) leaves nothing behind."""
 
 from __future__ import annotations
 
 import pytest
 from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY, leftovers
-from helpers import random_rows
+from helpers import query, random_rows, schema_dump
 
 from dbcore.backup.dump import backup_to_s3
 from dbcore.connection import Env, Target
 from dbcore.errors import BackupFailed
 from dbcore.proxy import open_tunnel
 from dbcore.services.seaweed import SeaweedServer
+from flows.migrate import migrate
 
 
 def test_the_tunnel_killed_mid_backup_fails_it_and_leaves_no_object(forwarder_settings, db_url,
@@ -57,3 +59,18 @@ def test_the_s3_server_stopped_mid_upload_leaves_no_object_and_no_multipart_uplo
         assert leftovers(cfg) == ([info.key], [])
     finally:
         server.stop()
+
+
+def test_s3_refusing_the_credentials_fails_the_run_at_backup_with_nothing_changed(
+        flow_env, db_url, app_at_003, monkeypatch):
+    wrong = "wrong-secret-" + "5d1c0ffee"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    before = schema_dump(db_url)
+    state = migrate(return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("failed at backup, nothing changed:")
+    assert "access denied" in state.message and "AWS_SECRET_ACCESS_KEY" in state.message
+    assert wrong not in state.message and S3_SECRET_KEY not in state.message
+    assert schema_dump(db_url) == before
+    assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE '%%_rehearsal_%%'") \
+        == [(0,)]  # the copy begun beside the backup is gone too

@@ -32,6 +32,7 @@ from dbcore.deploy.scratch import (
     create_database,
     drop_database,
     drop_leftovers,
+    refuse_the_target_cluster,
     rehearsal_server,
     scratch_name,
 )
@@ -114,7 +115,8 @@ class ScratchCopy:
 
 
 def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
-    """Drop what dead runs left on ``server``, then claim this run's scratch name."""
+    """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
+    refuse_the_target_cluster(server, target)
     leftovers = drop_leftovers(server, target.dbname)
     scratch = server.scratch(scratch_name(target.dbname, run_id))
     if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold

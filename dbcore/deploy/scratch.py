@@ -108,6 +108,36 @@ def rehearsal_server(target: Target, settings: Settings,
         "MIGRATE_REHEARSAL_ON_TARGET=1 to make the copy on the production cluster itself")
 
 
+def _system_identifier(target: Target) -> int | None:
+    conn = connect_raw(target, "dbmigrate rehearsal: which cluster")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT system_identifier FROM pg_control_system()")
+            return int(cur.fetchone()[0])
+    except psycopg2.Error:
+        return None  # cannot tell (a managed server may hide it)
+    finally:
+        conn.close()
+
+
+def refuse_the_target_cluster(server: RehearsalServer, target: Target) -> None:
+    """Raise RehearsalFailed when a server named for the rehearsal is the live cluster itself.
+
+    Only outside the local environment, and unless MIGRATE_REHEARSAL_ON_TARGET=1 chose it: the
+    same cluster under another address (a tunnel, a second DNS name) is recognised by its
+    system identifier.
+    """
+    if server.on_target or target.env is Env.LOCAL:
+        return
+    mine = _system_identifier(server.admin)
+    if mine is not None and mine == _system_identifier(target):
+        raise RehearsalFailed(
+            f"{server.where} is the {target.env} cluster itself (same system identifier): the "
+            "copy would double its disk use and load it during the deploy; set "
+            "MIGRATE_REHEARSAL_DATABASE_URL to another server, or MIGRATE_REHEARSAL_ON_TARGET=1 "
+            "to accept that")
+
+
 def _try_claim(cur, dbname: str) -> bool:
     cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_CLAIM_CLASS, dbname))
     return bool(cur.fetchone()[0])

@@ -12,7 +12,7 @@ from dbcore.connection import Env, Target
 from dbcore.deploy.plan import DeployPlan
 from dbcore.deploy.rehearsal import backup_into_copy, rehearse_on_copy
 from dbcore.deploy.scratch import rehearsal_server, scratch_name
-from dbcore.errors import ConfigError
+from dbcore.errors import ConfigError, RehearsalFailed
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.plan import plan_apply
 
@@ -103,3 +103,14 @@ def test_leftovers_of_a_crashed_run_are_dropped_and_only_those(target, staged, d
     assert dead not in left and busy in left and all(n in left for n in not_ours)
     for name in [busy, *not_ours]:
         query(admin, f'DROP DATABASE "{name}"')
+
+
+def test_a_named_server_that_is_the_production_cluster_itself_is_refused(staged, db_url,
+                                                                        pg_server_url):
+    cfg, backup, plan = staged
+    cfg = cfg.model_copy(update={"rehearsal_database_url": SecretStr(pg_server_url)})
+    production = Target(Env.PRODUCTION, db_url)  # the same cluster, named as another server
+    with pytest.raises(RehearsalFailed, match="is the production cluster itself.*"
+                                              "MIGRATE_REHEARSAL_ON_TARGET=1"):
+        rehearse_on_copy(plan, production, cfg, backup.key, run_id="eeeeeeee5555")
+    assert query(db_url, SCRATCH) == []

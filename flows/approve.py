@@ -17,7 +17,7 @@ from uuid import UUID
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
+import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
                                             ArtifactFilterKey)

@@ -22,7 +22,7 @@ if __name__ == "__main__":  # without PREFECT_API_URL: the local Prefect API of 
 
     use_local_api()
 
-import httpx
+import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.responses import SetStateStatus

@@ -3,7 +3,8 @@
     python flows/approve.py RUN_ID --approve --approver NAME [--comment TEXT]
     python flows/approve.py RUN_ID --reject --approver NAME [--comment TEXT]
 
-Talks to the server in PREFECT_API_URL (the one the run is paused on). Exit codes: 0 the answer
+Talks to the server in PREFECT_API_URL (the one the run is paused on), else to the local one
+`make run` started. Exit codes: 0 the answer
 was accepted; 1 it was not (the run is not paused or not found, the answer is invalid, the
 server is unreachable); 2 a usage error.
 """
@@ -16,8 +17,12 @@ from uuid import UUID
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # without PREFECT_API_URL: the local Prefect API of `make run`, if it is up
+    from flows.local_api import use_local_api
 
-import httpx
+    use_local_api()
+
+import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.responses import SetStateStatus

@@ -21,6 +21,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # dbcore's own log lines (backup, apply) shown in the run's logs; read when Prefect is imported
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dbcore")
+if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run`, if it is up
+    from flows.local_api import use_local_api
+
+    use_local_api()
 
 from prefect import flow, get_run_logger, pause_flow_run
 from prefect.artifacts import create_markdown_artifact

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import psycopg2
 
@@ -15,6 +17,27 @@ from dbcore.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MIGRATIONS = REPO / "migrations"
+LOG_TAIL = 3000
+
+
+def wait_until(condition: Callable[[], object], what: str | Callable[[], str], *, timeout: float,
+               gave_up: Callable[[], bool] = lambda: False, log: Callable[[], str] = str,
+               interval: float = 0.2) -> None:
+    """Return once ``condition()`` is true; raise AssertionError naming ``what`` it waited for.
+
+    It gives up when ``timeout`` seconds pass or when ``gave_up()`` says the condition never will
+    hold (the process exited); the message ends with the tail of ``log()``, the process's account.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        over = gave_up()  # asked first: a process that printed its line and exited still counts
+        if condition():
+            return
+        if over or time.monotonic() > deadline:
+            why = "it can no longer happen" if over else f"{timeout:g}s passed"
+            text = what() if callable(what) else what
+            raise AssertionError(f"gave up waiting for {text} ({why}):\n{log()[-LOG_TAIL:]}")
+        time.sleep(interval)
 
 
 def schema_dump(url: str) -> str:

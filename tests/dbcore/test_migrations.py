@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psycopg2
 import pytest
-from helpers import apply_pending, query, rollback_last, schema_dump
+from helpers import apply_pending, query, rollback_last, schema_dump, wait_until
 
 from dbcore.connection import connect
 from dbcore.errors import (
@@ -45,6 +44,14 @@ def applied_names(url: str) -> list[str]:
     if "migratehistory" not in tables(url):
         return []
     return [r[0] for r in query(url, "SELECT name FROM migratehistory ORDER BY id")]
+
+
+#: 1 when the session named %s holds an advisory lock on this database
+HOLDS_LOCK = """
+SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = %s
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 
 
 @pytest.fixture
@@ -162,10 +169,17 @@ def test_a_missing_migrations_folder_is_an_error_not_a_new_folder(target, settin
     assert not (tmp_path / "migrashuns").exists()
 
 
-def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(target, cfg, db_url):
-    write(cfg.migrations_dir, "005_slow.py", """\
+def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(target, cfg, db_url,
+                                                                           tmp_path):
+    gate = tmp_path / "gate"  # the first apply holds the lock until the test opens it
+    write(cfg.migrations_dir, "005_slow.py", f"""\
+        import pathlib
+        import time
+
         def migrate(migrator, database, *, fake=False):
-            migrator.sql("SELECT pg_sleep(3)")
+            deadline = time.monotonic() + 60
+            while not fake and not pathlib.Path({str(gate)!r}).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
         def rollback(migrator, database, *, fake=False):
             pass
@@ -173,18 +187,27 @@ def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(targ
     outcome: dict[str, object] = {}
 
     def first():
-        outcome["first"] = apply_pending(target, cfg, actor="first")
+        try:
+            outcome["first"] = apply_pending(target, cfg, actor="first")
+        except Exception as exc:
+            outcome["error"] = exc
 
     thread = threading.Thread(target=first)
     thread.start()
-    time.sleep(1.0)
-    impatient = cfg.model_copy(update={"advisory_lock_wait": 0.5})
-    with pytest.raises(MigrationLockTimeout) as info:
-        apply_pending(target, impatient, actor="second")
-    thread.join()
+    try:
+        wait_until(lambda: query(db_url, HOLDS_LOCK, ("dbmigrate lock: apply by first",)) == [(1,)],
+                   "the first apply to hold the migration lock", timeout=60,
+                   gave_up=lambda: not thread.is_alive(), log=lambda: repr(outcome))
+        impatient = cfg.model_copy(update={"advisory_lock_wait": 0.5})
+        with pytest.raises(MigrationLockTimeout) as info:
+            apply_pending(target, impatient, actor="second")
+    finally:
+        gate.touch()
+        thread.join(60)
     message = str(info.value)
     assert "pid" in message and "dbmigrate lock: apply by first" in message
     assert info.value.retryable
+    assert "first" in outcome, outcome  # the first one, let go, applied everything
     assert len(outcome["first"].names) == 5
     assert len(applied_names(db_url)) == 5
 
@@ -228,10 +251,9 @@ def test_a_busy_table_makes_apply_give_up_quickly_and_change_nothing(target, cfg
     try:
         with app.cursor() as cur:
             cur.execute("SELECT count(*) FROM project")
-        started = time.monotonic()
+        # the application never lets go: only lock_timeout can end the wait
         with pytest.raises(TableLockTimeout) as info:
             apply_pending(target, cfg)
-        assert time.monotonic() - started < 10
         assert info.value.retryable and "lock_timeout=1s" in str(info.value)
     finally:
         app.close()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import textwrap
 import threading
-import time
 
 import pytest
-from helpers import apply_pending, query, schema_dump
+from helpers import apply_pending, query, schema_dump, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -149,18 +148,6 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     query(db_url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{kept[0][0]}"')
 
 
-def _wait_for_pause(timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-            if runs:
-                return runs[0]
-            time.sleep(0.5)
-    raise AssertionError("the run never paused for approval")
-
-
 def _run_in_background(**params):
     result = {}
     thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
@@ -168,14 +155,36 @@ def _run_in_background(**params):
     return thread, result
 
 
+def _wait_for_pause(thread: threading.Thread, result: dict, timeout: float = 60):
+    """Return the flow run once it is paused for approval; fail if the run ends or takes too long."""
+    found: list = []
+
+    def paused() -> bool:
+        with get_client(sync_client=True) as client:
+            found[:] = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+        return bool(found)
+
+    wait_until(paused, "the run to pause for approval", timeout=timeout,
+               gave_up=lambda: not thread.is_alive(), log=lambda: f"the run ended: {result}",
+               interval=0.5)
+    return found[0]
+
+
+def _final_state(thread: threading.Thread, result: dict, timeout: float = 120):
+    """Return the run's final state once its thread ended; fail if it raised or took too long."""
+    thread.join(timeout)
+    assert "state" in result, f"the run did not end within {timeout:g}s, or raised (see stderr)"
+    return result["state"]
+
+
 def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
     thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    paused = _wait_for_pause(thread, result)
     assert applied(db_url) == []  # nothing before the approval
     assert "migration-plan" in artifacts(paused.id)
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
-    thread.join(120)
-    state = result["state"]
+    state = _final_state(thread, result)
     assert state.is_completed() and state.message.startswith("applied 4")
     actors = query(db_url, "SELECT DISTINCT actor FROM migration_audit")
     assert actors == [("Ada",)]
@@ -184,11 +193,10 @@ def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
 def test_a_rejected_run_changes_nothing(flow_env, db_url):
     before = schema_dump(db_url)
     thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    paused = _wait_for_pause(thread, result)
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
                                           "comment": "not on a Friday"})
-    thread.join(120)
-    state = result["state"]
+    state = _final_state(thread, result)
     assert state.is_failed()
     assert state.message == "rejected by Bob: not on a Friday, nothing changed"
     assert schema_dump(db_url) == before
@@ -273,13 +281,12 @@ def test_a_busy_migration_lock_stops_the_run_at_preflight_with_nothing_changed(f
 
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
     thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    paused = _wait_for_pause(thread, result)
     with pytest.raises(RuntimeError, match="Cannot resume this run"):
         resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Ada"})
-    thread.join(120)
-    assert result["state"].message == "rejected by Ada, nothing changed"
+    assert _final_state(thread, result).message == "rejected by Ada, nothing changed"
 
 
 def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch):

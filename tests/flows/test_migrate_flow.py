@@ -237,7 +237,7 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
 
         laptop = Settings(local_dir=tmp_path / ".local")
         down(laptop)
-        shutil.rmtree(local_postgres_root(laptop), ignore_errors=True)
+        shutil.rmtree(local_postgres_root(laptop).parent, ignore_errors=True)  # /var/tmp/dbmigrate-* as root
     assert state.is_completed(), state.message
     assert state.message.startswith("dry run: would apply 4")
     plan = artifacts(state.state_details.flow_run_id)["migration-plan"]

@@ -143,16 +143,16 @@ class DeployPlan:
             kind = "one transaction" if atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in group]
         out.append("lint: " + self.lint.summary())
+        out += [f"  {f.text()}" for f in self.lint.findings]
         if self.preflight:
             out.append(self.preflight.text())
-        out += [f"  {f.text()}" for f in self.lint.findings]
         if self.backup:
             out.append(f"backup: {self.backup.key} ({_size(self.backup.size)}, "
                        f"sha256 {self.backup.sha256[:16]}...)")
         if self.rehearsal:
             r = self.rehearsal
             out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
-                       f"{_copy_sentence(r, markdown=False)}, apply {r.apply_seconds:.2f}s")
+                       f"{_copy_sentence(r, markdown=False).lower()}, apply {r.apply_seconds:.2f}s")
             out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
             out += [f"  {f.text()}" for f in self.new_sql_findings]
             if r.checks and not r.checks.ok:

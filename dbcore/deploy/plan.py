@@ -151,8 +151,9 @@ class DeployPlan:
                        f"sha256 {self.backup.sha256[:16]}...)")
         if self.rehearsal:
             r = self.rehearsal
+            copied = _copy_sentence(r, markdown=False)
             out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
-                       f"{_copy_sentence(r, markdown=False).lower()}, apply {r.apply_seconds:.2f}s")
+                       f"{copied[:1].lower()}{copied[1:]}, apply {r.apply_seconds:.2f}s")
             out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
             out += [f"  {f.text()}" for f in self.new_sql_findings]
             if r.checks and not r.checks.ok:

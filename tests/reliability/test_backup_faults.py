@@ -23,12 +23,17 @@ def test_the_tunnel_killed_mid_backup_fails_it_and_leaves_no_object(forwarder_se
     with open_tunnel(cfg) as tunnel:
         target = tunnel.target_for(Target(Env.PROXY, db_url))
 
+        killed: list[int] = []
+
         def kill_the_tunnel(done: int) -> None:
-            if tunnel.process.poll() is None:
+            if not killed:
+                killed.append(done)
                 tunnel.process.kill()
+                tunnel.process.wait(10)
 
         with pytest.raises(BackupFailed, match="pg_dump") as failure:
             backup_to_s3(target, cfg, progress=kill_the_tunnel)
+        assert killed, f"the backup failed before the tunnel was killed: {failure.value}"
         assert not tunnel.healthy()
     assert "\n" not in str(failure.value)
     assert leftovers(cfg) == ([], [])

@@ -169,6 +169,7 @@ def migrate(
                 tasks.check_connection(target)  # an hour may have passed; the tunnel too
             stage = "snapshot"
             before = tasks.snapshot(target)
+            drift = tasks.drift_before(target, models)
             stage = "apply"
             try:
                 report = tasks.apply(plan, target, settings, actor, run_id)
@@ -182,7 +183,7 @@ def migrate(
                     return Completed(message=report.note or "up to date")
                 stage = "post-checks"
                 try:
-                    checked = tasks.post_checks(target, models)
+                    checked = tasks.post_checks(target, models, drift)
                     if not checked.ok:
                         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                                  description="Post-checks failed after the apply")

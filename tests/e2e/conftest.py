@@ -77,6 +77,7 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 def production_env(prefect_server, db_url, s3_settings) -> dict[str, str]:
     """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
+            "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
             "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
 

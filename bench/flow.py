@@ -20,6 +20,7 @@ bench/RESULTS.md (other sections are kept).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -72,7 +73,7 @@ def generate(url: str, env: dict[str, str], size_mb: int) -> int:
              "SELECT id, 'docs/' || g, now(), now() FROM project, generate_series(1, 100) g")
     # ~420 bytes a row on disk with its indexes: a sentence and hex digests (as ids, hashes and
     # tokens are), under TOAST's 2 KB threshold so stored as is, about half that in a dump
-    digests = " || ' ' || ".join(f"encode(sha512((g + {i})::text::bytea), 'hex')" for i in range(2))
+    digests = " || ' ' || ".join(f"encode(sha512((g * 2 + {i})::text::bytea), 'hex')" for i in range(2))
     rows = size_mb * 1024 * 1024 // 420
     for start in range(0, rows, 200_000):
         sql(url, f"""
@@ -85,10 +86,22 @@ def generate(url: str, env: dict[str, str], size_mb: int) -> int:
     return sql(url, "SELECT pg_database_size(current_database())")[0][0]
 
 
-def to_null(cmd: list[str]) -> None:
-    """Run ``cmd > /dev/null`` as a shell would (pg_dump's ``-f`` would also fsync)."""
-    with open(os.devnull, "wb") as out:
-        subprocess.run(cmd, stdout=out, check=True)
+def to_null(cmd: list[str]) -> int:
+    """Run ``cmd > /dev/null`` as a shell would (pg_dump's ``-f`` would also fsync); return the bytes it wrote."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    size = 0
+    while chunk := proc.stdout.read(1 << 20):
+        size += len(chunk)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{cmd[0]} failed")
+    return size
+
+
+def dbmigrate_backup(env: dict[str, str]) -> int:
+    """Run `dbmigrate backup --json` as a user would; return the size of the stored object."""
+    out = subprocess.run([str(Path(PYTHON).parent / "dbmigrate"), "backup", "--json"], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["size"]
 
 
 def timed(fn) -> float:
@@ -188,6 +201,7 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1",
         MIGRATE_S3_BUCKET=BUCKET, MIGRATE_S3_ENDPOINT_URL=s3.endpoint_url,
         MIGRATE_LOCAL_DIR=str(root / "local"), MIGRATE_MIGRATIONS_DIR=str(REPO / "migrations"),
+        MIGRATE_MODELS="dbcore.models:MODELS",
         PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", PREFECT_LOGGING_LEVEL="INFO",
     )
@@ -206,11 +220,13 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
             dry_run(env)
             dry_run(temporary_api_env)
             warm = False
-        times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "t": []}
+        times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "t": [], "d": []}
+        sizes: dict[str, int] = {}
         stages: list[dict[str, float]] = []
         for number in range(1, args.rounds + 1):
             print(f"{size} MB round {number}/{args.rounds} ...", file=sys.stderr)
-            times["a"].append(timed(lambda: to_null([pg_dump, "-Fc", url])))
+            times["a"].append(timed(lambda: sizes.update(a=to_null([pg_dump, "-Fc", url]))))
+            times["d"].append(timed(lambda: sizes.update(d=dbmigrate_backup(env))))
             times["b"].append(timed(lambda: hand_copy(pg_dump, pg_restore, cluster.url(), url, f"{name}_hand")))
             holder: dict = {}
             times["c"].append(timed(lambda: holder.update(out=dry_run(env))))
@@ -223,7 +239,8 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         med = {k: statistics.median(v) for k, v in times.items()}
         stage_med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0] if k != "to the plan"}
         rows.append({"size_mb": db_size / 2**20, "a": med["a"], "b": med["b"], "c": med["c"],
-                     "t": med["t"], "stages": stage_med, "temporary_stages": temporary_stages,
+                     "t": med["t"], "d": med["d"], "dump_bytes": sizes["a"], "backup_bytes": sizes["d"],
+                     "stages": stage_med, "temporary_stages": temporary_stages,
                      "line": last_line, "rounds": times})
         print(f"{db_size / 2**20:.0f} MB: pg_dump -Fc {med['a']:.1f}s, hand copy {med['b']:.1f}s, "
               f"dry run {med['c']:.1f}s = {med['c'] / med['b']:.2f}x the hand copy "
@@ -255,6 +272,14 @@ def render(rows: list[dict]) -> str:
         out += ["", "Growth, seconds per GB between the smallest and the largest database: "
                 f"(a) {(last['a'] - first['a']) / gb:.1f}, (b) {(last['b'] - first['b']) / gb:.1f}, "
                 f"(c) {(last['c'] - first['c']) / gb:.1f}, (c') {(last['t'] - first['t']) / gb:.1f}."]
+    out += ["", "`dbmigrate backup` as a command (a new process, as a user types it) against (a), "
+            "on the same databases:", "",
+            "| database | (d) `dbmigrate backup` | (d)/(a) | stored | pg_dump -Fc's size | stored / pg_dump's |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['size_mb']:.0f} MB | {r['d']:.1f} s | {r['d'] / r['a']:.2f}x | "
+                   f"{r['backup_bytes'] / 2**20:.0f} MB | {r['dump_bytes'] / 2**20:.0f} MB | "
+                   f"{r['backup_bytes'] / r['dump_bytes']:.2f}x |")
     out += ["", "Stages of the dry run: seconds, from the run's own log lines (a stage ends when its task "
             "finishes; the head start's backup and copy run during Prefect's start-up)."]
     for title, stages in (("(c) after `make run`", "stages"), ("(c') with a temporary API", "temporary_stages")):

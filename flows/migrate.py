@@ -175,6 +175,7 @@ def migrate(
             tasks.preflight(target, settings, plan, "before the apply", rehearsal)
             stage = "snapshot"
             before = tasks.snapshot(target)
+            drift = tasks.drift_before(target, models)
             stage = "apply"
             try:
                 report = tasks.apply(plan, target, settings, actor, run_id)
@@ -188,7 +189,7 @@ def migrate(
                     return Completed(message=report.note or "up to date")
                 stage = "post-checks"
                 try:
-                    checked = tasks.post_checks(target, models)
+                    checked = tasks.post_checks(target, models, drift)
                     if not checked.ok:
                         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                                  description="Post-checks failed after the apply")

@@ -231,9 +231,15 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
-def post_checks(target: Target, models) -> checks.CheckReport:
-    """Return the drift and invalid-index checks of the live database."""
-    return checks.run_post_checks(target, models)
+def post_checks(target: Target, models, before=None) -> checks.CheckReport:
+    """Return the drift and invalid-index checks of the live database (judged against ``before``)."""
+    return checks.run_post_checks(target, models, before=before)
+
+
+@task(name="drift-before", cache_policy=NO_CACHE)
+def drift_before(target: Target, models):
+    """Return the drift of the live database before the apply (None without models)."""
+    return checks.drift_before(target, models)
 
 
 def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None,

@@ -146,14 +146,16 @@ def verify_backup(key: str, settings: Settings, progress: Progress | None = None
 
 
 @dataclass(frozen=True)
-class _RestoreTarget:
+class RestoreTarget:
+    """A database about to be restored into: whether it exists, what it holds, its server's major."""
+
     exists: bool
     relations: int
     examples: list[str]
     server_major: int
 
 
-def _inspect(into: Target) -> _RestoreTarget:
+def inspect_target(into: Target) -> RestoreTarget:
     """Return whether ``into`` exists, what it holds, and its server's major version."""
     try:
         conn = connect_raw(into, "dbmigrate-restore")
@@ -162,12 +164,12 @@ def _inspect(into: Target) -> _RestoreTarget:
             raise
         admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
         try:
-            return _RestoreTarget(False, 0, [], server_major(admin))
+            return RestoreTarget(False, 0, [], server_major(admin))
         finally:
             admin.close()
     try:
         count, names = user_relations(conn)
-        return _RestoreTarget(True, count, names, server_major(conn))
+        return RestoreTarget(True, count, names, server_major(conn))
     finally:
         conn.close()
 
@@ -239,7 +241,7 @@ def restore_backup(
         )
     storage = open_storage(settings, str(into.env))
     started = time.monotonic()
-    state = _inspect(into)
+    state = inspect_target(into)
     if state.relations and not force:
         raise RestoreRefused(
             f"database {into.dbname} is not empty ({state.relations} objects, e.g. "

@@ -19,11 +19,11 @@ import time
 import zstandard
 
 from dbcore.backup.dump import Progress
-from dbcore.backup.pgtools import find_pg_tool, server_major, tool_error
+from dbcore.backup.pgtools import find_pg_tool, tool_error
 from dbcore.backup.pipes import BackgroundWriter
-from dbcore.backup.restore import create_database, pg_restore_command, user_relations
-from dbcore.connection import Target, connect_raw
-from dbcore.errors import BackupCorrupt, DatabaseUnavailable, RestoreFailed, RestoreRefused
+from dbcore.backup.restore import create_database, inspect_target, pg_restore_command
+from dbcore.connection import Target
+from dbcore.errors import BackupCorrupt, RestoreFailed, RestoreRefused
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,10 @@ class StreamRestore:
 
 def _prepare(into: Target) -> int:
     """Create ``into`` (refusing one that holds objects); return its server's major version."""
-    try:
-        conn = connect_raw(into, "dbmigrate-restore")
-    except DatabaseUnavailable as exc:
-        if "does not exist" not in str(exc):
-            raise
-        admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
-        try:
-            major = server_major(admin)
-        finally:
-            admin.close()
+    state = inspect_target(into)
+    if state.relations:
+        raise RestoreRefused(f"database {into.dbname} is not empty ({state.relations} objects, e.g. "
+                             f"{', '.join(state.examples)}): a streamed restore needs a new database")
+    if not state.exists:
         create_database(into)
-        return major
-    try:
-        count, names = user_relations(conn)
-        if count:
-            raise RestoreRefused(f"database {into.dbname} is not empty ({count} objects, e.g. "
-                                 f"{', '.join(names)}): a streamed restore needs a new database")
-        return server_major(conn)
-    finally:
-        conn.close()
+    return state.server_major

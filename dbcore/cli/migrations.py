@@ -74,9 +74,26 @@ def cmd_status(ctx: Context) -> int:
             flag = "  FILE MISSING"
         elif r.changed:
             flag = "  CHANGED since applied"
+        elif r.applied and r.recorded_checksum is None:
+            flag = "  no checksum known yet"
         print(f"  {state:8} {when:23}  {r.name}{flag}")
+    unknown = [r.name for r in rows if r.applied and not r.file_missing and r.recorded_checksum is None]
+    if unknown:
+        print(f"{len(unknown)} applied migration(s) have no checksum known yet (applied by pw_migrate "
+              f"or before dbmigrate): an edit to them cannot be detected; `dbmigrate baseline "
+              f"{unknown[-1][:3]}` records their checksums as the files are now")
     pending = sum(not r.applied for r in rows)
     print(f"{pending} pending" if pending else "up to date")
+    return 0
+
+
+def cmd_baseline(ctx: Context) -> int:
+    """Mark every migration up to NNN as applied without running it; record their checksums."""
+    from dbcore.migrate.baseline import baseline
+
+    report = baseline(ctx.target, ctx.settings, ctx.args.upto, actor=ctx.args.actor,
+                      run_id=ctx.args.run_id)
+    print(f"{report.database}: {report.summary()}")
     return 0
 
 
@@ -153,6 +170,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("status", parents=[common], help="list migrations: applied, pending, changed")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("baseline", parents=[common],
+                       help="adopt a database: mark migrations up to NNN applied without running them",
+                       description="Record every migration up to NNN as applied without running "
+                                   "it (a schema made outside migrations), and the checksum of "
+                                   "each (a history pw_migrate wrote); audited in migration_audit.")
+    p.add_argument("upto", metavar="NNN", help="the last migration the database already has (name or number)")
+    p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+    p.add_argument("--run-id", help="an id to record in migration_audit")
+    p.set_defaults(handler=cmd_baseline)
 
     p = sub.add_parser("new", parents=[common], help="write the next NNN_name.py from the template")
     p.add_argument("name", nargs="+", help='what it does, e.g. "add user email"')

@@ -22,7 +22,7 @@ from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import StreamRestore
-from dbcore.checks.post import CheckReport, run_post_checks
+from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
 from dbcore.deploy.scratch import (
     Leftovers,
@@ -232,13 +232,14 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     scratch = copy.target
     try:
         existing = _existing_tables(scratch)
+        before = drift_before(scratch, models)
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
                              progress=progress)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models) if models is not None else None
+        checks = run_post_checks(scratch, models, before=before)
         findings = lint_captured_sql(report.results, existing, allow_destructive)
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,

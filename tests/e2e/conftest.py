@@ -78,6 +78,7 @@ def production_env(prefect_server, db_url, s3_settings, other_pg_server_url) -> 
     """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect,
     and the server the rehearsal copy is restored to (never the production cluster)."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
+            "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
             "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
             "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url}

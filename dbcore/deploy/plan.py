@@ -38,8 +38,8 @@ def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
     where = f" on {r.server}" if r.server else ""
     if r.method == "template":
         return (f"Copied the database into {name}{where} with CREATE DATABASE ... TEMPLATE "
-                f"(nobody else was connected; the backup itself was not restored) in "
-                f"{r.restore_seconds:.2f} s")
+                f"(nobody else was connected) in {r.restore_seconds:.2f} s; the backup was not loaded "
+                f"into it, but pg_restore read the stored bytes back whole, every entry (sha256 checked)")
     how = "from its own stream as it uploaded" if r.method == "stream" else "after it was stored"
     return (f"Restored the backup (the bytes stored, sha256 checked) into {name}{where}, {how}, "
             f"in {r.restore_seconds:.2f} s")

@@ -20,8 +20,9 @@ import psycopg2
 
 from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
-from dbcore.backup.stream import StreamRestore
+from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
 from dbcore.deploy.scratch import (
@@ -124,6 +125,14 @@ def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[T
     return scratch, leftovers, claim(server, scratch.dbname)
 
 
+def _server_major(target: Target) -> int:
+    conn = connect_raw(target, "dbmigrate-rehearsal")
+    try:
+        return server_major(conn)
+    finally:
+        conn.close()
+
+
 def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
                      progress: BytesProgress | None = None,
                      restore_progress: BytesProgress | None = None,
@@ -142,7 +151,9 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
         if (template and server.on_target and target.env is Env.LOCAL
                 and copy_with_template(server, target.dbname, scratch.dbname)):
             method, copied = "template", round(time.monotonic() - started, 3)
-            info = backup_to_s3(target, settings, progress=progress)
+            # the copy did not come from the backup: pg_restore still reads the stored bytes whole
+            with ArchiveCheck(_server_major(target), progress=restore_progress) as check:
+                info = backup_to_s3(target, settings, progress=progress, tee=check)
         else:
             method = "stream"
             create_database(server, scratch.dbname)

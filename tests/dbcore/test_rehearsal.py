@@ -55,6 +55,7 @@ def test_locally_the_copy_is_a_template_when_nobody_else_is_connected(target, st
     assert report.results[0].name == "004_fix_sourcedir_language"
     text = DeployPlan("local", plan, lint_pending(cfg.migrations_dir, []), info, report).to_markdown()
     assert "CREATE DATABASE ... TEMPLATE" in text and "the target's own cluster" in text
+    assert "pg_restore read the stored bytes back whole" in text
 
     app = psycopg2.connect(db_url, application_name="the app")  # now someone is connected
     try:

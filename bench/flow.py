@@ -10,7 +10,11 @@ filled with text), and measures side by side, in one run:
   same work as the flow's rehearsal (a copy of the data to apply on), without storing a backup;
 - (c) the flow's dry run as a user types it after `make run` (a new process, the local Prefect API
   that `make run` keeps), with the time of every stage read from the run's own log lines;
-- (c') the same without that API: the run starts Prefect's temporary API of its own (warm
+  Nobody else is connected to the database, so the copy is a ``CREATE DATABASE ... TEMPLATE``
+  (with the stored backup read back whole by pg_restore as it uploads);
+- (s) the same with the application connected to its database, as in real life: the copy is then
+  restored from the backup's own stream as it uploads, the rehearsal's full proof;
+- (c') the same as (c) without that API: the run starts Prefect's temporary API of its own (warm
   PREFECT_HOME), as ``python flows/migrate.py`` does where nothing else is set up.
 
 It prints the ratios and how each grows with size, and rewrites the "Time to plan" section of
@@ -220,7 +224,7 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
             dry_run(env)
             dry_run(temporary_api_env)
             warm = False
-        times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "t": [], "d": []}
+        times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "s": [], "t": [], "d": []}
         sizes: dict[str, int] = {}
         stages: list[dict[str, float]] = []
         for number in range(1, args.rounds + 1):
@@ -232,6 +236,14 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
             times["c"].append(timed(lambda: holder.update(out=dry_run(env))))
             stages.append(holder["out"][1])
             last_line = holder["out"][2]
+            app = psycopg2.connect(url, application_name="the app")  # TEMPLATE is refused then
+            try:
+                streamed: dict = {}
+                timed(lambda: streamed.update(out=dry_run(env)))
+                times["s"].append(streamed["out"][0])
+                streamed_stages = streamed["out"][1]
+            finally:
+                app.close()
             temporary: dict = {}
             timed(lambda: temporary.update(out=dry_run(temporary_api_env)))
             times["t"].append(temporary["out"][0])
@@ -240,11 +252,12 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         stage_med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0] if k != "to the plan"}
         rows.append({"size_mb": db_size / 2**20, "a": med["a"], "b": med["b"], "c": med["c"],
                      "t": med["t"], "d": med["d"], "dump_bytes": sizes["a"], "backup_bytes": sizes["d"],
-                     "stages": stage_med, "temporary_stages": temporary_stages,
+                     "s": med["s"], "stages": stage_med, "temporary_stages": temporary_stages,
+                     "streamed_stages": streamed_stages,
                      "line": last_line, "rounds": times})
         print(f"{db_size / 2**20:.0f} MB: pg_dump -Fc {med['a']:.1f}s, hand copy {med['b']:.1f}s, "
               f"dry run {med['c']:.1f}s = {med['c'] / med['b']:.2f}x the hand copy "
-              f"(with a temporary API {med['t']:.1f}s)", file=sys.stderr)
+              f"(app connected {med['s']:.1f}s, with a temporary API {med['t']:.1f}s)", file=sys.stderr)
         sql(cluster.url(), f'DROP DATABASE "{name}" WITH (FORCE)')
     report = render(rows)
     print(report)
@@ -261,17 +274,20 @@ def render(rows: list[dict]) -> str:
            f"{platform.python_version()}, PostgreSQL 15 and SeaweedFS on 127.0.0.1, warm PREFECT_HOME. "
            "Database: the sample app's tables, `document` filled with text.", "",
            "| database | (a) `pg_dump -Fc > /dev/null` | (b) hand copy `pg_dump -Fc -Z0 \\| pg_restore` "
-           "| (c) dry run to plan | (c)/(b) | (c)/(a) | (c') with a temporary API | (c')/(b) |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| (c) dry run to plan | (c)/(b) | (s) app connected: streamed copy | (s)/(b) "
+           "| (c') with a temporary API | (c')/(b) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['size_mb']:.0f} MB | {r['a']:.1f} s | {r['b']:.1f} s | {r['c']:.1f} s | "
-                   f"{r['c'] / r['b']:.2f}x | {r['c'] / r['a']:.2f}x | {r['t']:.1f} s | {r['t'] / r['b']:.2f}x |")
+                   f"{r['c'] / r['b']:.2f}x | {r['s']:.1f} s | {r['s'] / r['b']:.2f}x | "
+                   f"{r['t']:.1f} s | {r['t'] / r['b']:.2f}x |")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         gb = (last["size_mb"] - first["size_mb"]) / 1024
         out += ["", "Growth, seconds per GB between the smallest and the largest database: "
                 f"(a) {(last['a'] - first['a']) / gb:.1f}, (b) {(last['b'] - first['b']) / gb:.1f}, "
-                f"(c) {(last['c'] - first['c']) / gb:.1f}, (c') {(last['t'] - first['t']) / gb:.1f}."]
+                f"(c) {(last['c'] - first['c']) / gb:.1f}, (s) {(last['s'] - first['s']) / gb:.1f}, "
+                f"(c') {(last['t'] - first['t']) / gb:.1f}."]
     out += ["", "`dbmigrate backup` as a command (a new process, as a user types it) against (a), "
             "on the same databases:", "",
             "| database | (d) `dbmigrate backup` | (d)/(a) | stored | pg_dump -Fc's size | stored / pg_dump's |",
@@ -282,7 +298,8 @@ def render(rows: list[dict]) -> str:
                    f"{r['backup_bytes'] / r['dump_bytes']:.2f}x |")
     out += ["", "Stages of the dry run: seconds, from the run's own log lines (a stage ends when its task "
             "finishes; the head start's backup and copy run during Prefect's start-up)."]
-    for title, stages in (("(c) after `make run`", "stages"), ("(c') with a temporary API", "temporary_stages")):
+    for title, stages in (("(c) after `make run`", "stages"), ("(s) the app connected", "streamed_stages"),
+                          ("(c') with a temporary API", "temporary_stages")):
         out += ["", f"{title}, the stages:", "",
                 "| stage | " + " | ".join(f"{r['size_mb']:.0f} MB" for r in rows) + " |",
                 "|---|" + "---:|" * len(rows)]

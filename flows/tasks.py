@@ -20,7 +20,6 @@ from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
 from dbcore.connection import Target, server_version
 from dbcore.deploy import recovery, rehearsal
-from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
@@ -156,8 +155,3 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
 def post_checks(target: Target, models) -> checks.CheckReport:
     """Return the drift and invalid-index checks of the live database."""
     return checks.run_post_checks(target, models)
-
-
-def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None) -> DeployPlan:
-    """Return the deploy plan (not a task: it only gathers data)."""
-    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report)

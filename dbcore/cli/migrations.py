@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
+from dbcore.backup.dump import BackupInfo
 from dbcore.cli.context import Context
 from dbcore.connection import Env, connect
 from dbcore.deploy.plan import DeployPlan
+from dbcore.deploy.policy import apply_guarded
 from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
@@ -114,6 +117,11 @@ def cmd_plan(ctx: Context) -> int:
     return 0 if deploy.lint.ok else 1
 
 
+def _backed_up(info: BackupInfo) -> None:
+    print(f"backup before the apply: {info.key} ({info.size} bytes, sha256 {info.sha256[:16]}...)",
+          file=sys.stderr, flush=True)
+
+
 def _execute(ctx: Context, plan: Plan, execute) -> int:
     """Show the plan, run it with progress on stderr, print what happened."""
     if ctx.args.dry_run:
@@ -129,8 +137,13 @@ def _execute(ctx: Context, plan: Plan, execute) -> int:
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock."""
-    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target), apply_plan)
+    """Apply pending migrations in one transaction under the migration lock.
+
+    On production or proxy the live-target policy holds: --actor names who approves the printed
+    plan, and a backup is taken right before the apply (a dry run changes nothing and needs neither).
+    """
+    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target),
+                    partial(apply_guarded, backed_up=_backed_up))
 
 
 def cmd_rollback(ctx: Context) -> int:
@@ -179,6 +192,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                             "(it takes the same table locks: local only unless --on-live)")
         p.add_argument("--on-live", action="store_true",
                        help="allow --dry-run outside local")
-        p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+        p.add_argument("--actor", help="who to record in migration_audit (default: OS user); "
+                                       "apply on production or proxy needs it: the approver")
         p.add_argument("--run-id", help="an id to record in migration_audit (a CI job, a ticket)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -31,13 +31,15 @@ from pydantic import ValidationError
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
 from dbcore.deploy import policy
-from dbcore.deploy.plan import DeployPlan
+from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
-from flows import tasks
+from flows import notifications, tasks
 from flows.approval import ask_approval
+from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
 
 EnvName = Literal["local", "proxy", "production"]
@@ -60,6 +62,7 @@ class _Approved:
     backup_key: Optional[str]
     actor: Optional[str]
     schema_before: str
+    approval: ApprovalRecord  # who approved (if anyone), why, and the fingerprint of the plan
 
 
 def _run_name() -> str:
@@ -142,25 +145,37 @@ def _prepare(target: Target, settings: Settings, run_id: str, *, backup: bool, d
     if dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
+    fingerprint = deploy.fingerprint
+    approval = ApprovalRecord(None, None, fingerprint)
     actor = settings.actor or None
     if approval_needed:
         with _stage("approval", secret):
-            decision = ask_approval(deploy.to_markdown(), timeout, consequence="nothing changed")
+            decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(),
+                                    fingerprint=fingerprint, timeout=timeout,
+                                    consequence="nothing changed")
         if not decision.approved:
             raise _RunEnds(Failed(message=f"{decision.refusal}, nothing changed"))
         actor = decision.approver
+        approval = ApprovalRecord(decision.approver, decision.comment, fingerprint)
         with _stage("connection check after the approval", secret):
             tasks.check_connection(target)  # an hour may have passed; the tunnel too
+    with _stage("plan check before the apply", secret):
+        again, _ = tasks.make_plan(target, settings, allow_destructive)
+    backup_key = backup_info.key if backup_info else None
+    if plan_fingerprint(again, backup_key) != fingerprint:
+        raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
+                                      f"{plan_changes(plan, again)}; run again and approve the new plan"))
     with _stage("snapshot", secret):
         before = tasks.snapshot(target)
-    return _Approved(plan, models, backup_info.key if backup_info else None, actor, before)
+    return _Approved(plan, models, backup_key, actor, before, approval)
 
 
 def _apply_and_check(approved: _Approved, target: Target, settings: Settings, run_id: str
                      ) -> tuple[list, Optional[str]]:
     """Apply the approved plan and post-check it; return (what was committed, the problem or None)."""
     try:
-        report = tasks.apply(approved.plan, target, settings, approved.actor, run_id)
+        report = tasks.apply(approved.plan, target, settings, approved.actor, run_id,
+                             approved.approval)
     except MigrationFailed as exc:
         if not exc.committed and not isinstance(exc, NonAtomicFailed):
             raise _RunEnds(_failed_at("apply", exc)) from exc  # the batch was rolled back
@@ -206,7 +221,9 @@ def _change(approved: _Approved, target: Target, settings: Settings, run_id: str
     return Failed(message=f"failed after apply at {problem}; rolled back by {how}")
 
 
-@flow(name="migrate", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
+@flow(name="migrate", flow_run_name=_run_name, log_prints=False, validate_parameters=True,
+      on_completion=[notifications.run_ended], on_failure=[notifications.run_ended],
+      on_crashed=[notifications.run_ended], on_cancellation=[notifications.run_ended])
 def migrate(
     env: Optional[EnvName] = None,
     dry_run: bool = False,
@@ -223,14 +240,16 @@ def migrate(
         with _stage("configuration"):
             settings, target, approval_needed = _configure(env, migrations_dir, backup,
                                                            require_approval)
-        with contextlib.ExitStack() as tunnel:
+        with contextlib.ExitStack() as held:
+            with _stage("waiting for another deploy"):
+                held.enter_context(one_deploy_at_a_time(target, approval_timeout_seconds + 3600))
             with _stage("tunnel"):
-                target = _through_tunnel(tunnel, settings, target)
-            # Up to here and through _prepare, any end is "nothing changed".
-            approved = _prepare(target, settings, run_id, backup=backup, dry_run=dry_run,
-                                approval_needed=approval_needed,
-                                allow_destructive=allow_destructive,
-                                timeout=approval_timeout_seconds)
+                target = _through_tunnel(held, settings, target)
+            with _stage("plan", target.password):  # up to the apply, any end is "nothing changed"
+                approved = _prepare(target, settings, run_id, backup=backup, dry_run=dry_run,
+                                    approval_needed=approval_needed,
+                                    allow_destructive=allow_destructive,
+                                    timeout=approval_timeout_seconds)
             return _change(approved, target, settings, run_id, approval_needed,
                            approval_timeout_seconds)
     except _RunEnds as ended:

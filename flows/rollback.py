@@ -52,7 +52,9 @@ def _restore_approved(target: Target, backup_key: str, timeout: int) -> None:
         f"# Restore the backup?\n\nThe rollback functions did not bring `{target.dbname}` back. "
         f"Approving replaces the database with backup `{backup_key}`. **Writes made since that "
         "backup was taken will then exist only in the old database**, which is kept under another "
-        "name.", timeout, consequence=left)
+        "name.", headline=f"restore backup {backup_key} over {target.dbname}",
+        fingerprint=hashlib.sha256(backup_key.encode()).hexdigest()[:16], timeout=timeout,
+        consequence=left)
     if not decision.approved:
         raise RollbackFailed(f"the restore of {backup_key} was not approved: {decision.refusal}: {left}")
 

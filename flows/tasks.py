@@ -25,6 +25,7 @@ from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.settings import Settings
 
 
@@ -138,8 +139,8 @@ def snapshot(target: Target) -> str:
 
 @task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30],
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
-def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str
-          ) -> planning.RunReport:
+def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str,
+          approval: ApprovalRecord) -> planning.RunReport:
     """Apply the plan in one transaction under the migration lock (retried only on lock timeouts)."""
     logger = get_run_logger()
 
@@ -148,7 +149,8 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
-    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
+    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress,
+                             approval=approval)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

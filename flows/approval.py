@@ -56,7 +56,7 @@ def approval_form(description: str, fingerprint: str) -> type[Approval]:
     form = create_model("Approval", __base__=Approval, fingerprint=(str, Field(
         default=fingerprint, pattern=f"^{fingerprint}$",
         description="The plan's fingerprint, as shown above: leave it")))
-    return form.with_initial_data(description=description, approve=False, fingerprint=fingerprint)
+    return form.with_initial_data(description=description, approve=False)
 
 
 def pause_key(fingerprint: str) -> str:

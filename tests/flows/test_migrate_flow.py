@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-import threading
-import time
 
 import pytest
+from flowruns import applied, artifacts, run_in_background, wait_for_pause
 from helpers import query, schema_dump
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
 from dbcore.backup.dump import list_backups
@@ -20,23 +16,6 @@ from dbcore.deploy.recovery import schema_snapshot
 from dbcore.migrate.runner import apply_pending
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
-
-APPLIED = "SELECT name FROM migratehistory ORDER BY id"
-
-
-def applied(url: str) -> list[str]:
-    if query(url, "SELECT to_regclass('migratehistory')") == [(None,)]:
-        return []
-    return [r[0] for r in query(url, APPLIED)]
-
-
-def artifacts(flow_run_id) -> dict[str, str]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {a.key: a.data for a in found if a.key}
 
 
 def test_local_run_backs_up_rehearses_and_applies(flow_env, db_url):
@@ -150,28 +129,9 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     query(db_url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{kept[0][0]}"')
 
 
-def _wait_for_pause(timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-            if runs:
-                return runs[0]
-            time.sleep(0.5)
-    raise AssertionError("the run never paused for approval")
-
-
-def _run_in_background(**params):
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
-    thread.start()
-    return thread, result
-
-
 def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause()
     assert applied(db_url) == []  # nothing before the approval
     assert "migration-plan" in artifacts(paused.id)
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
@@ -184,8 +144,8 @@ def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
 
 def test_a_rejected_run_changes_nothing(flow_env, db_url):
     before = schema_dump(db_url)
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause()
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
                                           "comment": "not on a Friday"})
     thread.join(120)
@@ -255,8 +215,8 @@ def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_
 
 
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause()
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause()
     with pytest.raises(RuntimeError, match="Cannot resume this run"):
         resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []

@@ -38,17 +38,16 @@ def one_deploy_at_a_time(target: Target, wait_seconds: float):
             client.upsert_global_concurrency_limit_by_name(name, 1)
         except ObjectAlreadyExists:  # another run created it a moment ago
             pass
+        busy = client.read_global_concurrency_limit_by_name(name).active_slots >= 1
+    if busy:  # said once, as a warning: the run shows no progress until the other one ends
+        get_run_logger().warning("another deploy of %s is running or waiting for approval: this run "
+                                 "waits for it (up to %ss)", target.dbname, int(wait_seconds))
     holder = ConcurrencyLeaseHolder(type="flow_run", id=get_run_context().flow_run.id)
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(concurrency(name, timeout_seconds=1, strict=True, holder=holder))
+            held.enter_context(concurrency(name, timeout_seconds=wait_seconds, strict=True,
+                                           holder=holder))
         except TimeoutError:
-            get_run_logger().info("another deploy of %s is running or waiting for approval: this "
-                                  "run waits for it (up to %ss)", target.dbname, int(wait_seconds))
-            try:
-                held.enter_context(concurrency(name, timeout_seconds=wait_seconds, strict=True,
-                                               holder=holder))
-            except TimeoutError:
-                raise DeployBusy(f"another deploy of {target.dbname} held the deploy slot for more "
-                                 f"than {int(wait_seconds)}s: answer or cancel it, then run again") from None
+            raise DeployBusy(f"another deploy of {target.dbname} held the deploy slot for more "
+                             f"than {int(wait_seconds)}s: answer or cancel it, then run again") from None
         yield

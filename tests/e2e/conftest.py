@@ -44,12 +44,15 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
     """A real `prefect server start` on 127.0.0.1 (own PREFECT_HOME) for the whole session."""
     root = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    server_env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "false",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    api_url = f"http://127.0.0.1:{port}/api"
+    # with its UI (tests/e2e/test_ui.py), which must be told where the API is; a run queued
+    # behind the deployment's concurrency limit is retried after a second, not thirty
+    server_env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "true",
+                  "PREFECT_UI_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                  "DO_NOT_TRACK": "1", "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
     server_env.pop("PREFECT_API_URL", None)
     server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
                                         "127.0.0.1", "--port", str(port)], server_env, root)
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:

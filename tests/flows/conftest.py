@@ -24,13 +24,3 @@ def flow_env(monkeypatch, db_url, s3_settings, migrations_dir, prefect_api):
     monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "5")
     return s3_settings.model_copy(update={"migrations_dir": migrations_dir})
 
-
-@pytest.fixture
-def receiver(monkeypatch):
-    """A local HTTP receiver set as MIGRATE_NOTIFY_URL."""
-    from receiver import Receiver
-
-    server = Receiver()
-    monkeypatch.setenv("MIGRATE_NOTIFY_URL", server.url)
-    yield server
-    server.close()

@@ -90,13 +90,12 @@ class DeployPlan:
         return f"{n} migration(s) to apply to {self.plan.database} ({self.env})"
 
     def summary(self) -> str:
-        """The first line an approver reads, in markdown: what, where, the fingerprint, the verdict."""
+        """The first line an approver reads, in markdown: how many, which database, the verdict, the fingerprint."""
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
-        backup = f"backup `{self.backup.key}`" if self.backup else "**no backup**"
-        # code spans: the UI's markdown would turn a bare URL into a link
-        return (f"**{n} migration(s) to `{self.plan.database}` ({self.env})**; {verdict}; {backup}; "
+        dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
+        return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
     def to_dict(self) -> dict:
@@ -109,8 +108,10 @@ class DeployPlan:
 
     def to_markdown(self) -> str:
         """Return the plan as a markdown document (the approval artifact)."""
-        out = [self.summary(), "", f"# Migration plan: {len(self.plan.migrations)} migration(s) to "
-               f"apply to `{self.plan.database}` ({self.env})", ""]
+        # code spans, not bare text: the UI's markdown would turn a URL into a link
+        backup = f"`{self.backup.key}`" if self.backup else "**none**"
+        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", "",
+               "### Migrations", ""]
         rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
         out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
         for number, (atomic, group) in enumerate(self.plan.phases, 1):

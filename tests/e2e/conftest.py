@@ -25,6 +25,8 @@ from dbcore.ports import free_port
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 90.0
+CHROMIUM = "/usr/bin/chromium"  # scripts/ensure-system-packages installs it
+UI_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,13 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def production_env(prefect_server, db_url, s3_settings) -> dict[str, str]:
-    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect."""
+def production_env(prefect_server, db_url, s3_settings, migrations_dir, receiver) -> dict[str, str]:
+    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect;
+    the migrations are a copy a test may change, and notifications go to a local receiver."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
-            "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
+            "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
+            "MIGRATE_MIGRATIONS_DIR": str(migrations_dir), "MIGRATE_NOTIFY_URL": receiver.url}
 
 
 @pytest.fixture
@@ -120,3 +124,29 @@ def worker(start_service, production_env, prefect_server) -> Service:
                             production_env)
     service.wait_for_output("started!")
     return service
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's /usr/bin/chromium, no browser download) driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: Chromium refuses its sandbox as root (CI runs as root)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    """A fresh browser page, patient with a loaded machine; screenshots go to tmp_path."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    yield page
+    page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+    context.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from helpers import query
 from test_production_deployment import ALL, approve_cli, history, resume, start_run, wait_for
 
@@ -30,13 +29,6 @@ def migrate(migrator, database, *, fake=False):
 def rollback(migrator, database, *, fake=False):
     migrator.sql("COMMENT ON TABLE project IS NULL")
 '''
-
-
-@pytest.fixture
-def production_env(production_env, migrations_dir, receiver):
-    """The Fly machine's environment, with migrations a test may change and a notification receiver."""
-    return {**production_env, "MIGRATE_MIGRATIONS_DIR": str(migrations_dir),
-            "MIGRATE_NOTIFY_URL": receiver.url}
 
 
 def newest_plan(api, run_id: str) -> dict:

@@ -114,9 +114,12 @@ def _through_tunnel(stack: contextlib.ExitStack, settings: Settings, target: Tar
     return stack.enter_context(tasks.open_tunnel(settings)).target_for(target)
 
 
-def _prepare(target: Target, settings: Settings, run_id: str, *, backup: bool, dry_run: bool,
-             approval_needed: bool, allow_destructive: bool, timeout: int) -> _Approved:
-    """Check, plan, back up, rehearse, publish the plan, ask; return it approved or raise _RunEnds."""
+def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: bool,
+                    dry_run: bool, allow_destructive: bool) -> tuple[DeployPlan, list]:
+    """Check, plan and lint, back up, rehearse, publish the plan; return it and the models.
+
+    Raises _RunEnds where the run ends before any approval: up to date, lint, rehearsal, dry run.
+    """
     secret = target.password
     with _stage("connection check", secret):
         tasks.check_connection(target)
@@ -145,7 +148,16 @@ def _prepare(target: Target, settings: Settings, run_id: str, *, backup: bool, d
     if dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
-    fingerprint = deploy.fingerprint
+    return deploy, models
+
+
+def _approve(deploy: DeployPlan, models: list, target: Target, settings: Settings, *,
+             approval_needed: bool, allow_destructive: bool, timeout: int) -> _Approved:
+    """Ask for the approval (where needed), make the plan again, snapshot the schema; return what may be applied.
+
+    Raises _RunEnds on a refusal, or when the plan made again is not the one approved.
+    """
+    secret, plan, fingerprint = target.password, deploy.plan, deploy.fingerprint
     approval = ApprovalRecord(None, None, fingerprint)
     actor = settings.actor or None
     if approval_needed:
@@ -161,7 +173,7 @@ def _prepare(target: Target, settings: Settings, run_id: str, *, backup: bool, d
             tasks.check_connection(target)  # an hour may have passed; the tunnel too
     with _stage("plan check before the apply", secret):
         again, _ = tasks.make_plan(target, settings, allow_destructive)
-    backup_key = backup_info.key if backup_info else None
+    backup_key = deploy.backup.key if deploy.backup else None
     if plan_fingerprint(again, backup_key) != fingerprint:
         raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
                                       f"{plan_changes(plan, again)}; run again and approve the new plan"))
@@ -246,10 +258,12 @@ def migrate(
             with _stage("tunnel"):
                 target = _through_tunnel(held, settings, target)
             with _stage("plan", target.password):  # up to the apply, any end is "nothing changed"
-                approved = _prepare(target, settings, run_id, backup=backup, dry_run=dry_run,
-                                    approval_needed=approval_needed,
+                deploy, models = _rehearsed_plan(target, settings, run_id, backup=backup,
+                                                 dry_run=dry_run, allow_destructive=allow_destructive)
+                approved = _approve(deploy, models, target, settings, approval_needed=approval_needed,
                                     allow_destructive=allow_destructive,
                                     timeout=approval_timeout_seconds)
+            # from here on the database may change
             return _change(approved, target, settings, run_id, approval_needed,
                            approval_timeout_seconds)
     except _RunEnds as ended:

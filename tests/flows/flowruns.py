@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timezone
 
 from helpers import query
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import StateType
 
 from flows.migrate import migrate
@@ -32,13 +38,17 @@ def artifacts(flow_run_id) -> dict[str, str]:
     return {a.key: a.data for a in found if a.key}
 
 
-def wait_for_pause(timeout: float = 60):
-    """Return the first paused flow run; fail after ``timeout`` seconds."""
+def wait_for_pause(started: dict, timeout: float = 60):
+    """Return the paused run that ``run_in_background`` started; fail after ``timeout`` seconds.
+
+    Runs that an earlier test left paused are not it: only one started since ``started["at"]``.
+    """
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+                start_time=FlowRunFilterStartTime(after_=started["at"])))
             if runs:
                 return runs[0]
             time.sleep(0.5)
@@ -46,8 +56,9 @@ def wait_for_pause(timeout: float = 60):
 
 
 def run_in_background(**params):
-    """Start ``migrate(**params)`` in a thread; return the thread and a dict that gets its "state"."""
-    result = {}
+    """Start ``migrate(**params)`` in a thread; return the thread and a dict that gets its "state"
+    (and has when it started, "at")."""
+    result = {"at": datetime.now(timezone.utc)}
     thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
     thread.start()
     return thread, result

@@ -131,7 +131,7 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
 
 def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause()
+    paused = wait_for_pause(result)
     assert applied(db_url) == []  # nothing before the approval
     assert "migration-plan" in artifacts(paused.id)
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
@@ -145,7 +145,7 @@ def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
 def test_a_rejected_run_changes_nothing(flow_env, db_url):
     before = schema_dump(db_url)
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause()
+    paused = wait_for_pause(result)
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
                                           "comment": "not on a Friday"})
     thread.join(120)
@@ -216,7 +216,7 @@ def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_
 
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause()
+    paused = wait_for_pause(result)
     with pytest.raises(RuntimeError, match="Cannot resume this run"):
         resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []

@@ -24,10 +24,10 @@ def form_description(paused) -> str:
 
 def test_an_approval_covers_one_plan_and_is_recorded(flow_env, db_url, receiver):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause()
+    paused = wait_for_pause(result)
     form = form_description(paused)
     first = form.splitlines()[0]
-    assert first.startswith("**4 migration(s) to `postgres://") and "rehearsed on a copy: passed" in first
+    assert first.startswith("**Apply 4 migration(s) to `t_") and "rehearsed on a copy: passed" in first
     fingerprint = first.rsplit("plan fingerprint `", 1)[1].rstrip("`")
     assert len(fingerprint) == 16
     told = receiver.wait_for("waits for approval")
@@ -50,7 +50,7 @@ def test_an_approval_covers_one_plan_and_is_recorded(flow_env, db_url, receiver)
 def test_a_plan_changed_after_the_approval_is_not_applied(flow_env, db_url, migrations_dir, receiver):
     before = schema_dump(db_url)
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause()
+    paused = wait_for_pause(result)
     path = migrations_dir / "004_fix_sourcedir_language.py"
     path.write_text(path.read_text() + "\n# edited after the approval was asked for\n")
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada"})

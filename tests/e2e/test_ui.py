@@ -62,7 +62,7 @@ def test_retry_in_the_browser_asks_for_the_approval_again(served, prefect_server
         wait_for(api, run_id, {"PAUSED"}, served.output())
         open_run(page, prefect_server, run_id)
         page.get_by_role("button", name="Resume").wait_for()
-        page.get_by_text("Pausing flow").first.wait_for()  # the page has loaded its logs
+        page.get_by_text("Paused", exact=True).first.wait_for()  # the state badge: loaded
         page.screenshot(path=str(tmp_path / "2-paused-again.png"), full_page=True)
         assert history(db_url) == []  # the answer given to the first attempt was not reused
         assert resume(api, run_id, {"approve": False, "approver": "Ada"})["status"] == "ACCEPT"

@@ -48,16 +48,25 @@ def embedded_database_url(settings: Settings) -> str | None:
     return read_record(settings).get("database_url") or None
 
 
+def local_prefect_api(settings: Settings) -> str | None:
+    """Return the URL of the local Prefect API `make run` started, if it is recorded and accepts connections."""
+    url = read_record(settings).get("prefect_api_url")
+    return url if url and _accepts(url) else None
+
+
+def _accepts(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def embedded_s3(settings: Settings) -> EmbeddedS3 | None:
     """Return the embedded S3 server if `make run` recorded one and it accepts connections, else None."""
     record = read_record(settings)
     endpoint, key, secret = (record.get(k) for k in ("s3_endpoint_url", "s3_access_key", "s3_secret_key"))
-    if not (endpoint and key and secret):
-        return None
-    parts = urlsplit(endpoint)
-    try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=2):
-            pass
-    except OSError:
+    if not (endpoint and key and secret and _accepts(endpoint)):
         return None
     return EmbeddedS3(endpoint, record.get("s3_bucket") or LOCAL_BUCKET, key, secret)

@@ -9,6 +9,11 @@ class DbcoreError(Exception):
     #: safe to run the same operation again as it is (nothing was changed)
     retryable = False
 
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
 
 class ConfigError(DbcoreError):
     """The configuration or the command line is wrong (missing variable, contradicting --env, bad path)."""
@@ -31,9 +36,12 @@ class MigrationFileError(DbcoreError):
 class MigrationFailed(DbcoreError):
     """A migration raised while running; its batch was rolled back."""
 
-    #: migrations committed before the failing one (only when an ``atomic = False`` one split
-    #: the plan into several transactions); empty means the database is exactly as before
-    committed: tuple[str, ...] = ()
+    def __init__(self, message: str, *, committed: tuple[str, ...] | list[str] = (),
+                 retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        #: migrations committed before the failing one (only when an ``atomic = False`` one split
+        #: the plan into several transactions); empty means the database is exactly as before
+        self.committed: tuple[str, ...] = tuple(committed)
 
 
 class TransactionBroken(MigrationFailed):

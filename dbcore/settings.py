@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     advisory_lock_wait: float = 30.0
     #: key of the session advisory lock that serialises every apply/rollback on a database
     advisory_lock_key: int = 7_262_020_510
-    #: the application's models, as module:LIST, for the drift check after every apply
-    models: str = "dbcore.models:MODELS"
+    #: the application's models, as module:LIST, for the drift check after every apply; empty:
+    #: no models, the schema is not compared (the sample app sets dbcore.models:MODELS)
+    models: str = ""
     #: who is recorded in migration_audit; empty means the OS user
     actor: str = ""
 

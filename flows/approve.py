@@ -4,7 +4,8 @@
     python flows/approve.py RUN_ID --approve --approver NAME [--comment TEXT] [--fingerprint FP]
     python flows/approve.py RUN_ID --reject --approver NAME [--comment TEXT]
 
-Talks to the server in PREFECT_API_URL (the one the run is paused on). ``--fingerprint`` is the
+Talks to the server in PREFECT_API_URL (the one the run is paused on), else to the local one
+`make run` started. ``--fingerprint`` is the
 plan fingerprint you read (in the plan, the form, ``--list`` and the notification): if the run
 now waits for another plan, the approval is refused. Exit codes: 0 the answer was accepted (or
 the list was printed); 1 it was not (the run is not paused or not found, its plan changed, the
@@ -21,8 +22,12 @@ from uuid import UUID
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # without PREFECT_API_URL: the local Prefect API of `make run`, if it is up
+    from flows.local_api import use_local_api
 
-import httpx
+    use_local_api()
+
+import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,

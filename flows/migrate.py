@@ -21,6 +21,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # dbcore's own log lines (backup, apply) shown in the run's logs; read when Prefect is imported
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dbcore")
+if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run`, if it is up
+    from flows.local_api import use_local_api
+
+    use_local_api()
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -30,8 +34,9 @@ from pydantic import ValidationError
 
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
-from dbcore.deploy import policy
+from dbcore.deploy import head_start, policy
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
+from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
@@ -62,6 +67,7 @@ class _Approved:
     backup_key: Optional[str]
     actor: Optional[str]
     schema_before: str
+    drift_before: object  # the live database's drift before the apply, judged against after it
     approval: ApprovalRecord  # who approved (if anyone), why, and the fingerprint of the plan
 
 
@@ -135,10 +141,12 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
     backup_info = rehearsal = None
     if backup:
         with _stage("backup", secret):
-            backup_info = tasks.take_backup(target, settings)
+            # the rehearsal's copy is restored from the backup's own stream as it uploads
+            backup_info, copied = tasks.take_backup(target, settings, plan,
+                                                    copy_into=scratch_target(target, settings, run_id))
         with _stage("rehearsal", secret):
             rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                       allow_destructive)
+                                       allow_destructive, restored=copied)
     deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
@@ -179,7 +187,8 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
                                       f"{plan_changes(plan, again)}; run again and approve the new plan"))
     with _stage("snapshot", secret):
         before = tasks.snapshot(target)
-    return _Approved(plan, models, backup_key, actor, before, approval)
+        drift = tasks.drift_before(target, models)
+    return _Approved(plan, models, backup_key, actor, before, drift, approval)
 
 
 def _apply_and_check(approved: _Approved, target: Target, settings: Settings, run_id: str
@@ -197,7 +206,7 @@ def _apply_and_check(approved: _Approved, target: Target, settings: Settings, ru
     if not report.names:  # another run applied them while this one waited
         raise _RunEnds(Completed(message=report.note or "up to date"))
     try:
-        checked = tasks.post_checks(target, approved.models)
+        checked = tasks.post_checks(target, approved.models, approved.drift_before)
     except DbcoreError as exc:
         return report.names, f"post-checks: {exc}"
     if not checked.ok:
@@ -270,6 +279,28 @@ def migrate(
         return ended.state
 
 
+def _head_start(args: argparse.Namespace):
+    """Begin the backup and the rehearsal's copy while Prefect starts its API (None where it cannot).
+
+    Prefect's temporary API takes seconds to start; the backup need not wait for it. Only where
+    no tunnel is needed; the flow's backup task takes it over for the same plan, else it is
+    dropped (dbcore/deploy/head_start.py).
+    """
+    if not args.backup:
+        return None
+    try:
+        overrides = {"migrations_dir": Path(args.migrations_dir)} if args.migrations_dir else {}
+        settings = Settings(**overrides)
+        target = resolve_target(settings, args.env)
+    except (ValidationError, DbcoreError):
+        return None  # the flow says what is wrong, in its own words
+    if target.env is Env.PROXY:
+        return None
+    head = head_start.begin(target, settings, allow_destructive=args.allow_destructive)
+    tasks.HEAD_STARTS.append(head)
+    return head
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the flow from a terminal: print one line of what happened; exit 0 on success."""
     parser = argparse.ArgumentParser(prog="python flows/migrate.py", description=__doc__.splitlines()[0])
@@ -286,9 +317,14 @@ def main(argv: Optional[list] = None) -> int:
                         help="allow migrations that drop tables")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
-    state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
-                    backup=args.backup, allow_destructive=args.allow_destructive,
-                    migrations_dir=args.migrations_dir, return_state=True)
+    head = _head_start(args)
+    try:
+        state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
+                        backup=args.backup, allow_destructive=args.allow_destructive,
+                        migrations_dir=args.migrations_dir, return_state=True)
+    finally:
+        if head is not None:
+            head.discard()
     print(f"migrate: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

@@ -30,7 +30,7 @@ _HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
     """Run the rollback() of ``names`` (newest first) in one transaction; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
-    return runner.rollback_plan(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
+    return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
 
 
 @task(name="verify-schema", cache_policy=NO_CACHE)

@@ -19,7 +19,7 @@ from prefect.logging.handlers import APILogHandler
 from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
 from dbcore.connection import Target, server_version
-from dbcore.deploy import recovery, rehearsal
+from dbcore.deploy import head_start, recovery, rehearsal
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
@@ -27,6 +27,10 @@ from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.settings import Settings
+
+#: backups begun in this process before the flow started (flows/migrate.py main()); a task
+#: takes one over only for the very plan it was begun for (dbcore/deploy/head_start.py)
+HEAD_STARTS: list[head_start.HeadStart] = []
 
 
 def _retry_if_retryable(task, task_run, state) -> bool:
@@ -108,26 +112,52 @@ class _ProgressArtifact:
 
 @task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
       cache_policy=NO_CACHE)
-def take_backup(target: Target, settings: Settings) -> backup.BackupInfo:
-    """Back the database up to S3 and return what was stored (a progress artifact meanwhile)."""
-    meter = _ProgressArtifact("backup-progress", backup.database_size(target),
-                              f"backup of {target.dbname}")
-    info = backup.backup_to_s3(target, settings, progress=meter)
+def take_backup(target: Target, settings: Settings, plan: planning.Plan, copy_into: Target | None = None
+                ) -> tuple[backup.BackupInfo, tuple[Target, float] | None]:
+    """Back the database up to S3 (and, given ``copy_into``, restore the same stream there meanwhile).
+
+    Returns what was stored and the copy with the seconds it took (None without one), progress
+    artifacts for both meanwhile. A head start of this very plan (``python flows/migrate.py``
+    begins it while Prefect starts) is taken over instead of starting again.
+    """
+    size = backup.database_size(target)
+    meter = _ProgressArtifact("backup-progress", size, f"backup of {target.dbname}")
+    # the compressed size is unknown until the end: a third of the database bounds it well
+    restoring = None if copy_into is None else _ProgressArtifact(
+        "rehearsal-restore-progress", size // 3, "restore of the backup stream into the rehearsal's copy")
+    head = next((h for h in HEAD_STARTS if copy_into is not None and h.claim(plan, target)), None)
+    if head is not None:
+        get_run_logger().info("taking over the backup and copy begun while Prefect started")
+        while not head.wait(timeout=1.0):
+            meter(head.dumped)
+            restoring(head.restored)
+        info, scratch, seconds = head.outcome()
+        copied = (scratch, seconds)
+    elif copy_into is None:
+        info, copied = backup.backup_to_s3(target, settings, progress=meter), None
+    else:
+        info, seconds = rehearsal.backup_into_copy(target, copy_into, settings, progress=meter,
+                                                   restore_progress=restoring)
+        copied = (copy_into, seconds)
     meter.finish()
+    if restoring:
+        restoring.finish()
     get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
-    return info
+    return info, copied
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
-             models, run_id: str, allow_destructive: bool) -> rehearsal.RehearsalReport:
-    """Restore the backup into a scratch database, apply the plan there, check it, drop it."""
-    meter = _ProgressArtifact("rehearsal-restore-progress", backup_info.size,
-                              f"restore of {backup_info.key} into a scratch copy")
+             models, run_id: str, allow_destructive: bool,
+             restored: tuple[Target, float] | None = None) -> rehearsal.RehearsalReport:
+    """Apply the plan on a copy (``restored``, else the backup restored now), check it, drop it."""
+    meter = None if restored else _ProgressArtifact(
+        "rehearsal-restore-progress", backup_info.size, f"restore of {backup_info.key} into a scratch copy")
     report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, models=models,
                                         run_id=run_id, allow_destructive=allow_destructive,
-                                        restore_progress=meter)
-    meter.finish()
+                                        restore_progress=meter, restored=restored)
+    if meter:
+        meter.finish()
     return report
 
 
@@ -149,11 +179,17 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
-    return runner.apply_plan(plan, target, settings, actor=actor, run_id=run_id, progress=progress,
-                             approval=approval)
+    return runner.execute(plan, target, settings, actor=actor, run_id=run_id, progress=progress,
+                          approval=approval)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
-def post_checks(target: Target, models) -> checks.CheckReport:
-    """Return the drift and invalid-index checks of the live database."""
-    return checks.run_post_checks(target, models)
+def post_checks(target: Target, models, before=None) -> checks.CheckReport:
+    """Return the drift and invalid-index checks of the live database (judged against ``before``)."""
+    return checks.run_post_checks(target, models, before=before)
+
+
+@task(name="drift-before", cache_policy=NO_CACHE)
+def drift_before(target: Target, models):
+    """Return the drift of the live database before the apply (None without models)."""
+    return checks.drift_before(target, models)

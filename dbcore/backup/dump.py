@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Protocol
 from urllib.parse import quote, unquote
 
 import psycopg2
@@ -37,13 +37,21 @@ from dbcore.backup.storage import (
     replace_metadata,
 )
 from dbcore.connection import Target, connect_raw
-from dbcore.errors import BackupFailed, ConfigError, StorageError
+from dbcore.errors import BackupCorrupt, BackupFailed, ConfigError, StorageError
 from dbcore.redact import error_line
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+
+
+class Tee(Protocol):
+    """A second consumer of a backup's compressed stream (a restore from the same bytes)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> tuple[int, str]: ...
 S3_ERRORS = (BotoCoreError, ClientError)
 CONTENT_TYPE = "application/vnd.postgresql.dump+zstd"
 READ_SIZE = 1024 * 1024
@@ -128,17 +136,20 @@ def database_size(target: Target) -> int:
 
 def _storage_failure(message: str, exc: BaseException) -> BackupFailed:
     """Return BackupFailed for an S3 error, retryable when the cause is passing (nothing was left)."""
-    error = BackupFailed(message)
-    error.retryable = is_transient(exc)
-    return error
+    return BackupFailed(message, retryable=is_transient(exc))
 
 
 def backup_to_s3(
-    target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None
+    target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None,
+    tee: Tee | None = None,
 ) -> BackupInfo:
     """Back ``target`` up to S3 and return what was stored; raise BackupFailed (nothing left behind).
 
-    ``progress`` receives the bytes read from pg_dump so far (before compression).
+    ``progress`` receives the bytes read from pg_dump so far (before compression). ``tee``
+    receives every compressed chunk right after it is handed to the upload, in order: the very
+    bytes of the stored object (a restore from the same stream, dbcore/backup/stream.py). Its
+    ``finish()`` is awaited before the upload completes and must return the size and sha256 of
+    the stored bytes: an error or a mismatch fails the backup and aborts the upload.
     """
     storage = open_storage(settings, str(env or target.env))
     conn = connect_raw(target, "dbmigrate-backup")
@@ -166,7 +177,11 @@ def backup_to_s3(
     completing = False
     try:
         upload.start()
-        size, sha256 = _dump_compressed(pg_dump, target, settings, upload.put, progress)
+        put = upload.put if tee is None else (lambda chunk: (upload.put(chunk), tee.write(chunk)))
+        size, sha256 = _dump_compressed(pg_dump, target, settings, put, progress)
+        if tee is not None and (teed := tee.finish()) != (size, sha256):
+            raise BackupCorrupt(f"{what}: the stream consumer saw {teed[0]} bytes (sha256 {teed[1]}), "
+                                f"the upload {size} bytes (sha256 {sha256}): nothing was stored")
         completing = True
         upload.complete()
     except BaseException as exc:

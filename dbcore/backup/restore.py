@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from psycopg2 import sql
 
 from dbcore.backup.dump import S3_ERRORS, BackupInfo, Progress
 from dbcore.backup.pgtools import PgTool, find_pg_tool, libpq_args, server_major, tool_error
+from dbcore.backup.pipes import BackgroundWriter
 from dbcore.backup.storage import Storage, describe_error, head, is_missing_key, open_storage, read_chunks
 from dbcore.connection import Env, Target, connect_raw
 from dbcore.errors import (
@@ -39,8 +38,6 @@ from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: downloaded chunks (of about 1 MiB) waiting for the decompression thread
-FETCH_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ def _fetch(storage: Storage, key: str, dest: Path, progress: Progress | None) ->
     digest, size = hashlib.sha256(), 0
     try:
         # one pass: hashed as it arrives, decompressed and written by a thread meanwhile
-        with open(dest, "wb") as out, _BackgroundWriter(out, decompress) as writer:
+        with open(dest, "wb") as out, BackgroundWriter(out, decompress) as writer:
             for chunk in read_chunks(storage, key):
                 digest.update(chunk)
                 size += len(chunk)
@@ -116,46 +113,6 @@ def _fetch(storage: Storage, key: str, dest: Path, progress: Progress | None) ->
             "or pick an older one"
         )
     return info
-
-
-class _BackgroundWriter:
-    """Decompress (if asked) and write chunks in a thread, so that the download goes on meanwhile.
-
-    At most FETCH_AHEAD chunks wait in memory. An error of the thread (ZstdError, OSError) is
-    raised by the next ``write`` or on leaving the ``with`` block.
-    """
-
-    def __init__(self, out, decompress: bool):
-        self._sink = (zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
-                      if decompress else out)
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=FETCH_AHEAD)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="backup-writer", daemon=True)
-
-    def __enter__(self) -> _BackgroundWriter:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while (chunk := self._queue.get()) is not None:
-                self._sink.write(chunk)
-            self._sink.flush()
-        except BaseException as exc:  # handed to the downloading thread
-            self._error = exc
-            while self._queue.get() is not None:  # never leave the producer blocked
-                pass
-
-    def write(self, chunk: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(chunk)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if exc_type is None and self._error is not None:
-            raise self._error
 
 
 def _archive_entries(pg_restore: PgTool, path: Path, key: str) -> int:
@@ -189,14 +146,16 @@ def verify_backup(key: str, settings: Settings, progress: Progress | None = None
 
 
 @dataclass(frozen=True)
-class _RestoreTarget:
+class RestoreTarget:
+    """A database about to be restored into: whether it exists, what it holds, its server's major."""
+
     exists: bool
     relations: int
     examples: list[str]
     server_major: int
 
 
-def _inspect(into: Target) -> _RestoreTarget:
+def inspect_target(into: Target) -> RestoreTarget:
     """Return whether ``into`` exists, what it holds, and its server's major version."""
     try:
         conn = connect_raw(into, "dbmigrate-restore")
@@ -205,17 +164,18 @@ def _inspect(into: Target) -> _RestoreTarget:
             raise
         admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
         try:
-            return _RestoreTarget(False, 0, [], server_major(admin))
+            return RestoreTarget(False, 0, [], server_major(admin))
         finally:
             admin.close()
     try:
         count, names = user_relations(conn)
-        return _RestoreTarget(True, count, names, server_major(conn))
+        return RestoreTarget(True, count, names, server_major(conn))
     finally:
         conn.close()
 
 
-def _create_database(into: Target) -> None:
+def create_database(into: Target) -> None:
+    """Create ``into`` on its server; raise RestoreFailed."""
     admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
     try:
         with admin.cursor() as cur:
@@ -281,7 +241,7 @@ def restore_backup(
         )
     storage = open_storage(settings, str(into.env))
     started = time.monotonic()
-    state = _inspect(into)
+    state = inspect_target(into)
     if state.relations and not force:
         raise RestoreRefused(
             f"database {into.dbname} is not empty ({state.relations} objects, e.g. "
@@ -300,7 +260,7 @@ def restore_backup(
                 f"version {_major(info.pg_dump_version)} or later")
         _archive_entries(pg_restore, path, key)
         if not state.exists:
-            _create_database(into)
+            create_database(into)
         _run_pg_restore(pg_restore, path, into, info, jobs=jobs, clean=bool(state.relations))
     log.info("restored %s into %s", key, into.masked_url)
     return RestoreReport(key=key, database=into.dbname, size=info.size, jobs=jobs,
@@ -308,14 +268,20 @@ def restore_backup(
                          seconds=round(time.monotonic() - started, 3))
 
 
-def _run_pg_restore(pg_restore: PgTool, path: Path, into: Target, info: BackupInfo, *,
-                    jobs: int, clean: bool) -> None:
+def pg_restore_command(pg_restore: PgTool, into: Target, backup_env: str) -> tuple[list[str], dict[str, str]]:
+    """Return the pg_restore command line (without its input) and environment for restoring into ``into``."""
     conninfo, env = libpq_args(into)
-    cmd = [str(pg_restore.path), "--exit-on-error", "--no-password", f"--jobs={jobs}",
-           f"--dbname={conninfo}"]
-    if info.env != str(into.env):
+    cmd = [str(pg_restore.path), "--exit-on-error", "--no-password", f"--dbname={conninfo}"]
+    if backup_env != str(into.env):
         # another environment's roles (the owners and grantees) need not exist here
         cmd += ["--no-owner", "--no-privileges"]
+    return cmd, env
+
+
+def _run_pg_restore(pg_restore: PgTool, path: Path, into: Target, info: BackupInfo, *,
+                    jobs: int, clean: bool) -> None:
+    cmd, env = pg_restore_command(pg_restore, into, info.env)
+    cmd.append(f"--jobs={jobs}")
     if clean:
         cmd += ["--clean", "--if-exists"]
     result = subprocess.run([*cmd, str(path)], capture_output=True, env=env)

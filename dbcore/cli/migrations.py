@@ -7,16 +7,14 @@ import json
 import sys
 from functools import partial
 
-from dbcore.backup.dump import BackupInfo
 from dbcore.cli.context import Context
 from dbcore.connection import Env, connect
 from dbcore.deploy.plan import DeployPlan
-from dbcore.deploy.policy import apply_guarded
 from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
-from dbcore.migrate.runner import apply_plan, rollback_plan
+from dbcore.migrate.runner import execute
 
 
 def _print_progress(event: ProgressEvent) -> None:
@@ -76,9 +74,26 @@ def cmd_status(ctx: Context) -> int:
             flag = "  FILE MISSING"
         elif r.changed:
             flag = "  CHANGED since applied"
+        elif r.applied and r.recorded_checksum is None:
+            flag = "  no checksum known yet"
         print(f"  {state:8} {when:23}  {r.name}{flag}")
+    unknown = [r.name for r in rows if r.applied and not r.file_missing and r.recorded_checksum is None]
+    if unknown:
+        print(f"{len(unknown)} applied migration(s) have no checksum known yet (applied by pw_migrate "
+              f"or before dbmigrate): an edit to them cannot be detected; `dbmigrate baseline "
+              f"{unknown[-1][:3]}` records their checksums as the files are now")
     pending = sum(not r.applied for r in rows)
     print(f"{pending} pending" if pending else "up to date")
+    return 0
+
+
+def cmd_baseline(ctx: Context) -> int:
+    """Mark every migration up to NNN as applied without running it; record their checksums."""
+    from dbcore.migrate.baseline import baseline
+
+    report = baseline(ctx.target, ctx.settings, ctx.args.upto, actor=ctx.args.actor,
+                      run_id=ctx.args.run_id)
+    print(f"{report.database}: {report.summary()}")
     return 0
 
 
@@ -111,27 +126,27 @@ def cmd_plan(ctx: Context) -> int:
     if not ctx.args.json:
         print(_render_plan(plan) if plan.empty else deploy.text())
     if ctx.args.sql and not plan.empty:
-        report = apply_plan(plan, ctx.target, ctx.settings, dry_run=True,
+        report = execute(plan, ctx.target, ctx.settings, dry_run=True,
                             progress=_print_progress)
         _emit(report, ctx.args.json, show_sql=True)
     return 0 if deploy.lint.ok else 1
 
 
-def _backed_up(info: BackupInfo) -> None:
+def _backed_up(info) -> None:
     print(f"backup before the apply: {info.key} ({info.size} bytes, sha256 {info.sha256[:16]}...)",
           file=sys.stderr, flush=True)
 
 
-def _execute(ctx: Context, plan: Plan, execute) -> int:
+def _run(ctx: Context, plan: Plan, run=execute) -> int:
     """Show the plan, run it with progress on stderr, print what happened."""
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
     quiet = ctx.args.json
     if not quiet:
         print(_render_plan(plan), file=sys.stderr)
-    report = execute(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
-                     actor=ctx.args.actor, run_id=ctx.args.run_id,
-                     progress=None if quiet else _print_progress)
+    report = run(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
+                 actor=ctx.args.actor, run_id=ctx.args.run_id,
+                 progress=None if quiet else _print_progress)
     _emit(report, quiet, show_sql=ctx.args.dry_run and not quiet)
     return 0
 
@@ -142,14 +157,15 @@ def cmd_apply(ctx: Context) -> int:
     On production or proxy the live-target policy holds: --actor names who approves the printed
     plan, and a backup is taken right before the apply (a dry run changes nothing and needs neither).
     """
-    return _execute(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target),
-                    partial(apply_guarded, backed_up=_backed_up))
+    from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
+
+    return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target),
+                partial(apply_guarded, backed_up=_backed_up))
 
 
 def cmd_rollback(ctx: Context) -> int:
     """Roll back the newest N applied migrations in one transaction."""
-    return _execute(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count),
-                    rollback_plan)
+    return _run(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count))
 
 
 def _positive(text: str) -> int:
@@ -164,6 +180,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("status", parents=[common], help="list migrations: applied, pending, changed")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("baseline", parents=[common],
+                       help="adopt a database: mark migrations up to NNN applied without running them",
+                       description="Record every migration up to NNN as applied without running "
+                                   "it (a schema made outside migrations), and the checksum of "
+                                   "each (a history pw_migrate wrote); audited in migration_audit.")
+    p.add_argument("upto", metavar="NNN", help="the last migration the database already has (name or number)")
+    p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+    p.add_argument("--run-id", help="an id to record in migration_audit")
+    p.set_defaults(handler=cmd_baseline)
 
     p = sub.add_parser("new", parents=[common], help="write the next NNN_name.py from the template")
     p.add_argument("name", nargs="+", help='what it does, e.g. "add user email"')

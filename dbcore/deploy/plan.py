@@ -131,7 +131,8 @@ class DeployPlan:
             r = self.rehearsal
             verdict = "passed" if r.ok else "**failed**"
             out += [f"### Rehearsal on a copy {verdict}", "",
-                    f"Restored the backup into `{r.scratch_database}` in {r.restore_seconds:.2f} s, "
+                    f"Restored the backup (the bytes stored, sha256 checked) into `{r.scratch_database}` "
+                    f"in {r.restore_seconds:.2f} s, "
                     f"applied in {r.apply_seconds:.2f} s, then dropped the copy.", ""]
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]

@@ -12,7 +12,7 @@ from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.connection import Env, Target
 from dbcore.errors import LivePolicyRefused
 from dbcore.migrate.plan import Plan, Progress, RunReport
-from dbcore.migrate.runner import apply_plan
+from dbcore.migrate.runner import execute
 from dbcore.settings import Settings
 
 
@@ -60,5 +60,5 @@ def apply_guarded(plan: Plan, target: Target, settings: Settings, *, actor: str 
         info = backup_to_s3(target, settings)
         if backed_up:
             backed_up(info)
-    return apply_plan(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
-                      progress=progress)
+    return execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
+                   progress=progress)

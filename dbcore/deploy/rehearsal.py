@@ -16,15 +16,17 @@ import peewee
 import psycopg2
 from psycopg2 import sql
 
+from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
 from dbcore.backup.restore import restore_backup
-from dbcore.checks.post import CheckReport, run_post_checks
+from dbcore.backup.stream import StreamRestore
+from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Target, connect_raw
-from dbcore.errors import DbcoreError, RehearsalFailed
+from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
-from dbcore.migrate.runner import apply_plan
+from dbcore.migrate.runner import execute
 from dbcore.redact import redact
 from dbcore.settings import Settings
 
@@ -73,6 +75,38 @@ def derived_name(dbname: str, suffix: str) -> str:
 def scratch_name(dbname: str, run_id: str | None = None) -> str:
     """Return a scratch database name derived from ``dbname`` (at most 63 bytes)."""
     return derived_name(dbname, f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}")
+
+
+def scratch_target(target: Target, settings: Settings, run_id: str | None = None) -> Target:
+    """Return where the rehearsal's copy of ``target`` is made: a scratch database beside it."""
+    scratch = target.with_dbname(scratch_name(target.dbname, run_id))
+    if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
+        raise RehearsalFailed("the scratch database would be the live one")
+    return scratch
+
+
+def backup_into_copy(target: Target, scratch: Target, settings: Settings, *,
+                     progress: BytesProgress | None = None,
+                     restore_progress: BytesProgress | None = None) -> tuple[BackupInfo, float]:
+    """Back ``target`` up to S3 and restore the same stream into ``scratch`` while it uploads.
+
+    Returns the stored backup and the seconds until the copy was complete. The copy is made of
+    exactly the bytes stored (sha256 and size compared before the upload completes); raises
+    BackupFailed for the backup, RehearsalFailed for the copy (then no backup is stored either,
+    and ``scratch`` is dropped).
+    """
+    started = time.monotonic()
+    try:
+        with StreamRestore(scratch, str(target.env), progress=restore_progress) as restore:
+            info = backup_to_s3(target, settings, progress=progress, tee=restore)
+    except (RestoreFailed, RestoreRefused, BackupCorrupt) as exc:
+        drop_quietly(target, scratch.dbname)
+        raise RehearsalFailed(f"the backup does not restore into a copy, the live database was "
+                              f"not touched: {exc}") from exc
+    except BaseException:
+        drop_quietly(target, scratch.dbname)
+        raise
+    return info, round(time.monotonic() - started, 3)
 
 
 def drop_database(server: Target, dbname: str) -> None:
@@ -128,39 +162,46 @@ def _existing_tables(target: Target) -> set[str]:
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
-                     restore_progress: BytesProgress | None = None) -> RehearsalReport:
-    """Restore ``backup_key`` into a scratch database beside ``target``, apply ``plan`` there, check it.
+                     restore_progress: BytesProgress | None = None,
+                     restored: tuple[Target, float] | None = None) -> RehearsalReport:
+    """Restore ``backup_key`` into a scratch database, apply ``plan`` there, check it, drop it.
 
-    Returns the report; raises RehearsalFailed (the scratch copy is always dropped).
+    ``restored``: the copy is already made (by :func:`backup_into_copy`): its target and the
+    seconds it took. Returns the report; raises RehearsalFailed (the copy is always dropped).
     """
-    scratch = target.with_dbname(scratch_name(target.dbname, run_id))
+    scratch = restored[0] if restored else scratch_target(target, settings, run_id)
     if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
         raise RehearsalFailed("the scratch database would be the live one")
     started = time.monotonic()
     try:
-        # A scratch copy, never the live database: the production guard does not apply.
-        restore_backup(backup_key, scratch, settings, allow_production=True,
-                       progress=restore_progress)
-        restore_seconds = round(time.monotonic() - started, 3)
+        if restored:
+            restore_seconds = restored[1]
+        else:
+            # A scratch copy, never the live database: the production guard does not apply.
+            restore_backup(backup_key, scratch, settings, allow_production=True,
+                           progress=restore_progress)
+            restore_seconds = round(time.monotonic() - started, 3)
         existing = _existing_tables(scratch)
+        before = drift_before(scratch, models)
         try:
-            report = apply_plan(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
                                 progress=progress)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models) if models is not None else None
+        checks = run_post_checks(scratch, models, before=before)
         findings = lint_captured_sql(report.results, existing, allow_destructive)
         result = RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
                                  checks, tuple(findings))
     except BaseException:
-        _drop_quietly(target, scratch.dbname)  # the original error is the one to report
+        drop_quietly(target, scratch.dbname)  # the original error is the one to report
         raise
     drop_database(target, scratch.dbname)
     return result
 
 
-def _drop_quietly(server: Target, dbname: str) -> None:
+def drop_quietly(server: Target, dbname: str) -> None:
+    """Drop ``dbname`` on ``server``'s cluster; a failure is logged, never raised."""
     try:
         drop_database(server, dbname)
     except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised

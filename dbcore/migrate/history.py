@@ -24,7 +24,8 @@ _CREATE_AUDIT = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     id          bigserial PRIMARY KEY,
     name        text        NOT NULL,
-    action      text        NOT NULL CHECK (action IN ('apply', 'rollback')),
+    action      text        NOT NULL CONSTRAINT migration_audit_action_check
+                            CHECK (action IN ('apply', 'rollback', 'baseline')),
     checksum    text,
     at          timestamptz NOT NULL DEFAULT now(),
     actor       text        NOT NULL,
@@ -79,7 +80,8 @@ def read_applied(db: peewee.Database) -> list[AppliedMigration]:
         sql = f"""
             SELECT h.name, h.migrated_at, (
                 SELECT a.checksum FROM {AUDIT_TABLE} a
-                WHERE a.name = h.name AND a.action = 'apply' ORDER BY a.id DESC LIMIT 1)
+                WHERE a.name = h.name AND a.action IN ('apply', 'baseline')
+                ORDER BY a.id DESC LIMIT 1)
             FROM {HISTORY_TABLE} h ORDER BY h.id"""
     else:
         sql = f"SELECT name, migrated_at, NULL FROM {HISTORY_TABLE} ORDER BY id"
@@ -105,6 +107,13 @@ def ensure_audit_table(db: peewee.Database) -> None:
     if missing:  # only then: ALTER TABLE takes a lock, even with IF NOT EXISTS
         db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} " + ", ".join(
             f"ADD COLUMN IF NOT EXISTS {c} text" for c in missing))
+
+
+def allow_baseline_rows(db: peewee.Database) -> None:
+    """Let an audit table made before ``dbmigrate baseline`` existed take 'baseline' rows."""
+    db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} DROP CONSTRAINT IF EXISTS migration_audit_action_check")
+    db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} ADD CONSTRAINT migration_audit_action_check "
+                   "CHECK (action IN ('apply', 'rollback', 'baseline'))")
 
 
 def record_audit(db: peewee.Database, *, name: str, action: str, checksum: str | None,

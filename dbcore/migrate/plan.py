@@ -8,7 +8,7 @@ that only read plans and reports need not import the runner.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import peewee
 
@@ -18,13 +18,16 @@ from dbcore.migrate.files import MigrationFile, discover, load
 from dbcore.migrate.history import read_applied
 from dbcore.settings import Settings
 
+Action = Literal["apply", "rollback"]
+Stage = Literal["start", "done"]
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
     """Reported to a progress callback before and after each migration."""
 
-    action: str  # "apply" | "rollback"
-    stage: str  # "start" | "done"
+    action: Action
+    stage: Stage
     name: str
     index: int  # 1-based
     total: int
@@ -38,7 +41,7 @@ Progress = Callable[[ProgressEvent], None]
 class Plan:
     """What an apply or rollback will do: the migrations in order, split into transaction phases."""
 
-    action: str  # "apply" | "rollback"
+    action: Action
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
@@ -86,7 +89,7 @@ class MigrationResult:
 class RunReport:
     """What an apply or rollback did."""
 
-    action: str
+    action: Action
     database: str
     run_id: str
     results: tuple[MigrationResult, ...] = ()

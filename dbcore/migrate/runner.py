@@ -1,7 +1,7 @@
 """Plan, then apply: pending migrations in one transaction under the migration lock; rollbacks.
 
-``plan_apply`` and ``plan_rollback`` decide and return data; ``apply_plan`` and ``rollback_plan``
-act on that data. Every migration of a plan runs inside ONE transaction (peewee-migrate's
+``plan_apply`` and ``plan_rollback`` (dbcore.migrate.plan) decide and return data; :func:`execute`
+acts on that data. Every migration of a plan runs inside ONE transaction (peewee-migrate's
 per-migration transactions become savepoints), so a failure anywhere leaves the database exactly
 as before. A migration that declares ``atomic = False`` cannot run in a transaction
 (CREATE INDEX CONCURRENTLY): it splits the plan into phases and runs alone, in autocommit,
@@ -16,7 +16,6 @@ import uuid
 
 import peewee
 import psycopg2
-from playhouse.migrate import Operation
 
 from dbcore.checks.post import check_no_invalid_indexes
 from dbcore.connection import Target, connect
@@ -32,13 +31,12 @@ from dbcore.migrate.files import LoadedMigration, MigrationFile, load
 from dbcore.migrate.history import ApprovalRecord, default_actor, ensure_audit_table, record_audit
 from dbcore.migrate.locking import configure_session, migration_lock
 from dbcore.migrate.plan import (
+    Action,
     MigrationResult,
     Plan,
     Progress,
     ProgressEvent,
     RunReport,
-    plan_apply,
-    plan_rollback,
     read_state,
 )
 from dbcore.migrate.router import FileRouter
@@ -98,10 +96,8 @@ def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str])
     what = f"failed: {type(error).__name__}: {error_line(error)}" if error else "succeeded"
     fix = (f"it left INVALID index(es) {', '.join(invalid)}: DROP INDEX CONCURRENTLY IF EXISTS "
            f"each, then run again" if invalid else "check what it did, then run again")
-    failure = NonAtomicFailed(f"migration {m.name}.py (atomic = False, runs in autocommit) {what}; "
-                              f"{kept}{fix}")
-    failure.committed = tuple(committed)
-    raise failure from error
+    raise NonAtomicFailed(f"migration {m.name}.py (atomic = False, runs in autocommit) {what}; "
+                          f"{kept}{fix}", committed=committed) from error
 
 
 class _DryRunRollback(Exception):
@@ -122,53 +118,42 @@ def _pgcode(exc: BaseException) -> str | None:
     return None
 
 
-def _fail(exc: Exception, name: str, action: str, committed: list[str], settings: Settings,
-          target: Target) -> Exception:
-    """Return the typed error for ``exc`` raised while running migration ``name``."""
+def _typed_failure(exc: Exception, name: str, action: Action, committed: list[str], settings: Settings,
+                   target: Target, router: FileRouter | None = None) -> Exception:
+    """Return the typed error for ``exc`` raised while running migration ``name``.
+
+    It carries the migrations already committed; a retry is safe only when nothing at all was.
+    ``name`` is empty when the failure came before the first migration started; the applied
+    files whose replay failed (``router.replayed``) are named after the error.
+    """
     code = _pgcode(exc)
     kept = (f"; already committed before it: {', '.join(committed)}" if committed
             else "; nothing was changed (the whole batch was rolled back)")
-    if isinstance(exc, MigrationFileError):
-        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
     detail = error_line(exc, target.password)
+    if not name:
+        return MigrationFailed(f"{action} failed before its first migration started: "
+                               f"{type(exc).__name__}: {detail}{kept}: fix that, then run again",
+                               committed=committed)
+    if isinstance(exc, MigrationFileError):  # an unknown model names the failed replays itself
+        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
+    problems = router.replayed.problems if router is not None and router.replayed else ()
+    detail += "".join(f" (after {p.describe()})" for p in problems)
     if code == _LOCK_NOT_AVAILABLE:
         return TableLockTimeout(
             f"{action} of {name} waited longer than lock_timeout={settings.lock_timeout} for a "
             f"table lock held by the application{kept}: retry when traffic is lower, or raise "
-            "MIGRATE_LOCK_TIMEOUT")
+            "MIGRATE_LOCK_TIMEOUT", committed=committed, retryable=not committed)
     if code == _QUERY_CANCELED:
         return MigrationFailed(
             f"{action} of {name} ran longer than statement_timeout={settings.statement_timeout}"
-            f"{kept}: raise MIGRATE_STATEMENT_TIMEOUT or split the migration")
+            f"{kept}: raise MIGRATE_STATEMENT_TIMEOUT or split the migration", committed=committed)
     where = "rollback()" if action == "rollback" else "migrate()"
     return MigrationFailed(f"{action} of {name} failed: {type(exc).__name__}: {detail}{kept}: "
-                           f"fix {where} in {name}.py and run again")
-
-
-def _typed_failure(exc: Exception, name: str, action: str, committed: list[str],
-                   settings: Settings, target: Target) -> Exception:
-    """Return the typed error for a failure, carrying which migrations were already committed."""
-    error = _fail(exc, name, action, committed, settings, target)
-    if isinstance(error, MigrationFailed):
-        error.committed = tuple(committed)
-        # a retry is safe only if nothing at all was committed
-        error.retryable = isinstance(error, TableLockTimeout) and not committed
-    return error
-
-
-def _run_ops(migrator) -> None:
-    """Run the operations a migrate()/rollback() queued, in the current transaction (or none)."""
-    # Migrator.__call__ would wrap these in its own atomic(): we decide the transaction.
-    ops, migrator.__ops__ = migrator.__ops__, []
-    for op in ops:
-        if isinstance(op, Operation):
-            op.run()
-        else:
-            op()
+                           f"fix {where} in {name}.py and run again", committed=committed)
 
 
 def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: LoadedMigration,
-             action: str, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
+             action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
     with recorder as statements:
@@ -176,7 +161,7 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
             loaded.migrate(migrator, db, fake=False)
         else:
             loaded.rollback(migrator, db, fake=False)
-        _run_ops(migrator)
+        migrator.flush()
     seconds = time.monotonic() - started
     if action == "apply":
         router.model.create(name=name)
@@ -188,9 +173,15 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
     return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic)
 
 
-def _execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None,
-             run_id: str | None, dry_run: bool, progress: Progress | None,
-             approval: ApprovalRecord | None = None) -> RunReport:
+def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
+            run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
+            approval: ApprovalRecord | None = None) -> RunReport:
+    """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
+
+    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
+    MigrationFailed (or a subclass) carrying what was committed; PlanOutdated when the history or
+    a file changed since the plan was made.
+    """
     run_id = run_id or uuid.uuid4().hex[:12]
     actor = default_actor(actor or settings.actor)
     if plan.empty:
@@ -247,8 +238,8 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
 
     def prepare():
         # Bookkeeping tables are created in the first transaction, so that a first apply that
-        # fails leaves no trace either; then peewee-migrate replays every applied file
-        # (without running it) to know the models as they stand.
+        # fails leaves no trace either. The applied files replay (sending nothing) only when a
+        # migration first asks for their models (dbcore.migrate.replay).
         ensure_audit_table(db)
         router.model  # noqa: B018 - creates migratehistory
         return router.migrator
@@ -283,7 +274,8 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                                     "ROLLBACK, database.commit() or database.transaction()): what "
                                     f"ran up to that point is committed, after {', '.join(committed) or 'nothing'}"
                                     f"; the database is NOT as before: remove the transaction "
-                                    f"control from {m.name}.py, then roll back or restore by hand")
+                                    f"control from {m.name}.py, then roll back or restore by hand",
+                                    committed=committed + [m.name])
                 else:
                     if migrator is None:
                         with db.atomic():
@@ -292,51 +284,13 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                     # CONCURRENTLY in one. Its history row is written after it succeeded.
                     _run_alone(db, lambda m=group[0]: run(m, migrator), group[0], committed)
                 committed.extend(x.name for x in group)
-    except TransactionBroken as exc:
-        exc.committed = tuple(committed + [current])
-        raise
-    except NonAtomicFailed:
+    except (TransactionBroken, NonAtomicFailed):
         raise
     except Exception as exc:
         done_names = [] if dry_run else committed
-        raise _typed_failure(exc, current, plan.action, done_names, settings, target) from exc
+        raise _typed_failure(exc, current, plan.action, done_names, settings, target, router) from exc
     note = ""
     if skipped:
         note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"
     return RunReport(plan.action, plan.database, run_id, tuple(results), dry_run, note,
                      tuple(skipped))
-
-
-def apply_plan(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
-               run_id: str | None = None, dry_run: bool = False,
-               progress: Progress | None = None, approval: ApprovalRecord | None = None) -> RunReport:
-    """Apply ``plan`` under the migration lock in one transaction; raise MigrationFailed (or a subclass).
-
-    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row.
-    """
-    if plan.action != "apply":
-        raise ValueError("apply_plan takes a plan from plan_apply")
-    return _execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
-                    progress=progress, approval=approval)
-
-
-def rollback_plan(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
-                  run_id: str | None = None, dry_run: bool = False,
-                  progress: Progress | None = None) -> RunReport:
-    """Run the rollback() functions of ``plan``, newest first, in one transaction under the lock."""
-    if plan.action != "rollback":
-        raise ValueError("rollback_plan takes a plan from plan_rollback")
-    return _execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
-                    progress=progress)
-
-
-def apply_pending(target: Target, settings: Settings, *, upto: str | None = None,
-                  **kwargs) -> RunReport:
-    """Plan and apply every pending migration (up to ``upto``); see :func:`apply_plan`."""
-    return apply_plan(plan_apply(target, settings, upto=upto), target, settings, **kwargs)
-
-
-def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwargs) -> RunReport:
-    """Plan and roll back the newest ``count`` applied migrations; see :func:`rollback_plan`."""
-    return rollback_plan(plan_rollback(target, settings, count=count), target, settings, **kwargs)
-

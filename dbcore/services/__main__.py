@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
                 print(f"PostgreSQL: {services.database_url}")
             if services.s3_endpoint_url:
                 print(f"S3: {services.s3_endpoint_url} bucket {services.s3_bucket}")
+            if services.prefect_ui_url:
+                print(f"Prefect UI: {services.prefect_ui_url}")
         elif verb == "down":
             stopped = down(settings)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -31,6 +33,7 @@ def main(argv: list[str]) -> int:
             else:
                 print(f"PostgreSQL: {mask_url(services.database_url) or 'configured elsewhere'}")
                 print(f"S3: {services.s3_endpoint_url or 'configured elsewhere'}")
+                print(f"Prefect UI: {services.prefect_ui_url or 'configured elsewhere (PREFECT_API_URL)'}")
         else:
             print(f"usage: python -m dbcore.services up|down|status (not {verb!r})", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""The embedded default for `make run`: a PostgreSQL cluster and an S3 server under ``.local/``.
+"""The embedded default for `make run`: PostgreSQL, an S3 server and a Prefect API under ``.local/``.
 
 What was started is recorded in ``.local/services.json`` so that later commands (``dbmigrate``,
 the flow, ``make stop``) find them without any variable set.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import psycopg2
 
 from dbcore.embedded import LOCAL_BUCKET, local_services_file
 from dbcore.services.postgres import PostgresCluster, server_user_can_reach
+from dbcore.services.prefect_api import PrefectApiServer
 from dbcore.services.seaweed import embedded_server
 from dbcore.settings import Settings
 
@@ -35,6 +37,9 @@ class LocalServices:
     #: the embedded server's local-only keys (it listens on 127.0.0.1 alone), for dbcore.embedded
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    #: the local Prefect API and UI that terminal runs of the flow use (empty: PREFECT_API_URL is set)
+    prefect_api_url: str = ""
+    prefect_ui_url: str = ""
 
 
 def read_local_services(settings: Settings) -> LocalServices | None:
@@ -91,7 +96,12 @@ def up(settings: Settings) -> LocalServices:
         server.create_bucket(LOCAL_BUCKET)
         s3 = {"s3_endpoint_url": server.endpoint_url, "s3_bucket": LOCAL_BUCKET,
               "s3_access_key": server.access_key, "s3_secret_key": server.secret_key}
-    services = LocalServices(database_url=database_url, postgres_root=postgres_root, **s3)
+    prefect = {}
+    if not os.environ.get("PREFECT_API_URL"):
+        api = PrefectApiServer(root / "prefect")
+        api.start()
+        prefect = {"prefect_api_url": api.api_url, "prefect_ui_url": api.ui_url}
+    services = LocalServices(database_url=database_url, postgres_root=postgres_root, **s3, **prefect)
     local_services_file(settings).write_text(json.dumps(asdict(services), indent=2))
     return services
 
@@ -106,6 +116,10 @@ def down(settings: Settings) -> list[str]:
     if cluster.is_running():
         cluster.stop()
         stopped.append("postgres")
+    api = PrefectApiServer(root / "prefect")
+    if api.is_running():
+        api.stop()
+        stopped.append("prefect")
     if (root / "s3").exists():
         server = embedded_server(root / "s3")
         if server.is_running():

@@ -1,4 +1,4 @@
-"""`make run`'s embedded default: PostgreSQL + S3 under .local/, reused, then stopped."""
+"""`make run`'s embedded default: PostgreSQL, S3 and a Prefect API under .local/, reused, then stopped."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 from helpers import SAMPLE_MIGRATIONS
 
@@ -16,13 +17,16 @@ def run(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_up_apply_reuse_and_down_with_no_database_url(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PREFECT_API_URL")}
     env["MIGRATE_MIGRATIONS_DIR"] = str(SAMPLE_MIGRATIONS)
     up = run("dbcore.services", "up", cwd=tmp_path, env=env)
     try:
         assert up.returncode == 0, up.stderr
         recorded = json.loads((tmp_path / ".local" / "services.json").read_text())
         assert recorded["database_url"].endswith("/app") and recorded["s3_bucket"]
+        # the local Prefect API that terminal runs of the flow use, and its UI
+        with urllib.request.urlopen(recorded["prefect_api_url"] + "/health", timeout=10) as health:
+            assert health.status == 200
 
         applied = run("dbcore.cli", "apply", cwd=tmp_path, env=env)
         assert applied.returncode == 0, applied.stderr
@@ -40,6 +44,6 @@ def test_up_apply_reuse_and_down_with_no_database_url(tmp_path):
         assert "up to date" in status.stdout
     finally:
         down = run("dbcore.services", "down", cwd=tmp_path, env=env)
-    assert down.returncode == 0 and "postgres" in down.stdout and "s3" in down.stdout
+    assert down.returncode == 0 and all(s in down.stdout for s in ("postgres", "s3", "prefect"))
     after = run("dbcore.cli", "status", cwd=tmp_path, env=env)
     assert after.returncode == 2 and "make run" in after.stderr

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psycopg2
 import pytest
-from helpers import query, schema_dump
+from helpers import apply_pending, query, rollback_last, schema_dump, wait_until
 
 from dbcore.connection import connect
 from dbcore.errors import (
@@ -25,7 +24,7 @@ from dbcore.errors import (
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.history import read_audit
 from dbcore.migrate.plan import plan_apply
-from dbcore.migrate.runner import apply_pending, apply_plan, rollback_last
+from dbcore.migrate.runner import execute
 
 APP_TABLES = {"project", "sourcedir", "document"}
 
@@ -45,6 +44,14 @@ def applied_names(url: str) -> list[str]:
     if "migratehistory" not in tables(url):
         return []
     return [r[0] for r in query(url, "SELECT name FROM migratehistory ORDER BY id")]
+
+
+#: 1 when the session named %s holds an advisory lock on this database
+HOLDS_LOCK = """
+SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = %s
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 
 
 @pytest.fixture
@@ -162,10 +169,17 @@ def test_a_missing_migrations_folder_is_an_error_not_a_new_folder(target, settin
     assert not (tmp_path / "migrashuns").exists()
 
 
-def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(target, cfg, db_url):
-    write(cfg.migrations_dir, "005_slow.py", """\
+def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(target, cfg, db_url,
+                                                                           tmp_path):
+    gate = tmp_path / "gate"  # the first apply holds the lock until the test opens it
+    write(cfg.migrations_dir, "005_slow.py", f"""\
+        import pathlib
+        import time
+
         def migrate(migrator, database, *, fake=False):
-            migrator.sql("SELECT pg_sleep(3)")
+            deadline = time.monotonic() + 60
+            while not fake and not pathlib.Path({str(gate)!r}).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
         def rollback(migrator, database, *, fake=False):
             pass
@@ -173,18 +187,27 @@ def test_two_concurrent_applies_one_applies_the_other_times_out_on_the_lock(targ
     outcome: dict[str, object] = {}
 
     def first():
-        outcome["first"] = apply_pending(target, cfg, actor="first")
+        try:
+            outcome["first"] = apply_pending(target, cfg, actor="first")
+        except Exception as exc:
+            outcome["error"] = exc
 
     thread = threading.Thread(target=first)
     thread.start()
-    time.sleep(1.0)
-    impatient = cfg.model_copy(update={"advisory_lock_wait": 0.5})
-    with pytest.raises(MigrationLockTimeout) as info:
-        apply_pending(target, impatient, actor="second")
-    thread.join()
+    try:
+        wait_until(lambda: query(db_url, HOLDS_LOCK, ("dbmigrate lock: apply by first",)) == [(1,)],
+                   "the first apply to hold the migration lock", timeout=60,
+                   gave_up=lambda: not thread.is_alive(), log=lambda: repr(outcome))
+        impatient = cfg.model_copy(update={"advisory_lock_wait": 0.5})
+        with pytest.raises(MigrationLockTimeout) as info:
+            apply_pending(target, impatient, actor="second")
+    finally:
+        gate.touch()
+        thread.join(60)
     message = str(info.value)
     assert "pid" in message and "dbmigrate lock: apply by first" in message
     assert info.value.retryable
+    assert "first" in outcome, outcome  # the first one, let go, applied everything
     assert len(outcome["first"].names) == 5
     assert len(applied_names(db_url)) == 5
 
@@ -202,7 +225,7 @@ def test_two_concurrent_applies_the_patient_one_finds_nothing_to_do(target, cfg,
     reports = [None, None]
 
     def run(i):
-        reports[i] = apply_plan(plans[i], target, patient)
+        reports[i] = execute(plans[i], target, patient)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -228,10 +251,9 @@ def test_a_busy_table_makes_apply_give_up_quickly_and_change_nothing(target, cfg
     try:
         with app.cursor() as cur:
             cur.execute("SELECT count(*) FROM project")
-        started = time.monotonic()
+        # the application never lets go: only lock_timeout can end the wait
         with pytest.raises(TableLockTimeout) as info:
             apply_pending(target, cfg)
-        assert time.monotonic() - started < 10
         assert info.value.retryable and "lock_timeout=1s" in str(info.value)
     finally:
         app.close()
@@ -260,7 +282,7 @@ def test_an_atomic_false_migration_runs_alone_outside_the_transaction(target, cf
     plan = plan_apply(target, cfg)
     assert [(atomic, [m.name[:3] for m in group]) for atomic, group in plan.phases] == [
         (True, ["001", "002", "003", "004"]), (False, ["005"]), (True, ["006"])]
-    report = apply_plan(plan, target, cfg)
+    report = execute(plan, target, cfg)
     assert len(report.names) == 6
     assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
                          "'document_filename'::regclass") == [(True,)]
@@ -289,7 +311,7 @@ def test_a_plan_made_before_another_run_changed_history_is_refused(target, cfg):
     path = cfg.migrations_dir / "002_add_document_metadata.py"
     path.write_text(path.read_text() + "\n")
     with pytest.raises(PlanOutdated):
-        apply_plan(plan, target, cfg)
+        execute(plan, target, cfg)
 
 
 def test_the_guide_three_steps_do_not_rewrite_the_table(target, cfg):
@@ -386,8 +408,8 @@ def test_an_audit_table_of_an_older_release_gets_the_approval_columns(target, se
                              "table_name = 'migration_audit' AND column_name = 'approver'") == [(0,)]
     finally:
         db.close()
-    apply_plan(plan_apply(target, cfg, upto="001"), target, cfg, actor="Ada", run_id="run-1",
-               approval=ApprovalRecord("Ada", "looks right", "0123456789abcdef"))
+    execute(plan_apply(target, cfg, upto="001"), target, cfg, actor="Ada", run_id="run-1",
+            approval=ApprovalRecord("Ada", "looks right", "0123456789abcdef"))
     assert query(db_url, "SELECT name, actor, approver, comment, fingerprint, run_id FROM "
                          "migration_audit ORDER BY id") == [
         ("000_old", "Bob", None, None, None, None),

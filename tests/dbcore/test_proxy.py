@@ -90,12 +90,12 @@ def test_command_that_exits_at_once_names_itself_and_its_output(tmp_path):
     settings = Settings(
         proxy_command=python_command(
             "import sys; print('Error: no access token available. Please login with flyctl auth login'); sys.exit(1)"),
-        proxy_local_port=0, proxy_start_timeout=20, local_dir=tmp_path)
+        proxy_local_port=0, proxy_start_timeout=120, local_dir=tmp_path)
     started = time.monotonic()
     with pytest.raises(TunnelError) as info:
         open_tunnel(settings)
     message = str(info.value)
-    assert time.monotonic() - started < 5  # did not sit out the start timeout
+    assert time.monotonic() - started < settings.proxy_start_timeout  # did not sit it out
     assert f"`{PROGRAM}` exited with code 1" in message
     assert "no access token available" in message and "fly auth login" in message
     assert "\n" not in message and info.value.retryable
@@ -110,14 +110,15 @@ def test_missing_program_is_a_tunnel_error(tmp_path):
 
 def test_command_that_never_opens_the_port_times_out(tmp_path):
     marker = f"never-listens-{uuid.uuid4().hex}"
+    # 2 s: long enough for a new interpreter to print its line on a loaded machine
     settings = Settings(proxy_command=python_command(f"import time; print('waiting'); time.sleep(60)  # {marker}"),
-                        proxy_local_port=0, proxy_start_timeout=0.5, local_dir=tmp_path)
+                        proxy_local_port=0, proxy_start_timeout=2, local_dir=tmp_path)
     started = time.monotonic()
     with pytest.raises(TunnelError) as info:
         open_tunnel(settings)
-    assert 0.5 <= time.monotonic() - started < 4
+    assert time.monotonic() - started >= 2  # it waited its start timeout, then gave up
     assert f"`{PROGRAM}` did not open 127.0.0.1:" in str(info.value)
-    assert "within 0.5s (last output: waiting)" in str(info.value)
+    assert "within 2s (last output: waiting)" in str(info.value)
     # the command it gave up on was stopped, not left sleeping
     assert _pids_running(marker) == []
 
@@ -167,9 +168,9 @@ def test_close_kills_a_command_that_ignores_sigterm(tmp_path, monkeypatch):
     settings = Settings(proxy_command=python_command(code) + " {local_port}", proxy_local_port=0,
                         local_dir=tmp_path)
     tunnel = open_tunnel(settings)
-    started = time.monotonic()
     tunnel.close()
-    assert gone(tunnel.pid) and time.monotonic() - started < 3
+    # killed after the grace, not waited for: its sleep would have ended it with code 0
+    assert gone(tunnel.pid) and tunnel.process.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])

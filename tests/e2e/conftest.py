@@ -11,14 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
 import pytest
-from helpers import REPO
+from helpers import REPO, wait_until
+from prefect_api import PrefectApi
 from processes import Service
 
 from dbcore.ports import free_port
@@ -36,9 +36,17 @@ class PrefectServer:
     api_url: str
     env: dict[str, str]
 
-    def api(self) -> httpx.Client:
-        """Return a REST client of the server's API."""
-        return httpx.Client(base_url=self.api_url, timeout=30)
+    def api(self) -> PrefectApi:
+        """Return a REST client of the server's API (retrying what the server says is retryable)."""
+        return PrefectApi(self.api_url)
+
+
+def healthy(api: PrefectApi) -> bool:
+    """Return True once the server answers its health check (refused connections: not yet)."""
+    try:
+        return api.request("GET", "/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -56,17 +64,12 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
     server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
                                         "127.0.0.1", "--port", str(port)], server_env, root)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"prefect server did not start:\n{server.output()[-3000:]}")
-            time.sleep(0.3)
+        with PrefectApi(api_url) as api:
+            wait_until(lambda: healthy(api), f"prefect server to answer {api_url}/health",
+                       timeout=SERVER_START_TIMEOUT, gave_up=server.exited, log=server.output)
         client_env = {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(root / "client-home"),
+                      # never the developer's own `make run` services (.local/services.json)
+                      "MIGRATE_LOCAL_DIR": str(root / "no-local-services"),
                       # pick a triggered run up within a second, not the default ten
                       "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
         yield PrefectServer(api_url, client_env)
@@ -80,6 +83,7 @@ def production_env(prefect_server, db_url, s3_settings, migrations_dir, receiver
     """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect;
     the migrations are a copy a test may change, and notifications go to a local receiver."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
+            "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
             "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
             "MIGRATE_MIGRATIONS_DIR": str(migrations_dir), "MIGRATE_NOTIFY_URL": receiver.url}

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, wait_until
 
 READY_TIMEOUT = 60.0
 
@@ -77,13 +77,20 @@ class Service:
         """Return what the process printed so far."""
         return self.log.read_text(errors="replace")
 
+    def exited(self) -> bool:
+        """Return True once the process has ended."""
+        return self.process.poll() is not None
+
     def wait_for_output(self, text: str, timeout: float = READY_TIMEOUT) -> None:
-        """Return once ``text`` was printed; raise AssertionError on exit or timeout."""
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.log.stem} never printed {text!r}:\n{self.output()[-3000:]}")
-            time.sleep(0.2)
+        """Return once ``text`` was printed; raise AssertionError with the log on exit or timeout."""
+        wait_until(lambda: text in self.output(), f"{self.log.stem} to print {text!r}",
+                   timeout=timeout, gave_up=self.exited, log=self.output)
+
+    def wait_for_exit(self, timeout: float = READY_TIMEOUT) -> int:
+        """Return the exit code once the process ended; raise AssertionError with the log otherwise."""
+        wait_until(self.exited, f"{self.log.stem} (pid {self.pid}) to exit", timeout=timeout,
+                   log=self.output)
+        return self.process.returncode
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the process and every descendant, SIGKILL what is left after ``grace`` seconds."""

@@ -5,77 +5,14 @@ server, the real `prefect` CLI, a served (or worker-run) deployment, the REST AP
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from helpers import REPO, query, schema_dump
+from helpers import apply_pending, query, schema_dump, wait_until
 from processes import alive, descendants
+from runs import ALL, FINAL, approve_cli, history, plan_artifact, resume, run_state, start_run, wait_for
 
 from dbcore.connection import Env, Target
-from dbcore.migrate.runner import apply_pending
-
-ALL = ["001_initial_schema", "002_add_document_metadata", "003_add_project_slug",
-       "004_fix_sourcedir_language"]
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-RUN_TIMEOUT = 120.0
-
-
-def start_run(env: dict[str, str]) -> str:
-    """Run `prefect deployment run migrate/migrate-production`; return the new flow run's id."""
-    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run",
-                          "migrate/migrate-production"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    found = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout)
-    assert out.returncode == 0 and found, out.stdout + out.stderr
-    return found.group(1)
-
-
-def wait_for(api, run_id: str, types: set[str], log: str = "", timeout: float = RUN_TIMEOUT) -> dict:
-    """Return the run's state once its type is one of ``types``; fail with the state and log otherwise."""
-    deadline = time.monotonic() + timeout
-    state: dict = {}
-    while time.monotonic() < deadline:
-        state = api.get(f"/flow_runs/{run_id}").json().get("state") or {}
-        if state.get("type") in types:
-            return state
-        if state.get("type") in FINAL:
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"run {run_id} is {state.get('type')} ({state.get('message')}), not "
-                         f"{sorted(types)}\n{log[-3000:]}")
-
-
-def plan_artifact(api, run_id: str) -> dict:
-    """Return the run's `migration-plan` artifact (markdown in "data", headline in "description")."""
-    found = api.post("/artifacts/filter", json={"artifacts": {
-        "flow_run_id": {"any_": [run_id]}, "key": {"any_": ["migration-plan"]}}}).json()
-    assert len(found) == 1, found
-    return found[0]
-
-
-def resume(api, run_id: str, run_input: dict | None) -> dict:
-    """POST /flow_runs/{id}/resume (as the UI does); return the JSON answer."""
-    body = {} if run_input is None else {"run_input": run_input}
-    response = api.post(f"/flow_runs/{run_id}/resume", json=body)
-    assert response.status_code in (200, 201), response.text
-    return response.json()
-
-
-def approve_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """Run `python flows/approve.py ARGS` as the approver would from a terminal."""
-    return subprocess.run([sys.executable, str(REPO / "flows" / "approve.py"), *args], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-
-
-def history(url: str) -> list[str]:
-    """Return the names of the applied migrations (none if the history table does not exist)."""
-    if query(url, "SELECT to_regclass('migratehistory')") == [(None,)]:
-        return []
-    return [row[0] for row in query(url, "SELECT name FROM migratehistory ORDER BY id")]
 
 
 @pytest.mark.parametrize("runner", ["served", "worker"])
@@ -84,7 +21,7 @@ def test_approved_from_a_terminal_the_run_applies_and_records_the_approver(
     process = request.getfixturevalue(runner)
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, process.output())
+        wait_for(api, run_id, {"PAUSED"}, process)
         assert history(db_url) == []  # nothing before the approval
         plan = plan_artifact(api, run_id)
         assert all(name in plan["data"] for name in ALL) and "Rehearsal on a copy passed" in plan["data"]
@@ -94,7 +31,7 @@ def test_approved_from_a_terminal_the_run_applies_and_records_the_approver(
         assert answered.returncode == 0, answered.stdout + answered.stderr
         assert answered.stdout.splitlines() == [f"plan: {plan['description']}",
                                                 f"approved run {run_id} as Ada: the run resumes"]
-        state = wait_for(api, run_id, {"COMPLETED"}, process.output())
+        state = wait_for(api, run_id, {"COMPLETED"}, process)
     assert state["message"] == f"applied 4: {', '.join(ALL)}"
     assert history(db_url) == ALL
     assert query(db_url, "SELECT DISTINCT actor FROM migration_audit") == [("Ada",)]
@@ -113,12 +50,12 @@ def test_rejected_in_the_ui_the_run_fails_and_changes_nothing(served, prefect_se
     before = schema_dump(db_url)
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         assert "004_fix_sourcedir_language" in plan_artifact(api, run_id)["data"]
         answer = resume(api, run_id, {"approve": False, "approver": "Bob",
                                       "comment": "not on a Friday"})
         assert answer["status"] == "ACCEPT", answer
-        state = wait_for(api, run_id, {"FAILED"}, served.output())
+        state = wait_for(api, run_id, {"FAILED"}, served)
     assert state["message"] == "rejected by Bob: not on a Friday, nothing changed"
     assert schema_dump(db_url) == before
     assert history(db_url) == ALL[:3]
@@ -128,13 +65,13 @@ def test_a_malformed_or_empty_answer_never_applies(served, prefect_server, produ
     before = schema_dump(db_url)
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         wrong = resume(api, run_id, {"approve": "yes please", "approver": "Eve"})
         assert wrong["status"] == "REJECT" and "approve" in wrong["details"]["reason"]
-        assert api.get(f"/flow_runs/{run_id}").json()["state"]["type"] == "PAUSED"
+        assert run_state(api, run_id)["type"] == "PAUSED"
         empty = resume(api, run_id, None)  # the form sent as it opens: approve is unticked
         assert empty["status"] == "ACCEPT", empty
-        state = wait_for(api, run_id, {"FAILED"}, served.output())
+        state = wait_for(api, run_id, {"FAILED"}, served)
     assert state["message"] == "rejected, nothing changed"
     assert schema_dump(db_url) == before and history(db_url) == []
 
@@ -144,13 +81,15 @@ def test_a_restart_while_paused_cancels_the_run_and_changes_nothing(served, pref
     before = schema_dump(db_url)
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         run_processes = descendants(served.pid)
         assert run_processes  # the paused run's process, waiting for the answer
         os.kill(served.pid, signal.SIGTERM)  # what a machine restart (fly deploy) sends
-        served.process.wait(timeout=30)
-        state = wait_for(api, run_id, {"CANCELLED"}, served.output(), timeout=30)
-    assert [pid for pid in run_processes if alive(pid)] == []
+        served.wait_for_exit(timeout=30)
+        state = wait_for(api, run_id, {"CANCELLED"}, served, timeout=30)
+    # the run's process is told to stop too: it must not linger, waiting for an answer
+    wait_until(lambda: not any(alive(pid) for pid in run_processes),
+               f"the paused run's processes {run_processes} to end", timeout=30, log=served.output)
     refused = approve_cli(production_env, run_id, "--approve", "--approver", "Ada")
     assert refused.returncode == 1 and "not paused" in refused.stdout, state
     assert schema_dump(db_url) == before and history(db_url) == []
@@ -160,13 +99,13 @@ def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(
         served, prefect_server, production_env, db_url):
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         answer = resume(api, run_id, {"approve": True, "comment": "ship it"})
         if answer["status"] == "ACCEPT":  # not refused: at least nothing may change
-            wait_for(api, run_id, FINAL, served.output())
+            wait_for(api, run_id, FINAL, served)
             assert history(db_url) == []
         assert answer["status"] == "REJECT" and "approver" in answer["details"]["reason"]
-        assert api.get(f"/flow_runs/{run_id}").json()["state"]["type"] == "PAUSED"
+        assert run_state(api, run_id)["type"] == "PAUSED"
 
 
 def test_approve_cli_refuses_a_nameless_approval_an_unknown_run_and_a_missing_api(prefect_server):

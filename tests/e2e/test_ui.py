@@ -4,8 +4,7 @@ Chromium. Screenshots of every step go to the test's tmp dir."""
 from __future__ import annotations
 
 from helpers import query
-from test_approval_gate import FAILS_ON_LIVE, newest_plan
-from test_production_deployment import ALL, history, resume, start_run, wait_for
+from runs import ALL, FAILS_ON_LIVE, history, newest_plan, resume, start_run, wait_for
 
 
 def open_run(page, prefect_server, run_id: str) -> None:
@@ -17,7 +16,7 @@ def test_approved_in_the_browser_the_run_applies(served, prefect_server, product
                                                  page, tmp_path):
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         open_run(page, prefect_server, run_id)
         page.get_by_role("button", name="Resume").click()
         form = page.get_by_role("dialog")
@@ -35,7 +34,7 @@ def test_approved_in_the_browser_the_run_applies(served, prefect_server, product
         form.locator("textarea").nth(1).fill("read in the browser")  # Comment
         page.screenshot(path=str(tmp_path / "2-filled.png"), full_page=True)
         form.get_by_role("button", name="Submit").click()
-        state = wait_for(api, run_id, {"COMPLETED"}, served.output())
+        state = wait_for(api, run_id, {"COMPLETED"}, served)
         open_run(page, prefect_server, run_id)
         page.get_by_text("Completed").first.wait_for()
         page.screenshot(path=str(tmp_path / "3-completed.png"), full_page=True)
@@ -50,21 +49,21 @@ def test_retry_in_the_browser_asks_for_the_approval_again(served, prefect_server
     (migrations_dir / "005_project_comment.py").write_text(FAILS_ON_LIVE)
     run_id = start_run(production_env)
     with prefect_server.api() as api:
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         assert resume(api, run_id, {"approve": True, "approver": "Ada"})["status"] == "ACCEPT"
-        wait_for(api, run_id, {"FAILED"}, served.output())
+        wait_for(api, run_id, {"FAILED"}, served)
         open_run(page, prefect_server, run_id)
         page.get_by_role("button", name="Retry").click()
         page.screenshot(path=str(tmp_path / "1-retry.png"), full_page=True)
         confirm = page.get_by_role("dialog")
         if confirm.count():  # the UI may ask to confirm
             confirm.get_by_role("button", name="Retry").click()
-        wait_for(api, run_id, {"PAUSED"}, served.output())
+        wait_for(api, run_id, {"PAUSED"}, served)
         open_run(page, prefect_server, run_id)
         page.get_by_role("button", name="Resume").wait_for()
         page.get_by_text("Paused", exact=True).first.wait_for()  # the state badge: loaded
         page.screenshot(path=str(tmp_path / "2-paused-again.png"), full_page=True)
         assert history(db_url) == []  # the answer given to the first attempt was not reused
         assert resume(api, run_id, {"approve": False, "approver": "Ada"})["status"] == "ACCEPT"
-        wait_for(api, run_id, {"FAILED"}, served.output())
+        wait_for(api, run_id, {"FAILED"}, served)
     assert history(db_url) == []

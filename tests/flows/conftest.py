@@ -21,6 +21,7 @@ def flow_env(monkeypatch, db_url, s3_settings, migrations_dir, prefect_api):
     monkeypatch.setenv("MIGRATE_S3_BUCKET", s3_settings.s3_bucket)
     monkeypatch.setenv("MIGRATE_S3_ENDPOINT_URL", s3_settings.s3_endpoint_url)
     monkeypatch.setenv("MIGRATE_MIGRATIONS_DIR", str(migrations_dir))
+    monkeypatch.setenv("MIGRATE_MODELS", "dbcore.models:MODELS")  # the sample app's
     monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "5")
     return s3_settings.model_copy(update={"migrations_dir": migrations_dir})
 

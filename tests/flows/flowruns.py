@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime, timezone
 
-from helpers import query
+from helpers import query, wait_until
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -38,23 +37,6 @@ def artifacts(flow_run_id) -> dict[str, str]:
     return {a.key: a.data for a in found if a.key}
 
 
-def wait_for_pause(started: dict, timeout: float = 60):
-    """Return the paused run that ``run_in_background`` started; fail after ``timeout`` seconds.
-
-    Runs that an earlier test left paused are not it: only one started since ``started["at"]``.
-    """
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
-                start_time=FlowRunFilterStartTime(after_=started["at"])))
-            if runs:
-                return runs[0]
-            time.sleep(0.5)
-    raise AssertionError("the run never paused for approval")
-
-
 def run_in_background(**params):
     """Start ``migrate(**params)`` in a thread; return the thread and a dict that gets its "state"
     (and has when it started, "at")."""
@@ -62,3 +44,28 @@ def run_in_background(**params):
     thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
     thread.start()
     return thread, result
+
+
+def wait_for_pause(thread: threading.Thread, result: dict, timeout: float = 60):
+    """Return the run ``run_in_background`` started once it is paused for approval; fail if the
+    run ends or takes too long. Runs an earlier test left paused are not it."""
+    found: list = []
+
+    def paused() -> bool:
+        with get_client(sync_client=True) as client:
+            found[:] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+                start_time=FlowRunFilterStartTime(after_=result["at"])))
+        return bool(found)
+
+    wait_until(paused, "the run to pause for approval", timeout=timeout,
+               gave_up=lambda: not thread.is_alive(), log=lambda: f"the run ended: {result}",
+               interval=0.5)
+    return found[0]
+
+
+def final_state(thread: threading.Thread, result: dict, timeout: float = 120):
+    """Return the run's final state once its thread ended; fail if it raised or took too long."""
+    thread.join(timeout)
+    assert "state" in result, f"the run did not end within {timeout:g}s, or raised (see stderr)"
+    return result["state"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from flowruns import applied, run_in_background, wait_for_pause
+from flowruns import applied, final_state, run_in_background, wait_for_pause
 from helpers import query, schema_dump
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
@@ -24,7 +24,7 @@ def form_description(paused) -> str:
 
 def test_an_approval_covers_one_plan_and_is_recorded(flow_env, db_url, receiver):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause(result)
+    paused = wait_for_pause(thread, result)
     form = form_description(paused)
     first = form.splitlines()[0]
     assert first.startswith("**Apply 4 migration(s) to `t_") and "rehearsed on a copy: passed" in first
@@ -40,8 +40,7 @@ def test_an_approval_covers_one_plan_and_is_recorded(flow_env, db_url, receiver)
                                               "fingerprint": "0123456789abcdef"})
     assert applied(db_url) == []
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "reviewed"})
-    thread.join(120)
-    assert result["state"].message.startswith("applied 4")
+    assert final_state(thread, result).message.startswith("applied 4")
     rows = query(db_url, "SELECT DISTINCT actor, approver, comment, fingerprint, run_id FROM migration_audit")
     assert rows == [("Ada", "Ada", "reviewed", fingerprint, str(paused.id))]
     assert "completed: applied 4" in receiver.wait_for("completed")
@@ -50,12 +49,11 @@ def test_an_approval_covers_one_plan_and_is_recorded(flow_env, db_url, receiver)
 def test_a_plan_changed_after_the_approval_is_not_applied(flow_env, db_url, migrations_dir, receiver):
     before = schema_dump(db_url)
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause(result)
+    paused = wait_for_pause(thread, result)
     path = migrations_dir / "004_fix_sourcedir_language.py"
     path.write_text(path.read_text() + "\n# edited after the approval was asked for\n")
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada"})
-    thread.join(120)
-    state = result["state"]
+    state = final_state(thread, result)
     assert state.is_failed()
     assert state.message == ("plan changed since it was approved, nothing changed: "
                              "004_fix_sourcedir_language.py changed on disk; run again and approve "

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import textwrap
 
 import pytest
-from flowruns import applied, artifacts, run_in_background, wait_for_pause
-from helpers import query, schema_dump
+from flowruns import applied, artifacts, final_state, run_in_background, wait_for_pause
+from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump
 from prefect import flow
 from prefect.flow_runs import resume_flow_run
 
 from dbcore.backup.dump import list_backups
 from dbcore.connection import Env, Target
 from dbcore.deploy.recovery import schema_snapshot
-from dbcore.migrate.runner import apply_pending
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
 
@@ -71,18 +72,20 @@ def test_failed_post_checks_roll_back_by_the_rollback_functions(flow_env, db_url
                                                                 tmp_path):
     apply_pending(Target(Env.LOCAL, db_url), flow_env, upto="003")
     before = schema_dump(db_url)
-    # Models that expect a column no migration creates: the post-checks must fail.
+    # Models that disagree with what 004 builds (a difference the batch introduced: one that was
+    # there before the apply would only be a note): the post-checks must fail.
     (tmp_path / "models_ahead.py").write_text(textwrap.dedent("""\
         import peewee as pw
         from dbcore.models import Document, Project, SourceDir
 
-        class Extra(pw.Model):
-            name = pw.CharField()
+        class SourceDirAhead(SourceDir):
+            language = pw.CharField(max_length=5)  # 004 adds it as varchar(2)
 
             class Meta:
-                table_name = "project_extra"
+                table_name = "sourcedir"
+                indexes = ((("project", "path", "language"), True),)
 
-        MODELS = [Project, SourceDir, Document, Extra]
+        MODELS = [Project, SourceDirAhead, Document]
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")
@@ -131,12 +134,11 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
 
 def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause(result)
+    paused = wait_for_pause(thread, result)
     assert applied(db_url) == []  # nothing before the approval
     assert "migration-plan" in artifacts(paused.id)
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
-    thread.join(120)
-    state = result["state"]
+    state = final_state(thread, result)
     assert state.is_completed() and state.message.startswith("applied 4")
     actors = query(db_url, "SELECT DISTINCT actor FROM migration_audit")
     assert actors == [("Ada",)]
@@ -145,11 +147,10 @@ def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
 def test_a_rejected_run_changes_nothing(flow_env, db_url):
     before = schema_dump(db_url)
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause(result)
+    paused = wait_for_pause(thread, result)
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
                                           "comment": "not on a Friday"})
-    thread.join(120)
-    state = result["state"]
+    state = final_state(thread, result)
     assert state.is_failed()
     assert state.message == "rejected by Bob: not on a Friday, nothing changed"
     assert schema_dump(db_url) == before
@@ -216,13 +217,12 @@ def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_
 
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
     thread, result = run_in_background(require_approval=True)
-    paused = wait_for_pause(result)
+    paused = wait_for_pause(thread, result)
     with pytest.raises(RuntimeError, match="Cannot resume this run"):
         resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Ada"})
-    thread.join(120)
-    assert result["state"].message == "rejected by Ada, nothing changed"
+    assert final_state(thread, result).message == "rejected by Ada, nothing changed"
 
 
 def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch):
@@ -230,3 +230,40 @@ def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch
     state = migrate(require_approval=False, return_state=True)
     assert state.is_failed() and "production always needs an approval" in state.message
     assert applied(db_url) == []
+
+
+@needs_real_corpus
+def test_a_project_migrated_by_pw_migrate_1_6_takes_a_new_migration_through_the_flow(
+        flow_env, db_url, tmp_path, monkeypatch):
+    """The 46-file throat project (tests/fixtures/REAL_CORPUS.md), its history written by pw_migrate 1.6.6."""
+    real = REAL_CORPUS / "throat"
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db_url, "-f",
+                    str(real / "pw_migrate_dump.sql")], check=True, capture_output=True)
+    folder = tmp_path / "throat"
+    shutil.copytree(real / "migrations", folder)
+    (folder / "047_add_column.py").write_text(textwrap.dedent('''\
+        import peewee as pw
+
+
+        def migrate(migrator, database, *, fake=False):
+            migrator.add_fields("user", dm_note=pw.TextField(null=True))
+
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.remove_fields("user", "dm_note")
+        '''))
+    monkeypatch.setenv("MIGRATE_MIGRATIONS_DIR", str(folder))
+    monkeypatch.delenv("MIGRATE_MODELS")  # the app's own models are not ours to compare with
+    monkeypatch.syspath_prepend(str(real / "stubs"))  # the modules its migrations import
+    rows = "SELECT (SELECT count(*) FROM sub), (SELECT count(*) FROM sub_metadata), (SELECT count(*) FROM badge)"
+    before = query(db_url, rows)
+
+    state = migrate(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == "applied 1: 047_add_column"
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "MIGRATE_MODELS is not set" in plan  # no drift compare against the sample app
+    assert query(db_url, rows) == before  # the replays (rehearsal and apply) wrote nothing
+    cfg = flow_env.model_copy(update={"migrations_dir": folder})
+    assert rollback_last(Target(Env.LOCAL, db_url), cfg).names == ["047_add_column"]
+    assert applied(db_url)[-1] == "046_email_forwarded_notifications"

@@ -1,0 +1,119 @@
+"""A head start: the backup and the rehearsal's copy begun while the orchestrator is still starting.
+
+``python flows/migrate.py`` spends seconds starting Prefect's temporary API before the flow's
+first task runs, and the backup and the copy are the long part of a run. :func:`begin` plans in a
+thread and, when there is something to apply and the lint lets it through, starts the backup
+with the copy restored from its stream (:func:`dbcore.deploy.rehearsal.backup_into_copy`). The
+flow's backup task :meth:`HeadStart.claim`\\ s it only for the same plan (same target, history and
+files); anything else, or a head start nobody claimed, is discarded: its copy dropped, its backup
+left in the bucket as any other backup.
+
+Only a read of the database happens ahead: the plan, the lint, ``pg_dump``. Nothing is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from dbcore.backup.dump import BackupInfo
+from dbcore.connection import Target
+from dbcore.deploy.rehearsal import backup_into_copy, drop_quietly, scratch_target
+from dbcore.lint.engine import lint_pending
+from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def plan_key(plan: Plan) -> tuple:
+    """What makes two plans the same work: the history they start from and the files, by checksum."""
+    return plan.database, plan.applied_before, tuple((m.name, m.sha256) for m in plan.migrations)
+
+
+@dataclass
+class HeadStart:
+    """A backup and copy of ``target`` running in a thread since before the flow began."""
+
+    target: Target
+    settings: Settings
+    allow_destructive: bool = False
+    key: tuple | None = None
+    #: bytes read from pg_dump, and bytes of the stored object restored into the copy, so far
+    dumped: int = 0
+    restored: int = 0
+    scratch: Target | None = None
+    result: tuple[BackupInfo, float] | None = None
+    error: BaseException | None = None
+    claimed: bool = False
+    _planned: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self) -> None:
+        try:
+            plan = plan_apply(self.target, self.settings)
+            lint = lint_pending(self.settings.migrations_dir, [m.path for m in plan.migrations],
+                                allow_destructive=self.allow_destructive)
+            if plan.empty or not lint.ok:
+                return  # the flow finds the same and stops before any backup
+            self.key = plan_key(plan)
+            self._planned.set()
+            self.scratch = scratch_target(self.target, self.settings, uuid.uuid4().hex)
+            self.result = backup_into_copy(self.target, self.scratch, self.settings,
+                                           progress=self._dumped, restore_progress=self._restored)
+        except BaseException as exc:  # handed to whoever claims it; the flow plans again
+            self.error = exc
+        finally:
+            self._planned.set()
+            self._done.set()
+
+    def _dumped(self, done: int) -> None:
+        self.dumped = done
+
+    def _restored(self, done: int) -> None:
+        self.restored = done
+
+    def claim(self, plan: Plan, target: Target) -> bool:
+        """Take the head start for ``plan`` if it is doing exactly that work; True if taken."""
+        if self.claimed or target.url != self.target.url:
+            return False
+        self.planned()  # a moment: the plan and the lint, before the backup starts
+        if self.key != plan_key(plan):
+            return False
+        self.claimed = True
+        return True
+
+    def planned(self, timeout: float | None = None) -> bool:
+        """Wait until the head start knows its plan (or found nothing to do); True when it does."""
+        return self._planned.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the backup and the copy are done (or failed); True when finished."""
+        return self._done.wait(timeout)
+
+    def outcome(self) -> tuple[BackupInfo, Target, float]:
+        """Return (backup, copy, seconds) once finished; raise what the head start raised."""
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+        info, seconds = self.result
+        return info, self.scratch, seconds
+
+    def discard(self) -> None:
+        """Wait for an unclaimed head start to end and drop its copy (its backup stays stored)."""
+        if self.claimed:
+            return
+        self._done.wait()
+        if self.result is not None:
+            log.info("head start not used (the run planned something else or stopped before "
+                     "its backup): dropping its copy %s", self.scratch.dbname)
+            drop_quietly(self.target, self.scratch.dbname)
+
+
+def begin(target: Target, settings: Settings, *, allow_destructive: bool = False) -> HeadStart:
+    """Start planning, and the backup with its copy when there is work, in a daemon thread."""
+    head = HeadStart(target, settings, allow_destructive)
+    threading.Thread(target=head._run, name="dbmigrate-head-start", daemon=True).start()
+    return head

@@ -1,0 +1,75 @@
+"""The rehearsal's copy restored from the backup's own stream while it uploads (real PostgreSQL and SeaweedFS)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import apply_pending, query
+from test_backup import fill, fingerprint, leftovers
+
+from dbcore.backup.restore import verify_backup
+from dbcore.connection import Target
+from dbcore.deploy import head_start
+from dbcore.deploy.rehearsal import backup_into_copy, drop_quietly, scratch_target
+from dbcore.errors import RehearsalFailed
+from dbcore.migrate.plan import plan_apply
+
+
+def _exists(server_url: str, dbname: str) -> bool:
+    return bool(query(server_url, "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)))
+
+
+def test_the_copy_is_the_database_and_the_stored_backup_is_the_same_bytes(target, s3_settings):
+    fill(target.url)
+    scratch = scratch_target(target, s3_settings, "stream1")
+    seen: list[int] = []
+    info, seconds = backup_into_copy(target, scratch, s3_settings, restore_progress=seen.append)
+    try:
+        assert fingerprint(scratch.url) == fingerprint(target.url)
+        assert seen and seen[-1] == info.size  # every stored byte went through the restore
+        assert seconds > 0
+        # what the bucket holds is a whole backup of its own: it downloads, matches and reads back
+        assert verify_backup(info.key, s3_settings).sha256 == info.sha256
+    finally:
+        query(target.with_dbname("postgres").url, f'DROP DATABASE IF EXISTS "{scratch.dbname}" WITH (FORCE)')
+
+
+def test_a_copy_that_does_not_restore_fails_the_rehearsal_and_stores_nothing(target, s3_settings):
+    fill(target.url)
+    server = target.with_dbname("postgres").url
+    # the copy is made by a role that may create databases but not superuser-only objects: the
+    # dump's CREATE EXTENSION stops pg_restore part way, as a server without it would
+    query(target.url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    query(server, "DROP ROLE IF EXISTS stream_limited; CREATE ROLE stream_limited LOGIN CREATEDB")
+    limited = Target(target.env, target.url.replace("postgres@", "stream_limited@", 1))
+    scratch = scratch_target(limited, s3_settings, "stream2")
+    try:
+        with pytest.raises(RehearsalFailed, match="does not restore into a copy.*live database was not touched"):
+            backup_into_copy(target, scratch, s3_settings)
+        assert leftovers(s3_settings) == ([], [])  # no object, no unfinished upload
+        assert not _exists(server, scratch.dbname)
+    finally:
+        query(server, f'DROP DATABASE IF EXISTS "{scratch.dbname}" WITH (FORCE)')
+        query(server, "DROP ROLE IF EXISTS stream_limited")
+
+
+def test_a_head_start_is_taken_over_only_for_the_same_plan(target, s3_settings, migrations_dir):
+    settings = s3_settings.model_copy(update={"migrations_dir": migrations_dir})
+    apply_pending(target, settings, upto="003")
+    query(target.url, "INSERT INTO project (name, slug, created_at, updated_at) VALUES ('p', 'p', now(), now())")
+    head = head_start.begin(target, settings)
+    plan = plan_apply(target, settings)
+    assert head.claim(plan, target)
+    info, copy, seconds = head.outcome()
+    try:
+        assert query(copy.url, "SELECT name FROM project") == [("p",)]  # the data, as it was
+        assert verify_backup(info.key, settings).sha256 == info.sha256
+    finally:
+        drop_quietly(target, copy.dbname)
+
+    other = head_start.begin(target, settings)
+    assert other.planned(timeout=30)
+    (migrations_dir / "004_fix_sourcedir_language.py").write_text(
+        (migrations_dir / "004_fix_sourcedir_language.py").read_text() + "\n# changed\n")
+    assert not other.claim(plan_apply(target, settings), target)  # a file changed: not the same work
+    other.discard()
+    assert not _exists(target.with_dbname("postgres").url, other.scratch.dbname)  # its copy is gone

@@ -130,9 +130,14 @@ def worker(start_service, production_env, prefect_server) -> Service:
     return service
 
 
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Chromium (Debian's /usr/bin/chromium, no browser download) driven by Playwright."""
+@pytest.fixture
+def page(tmp_path):
+    """A page of headless Chromium (Debian's /usr/bin/chromium, no browser download) driven by
+    Playwright, patient with a loaded machine; a last screenshot goes to tmp_path.
+
+    Per test, not per session: while Playwright's sync API is started, the thread has a running
+    event loop, and Prefect's sync functions (resume_flow_run) would hand back coroutines instead.
+    """
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -140,17 +145,9 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            yield chromium
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            yield page
+            page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
         finally:
             chromium.close()
-
-
-@pytest.fixture
-def page(browser, tmp_path):
-    """A fresh browser page, patient with a loaded machine; screenshots go to tmp_path."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(UI_TIMEOUT_MS)
-    page = context.new_page()
-    yield page
-    page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
-    context.close()

@@ -1,8 +1,9 @@
 """The `migrate` flow: pending migrations to a database, safely.
 
-resolve target -> tunnel (proxy) -> check connection -> plan + lint -> backup -> rehearsal on a
-copy -> plan artifact -> [dry run stops] -> approval pause -> apply (one transaction, lock) ->
-post-checks -> on failure the rollback subflow -> tunnel closed in every case.
+resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup (the
+rehearsal's copy made meanwhile) -> rehearsal on the copy -> plan artifact -> [dry run stops] ->
+approval pause -> plan again (same fingerprint) -> preflight again -> apply (one transaction,
+lock) -> post-checks -> on failure the rollback subflow -> tunnel closed in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads
@@ -36,7 +37,6 @@ from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
 from dbcore.deploy import head_start, policy
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
-from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
@@ -138,16 +138,19 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
         create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
                                  description="Lint errors stopped the run")
         raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
-    backup_info = rehearsal = None
+    backup_info = rehearsal = checked_before = None
     if backup:
+        with _stage("configuration", secret):
+            server = tasks.rehearsal_server(target, settings)  # never production's by default
+        with _stage("preflight", secret):
+            checked_before = tasks.preflight(target, settings, plan, "before the backup")
         with _stage("backup", secret):
-            # the rehearsal's copy is restored from the backup's own stream as it uploads
-            backup_info, copied = tasks.take_backup(target, settings, plan,
-                                                    copy_into=scratch_target(target, settings, run_id))
+            # the rehearsal's copy is made on that server while the backup uploads
+            backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
         with _stage("rehearsal", secret):
             rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                       allow_destructive, restored=copied)
-    deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal)
+                                       allow_destructive, copy)
+    deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
     if not deploy.ok:
@@ -185,6 +188,8 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
     if plan_fingerprint(again, backup_key) != fingerprint:
         raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
                                       f"{plan_changes(plan, again)}; run again and approve the new plan"))
+    with _stage("preflight", secret):
+        tasks.preflight(target, settings, plan, "before the apply", deploy.rehearsal)
     with _stage("snapshot", secret):
         before = tasks.snapshot(target)
         drift = tasks.drift_before(target, models)
@@ -296,7 +301,11 @@ def _head_start(args: argparse.Namespace):
         return None  # the flow says what is wrong, in its own words
     if target.env is Env.PROXY:
         return None
-    head = head_start.begin(target, settings, allow_destructive=args.allow_destructive)
+    try:
+        server = tasks.rehearsal_server(target, settings)
+    except DbcoreError:
+        return None  # the flow says what is wrong, in its own words
+    head = head_start.begin(target, settings, server, allow_destructive=args.allow_destructive)
     tasks.HEAD_STARTS.append(head)
     return head
 

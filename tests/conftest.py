@@ -7,10 +7,13 @@ private cluster.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -50,6 +53,21 @@ def pg_server_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def other_pg_server_url():
+    """URL of the maintenance database of a second private server: where a rehearsal copy goes
+    when it must not land on the target's cluster."""
+    root = Path(tempfile.mkdtemp(prefix="dbmigrate-pg-other-"))
+    cluster = PostgresCluster(root)
+    cluster.init()
+    cluster.start(fast=True)
+    try:
+        yield cluster.url("postgres")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _admin(server_url: str):
     conn = psycopg2.connect(server_url)
     conn.autocommit = True
@@ -78,6 +96,18 @@ def make_database(pg_server_url):
         for name in created:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+@pytest.fixture
+def forwarder_settings(pg_server_url, tmp_path) -> Settings:
+    """Settings whose tunnel command is the TCP forwarder (tests/tcp_forwarder.py, in place of
+    `fly proxy`) to the test PostgreSQL server."""
+    server = urlsplit(pg_server_url)
+    forwarder = Path(__file__).resolve().parent / "tcp_forwarder.py"
+    command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(forwarder))} {{local_port}} "
+               f"{server.hostname} {server.port}")
+    return Settings(proxy_command=command, proxy_local_port=0, proxy_start_timeout=10,
+                    local_dir=tmp_path / ".local")
 
 
 @pytest.fixture
@@ -121,5 +151,5 @@ def receiver(monkeypatch):
     server.close()
 
 
-# Fixtures of other areas live in their own modules beside this file (S3 server, lint fixtures).
-pytest_plugins = ["fixtures_s3"]
+# Fixtures of other areas live in their own modules beside this file (S3 server, flows).
+pytest_plugins = ["fixtures_s3", "fixtures_flows"]

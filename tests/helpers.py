@@ -79,3 +79,9 @@ def apply_pending(target: Target, settings: Settings, *, upto: str | None = None
 def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwargs) -> RunReport:
     """Plan and roll back the newest ``count`` applied migrations, as `dbmigrate rollback` does."""
     return execute(plan_rollback(target, settings, count=count), target, settings, **kwargs)
+
+
+def random_rows(url: str, megabytes: int) -> None:
+    """Add a table of ``megabytes`` of incompressible rows, so that a backup takes a while."""
+    query(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto; CREATE TABLE blobs AS SELECT g AS id, "
+               f"gen_random_bytes(1024) AS data FROM generate_series(1, {megabytes * 1000}) g")

@@ -253,11 +253,16 @@ def restore_backup(
         path = Path(tmp) / "backup.dump"
         # the whole object is checked before the target is touched (or even created)
         info = _fetch(storage, key, path, progress)
-        if _major(info.pg_dump_version) > state.server_major:
+        # a newer pg_dump may have dumped an older server: the dumped server's major counts
+        source_major = info.server_major or _major(info.pg_dump_version)
+        if source_major > state.server_major:
             raise RestoreRefused(
-                f"{key} was written by pg_dump {info.pg_dump_version}, newer than the PostgreSQL "
-                f"{state.server_major} server of {into.dbname}: restore it into a server of "
-                f"version {_major(info.pg_dump_version)} or later")
+                f"{key} holds a PostgreSQL {source_major} database (pg_dump "
+                f"{info.pg_dump_version}), newer than the PostgreSQL {state.server_major} server "
+                f"of {into.dbname}: restore it into a server of version {source_major} or later")
+        if pg_restore.major < _major(info.pg_dump_version):
+            # an archive of a newer pg_dump needs a pg_restore at least as new
+            pg_restore = find_pg_tool("pg_restore", _major(info.pg_dump_version))
         _archive_entries(pg_restore, path, key)
         if not state.exists:
             create_database(into)

@@ -14,6 +14,7 @@ from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
+from dbcore.migrate.retry import apply_retrying
 from dbcore.migrate.runner import execute
 
 
@@ -137,13 +138,23 @@ def _backed_up(info) -> None:
           file=sys.stderr, flush=True)
 
 
-def _run(ctx: Context, plan: Plan, run=execute) -> int:
-    """Show the plan, run it with progress on stderr, print what happened."""
+def _run(ctx: Context, plan: Plan) -> int:
+    """Show the plan, run it with progress on stderr, print what happened.
+
+    An apply obeys the live-target policy: on production or proxy --actor names who approves the
+    printed plan, and a backup is taken right before it (a dry run changes nothing, needs neither).
+    """
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
     quiet = ctx.args.json
     if not quiet:
         print(_render_plan(plan), file=sys.stderr)
+    # an apply rolled back at lock_timeout is tried again with backoff (a dry run is not)
+    run = apply_retrying if plan.action == "apply" and not ctx.args.dry_run else execute
+    if plan.action == "apply":
+        from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
+
+        run = partial(apply_guarded, backed_up=_backed_up, run=run)
     report = run(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
                  actor=ctx.args.actor, run_id=ctx.args.run_id,
                  progress=None if quiet else _print_progress)
@@ -152,15 +163,8 @@ def _run(ctx: Context, plan: Plan, run=execute) -> int:
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock.
-
-    On production or proxy the live-target policy holds: --actor names who approves the printed
-    plan, and a backup is taken right before the apply (a dry run changes nothing and needs neither).
-    """
-    from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
-
-    return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target),
-                partial(apply_guarded, backed_up=_backed_up))
+    """Apply pending migrations in one transaction under the migration lock."""
+    return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target))
 
 
 def cmd_rollback(ctx: Context) -> int:

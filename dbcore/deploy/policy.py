@@ -48,8 +48,9 @@ def require_named_approver(env: Env, approver: str | None) -> None:
 
 def apply_guarded(plan: Plan, target: Target, settings: Settings, *, actor: str | None,
                   run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
-                  backed_up: Callable[[BackupInfo], None] | None = None) -> RunReport:
-    """Apply ``plan`` as the policy says; return the run's report.
+                  backed_up: Callable[[BackupInfo], None] | None = None,
+                  run: Callable[..., RunReport] = execute) -> RunReport:
+    """Apply ``plan`` with ``run`` (the runner's execute, or a retrying one) as the policy says; return its report.
 
     On a live target the actor must be named (the approval) and a backup is taken right before
     the apply (``backed_up`` is told where it went); a failed backup stops before any change.
@@ -60,5 +61,5 @@ def apply_guarded(plan: Plan, target: Target, settings: Settings, *, actor: str 
         info = backup_to_s3(target, settings)
         if backed_up:
             backed_up(info)
-    return execute(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
-                   progress=progress)
+    return run(plan, target, settings, actor=actor, run_id=run_id, dry_run=dry_run,
+               progress=progress)

@@ -79,13 +79,16 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def production_env(prefect_server, db_url, s3_settings, migrations_dir, receiver) -> dict[str, str]:
-    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect;
-    the migrations are a copy a test may change, and notifications go to a local receiver."""
+def production_env(prefect_server, db_url, s3_settings, other_pg_server_url, migrations_dir,
+                   receiver) -> dict[str, str]:
+    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect,
+    and the server the rehearsal copy is restored to (never the production cluster); the
+    migrations are a copy a test may change, and notifications go to a local receiver."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
             "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
             "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
+            "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url,
             "MIGRATE_MIGRATIONS_DIR": str(migrations_dir), "MIGRATE_NOTIFY_URL": receiver.url}
 
 

@@ -164,7 +164,7 @@ def test_an_unanswered_approval_times_out_as_rejected(flow_env, db_url):
 
 
 def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, monkeypatch,
-                                                             pg_server_url):
+                                                             pg_server_url, tmp_path):
     import shlex
     import sys
     from pathlib import Path
@@ -178,10 +178,24 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     monkeypatch.setenv("MIGRATE_PROXY_LOCAL_PORT", "0")
     # As Fly names it: only the tunnel's local end can reach it.
     monkeypatch.setenv("DATABASE_URL", f"postgres://postgres:pw@my-db.flycast:5432{urlsplit(db_url).path}")
+    # the rehearsal runs on the laptop's embedded cluster, started here for the run
+    monkeypatch.setenv("MIGRATE_LOCAL_DIR", str(tmp_path / ".local"))
     before = schema_dump(db_url)
-    state = migrate(env="proxy", dry_run=True, return_state=True)
+    try:
+        state = migrate(env="proxy", dry_run=True, return_state=True)
+    finally:
+        import shutil
+
+        from dbcore.services.local import down, local_postgres_root
+        from dbcore.settings import Settings
+
+        laptop = Settings(local_dir=tmp_path / ".local")
+        down(laptop)
+        shutil.rmtree(local_postgres_root(laptop).parent, ignore_errors=True)  # /var/tmp/dbmigrate-* as root
     assert state.is_completed(), state.message
     assert state.message.startswith("dry run: would apply 4")
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "on the embedded local cluster" in plan and "not through the tunnel" in plan
     assert schema_dump(db_url) == before
     backup = list_backups(flow_env)[0]
     assert backup.env == "proxy"
@@ -191,25 +205,29 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     assert left.strip() == ""  # the tunnel was closed
 
 
-def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_url, monkeypatch):
+def test_a_busy_migration_lock_stops_the_run_at_preflight_with_nothing_changed(flow_env, db_url,
+                                                                               monkeypatch):
+    # (a lock taken between the preflight and the apply: MigrationLockTimeout, tests/dbcore)
     import psycopg2
 
     from dbcore.settings import Settings
-    from flows import tasks
 
-    monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "1")
-    monkeypatch.setattr(tasks.apply, "retry_delay_seconds", [0, 0, 0])  # retried, but quickly
-    holder = psycopg2.connect(db_url)  # another deploy, holding the migration lock
-    holder.autocommit = True
+    monkeypatch.setenv("MIGRATE_PREFLIGHT_WAIT", "1")
+    holder = psycopg2.connect(db_url, application_name="dbmigrate lock: apply by ci")
+    holder.autocommit = True  # another deploy, holding the migration lock
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (Settings().advisory_lock_key,))
     try:
         before = schema_dump(db_url)
         state = migrate(return_state=True)
+        pid = holder.get_backend_pid()
     finally:
         holder.close()
     assert state.is_failed()
-    assert state.message.startswith("failed at apply, nothing changed: another migration run "
-                                    "holds the lock")
+    assert state.message.startswith("failed at preflight, nothing changed: 1 session(s) would "
+                                    "block the migration")
+    assert f"pid {pid} (dbmigrate lock: apply by ci, holds the migration lock since" in state.message
+    assert "another migration run" in state.message
+    assert list_backups(flow_env) == []  # stopped before the backup
     assert schema_dump(db_url) == before
     assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
                  ("%_failed_%",)) == [(0,)]  # no restore was attempted

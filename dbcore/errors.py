@@ -116,3 +116,7 @@ class TunnelError(DbcoreError):
     """The proxy tunnel could not be opened or died (command missing, exited, port never opened)."""
 
     retryable = True
+
+
+class LivePolicyRefused(ConfigError):
+    """A production or proxy change was asked for without the backup or the approval it needs."""

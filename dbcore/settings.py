@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     #: compression threads; 0 means one per core
     backup_zstd_threads: int = 0
 
+    # -- notifications (dbcore/notify.py): a Slack-compatible incoming webhook, or any endpoint
+    #: that accepts {"text": ...} JSON; its URL holds a token, so it is a secret
+    notify_url: SecretStr | None = None
+    #: seconds a notification may take before it is given up (it never blocks a run for longer)
+    notify_timeout: float = 5.0
+
     # -- embedded local services for `make run`
     local_dir: Path = DEFAULT_LOCAL_DIR
 

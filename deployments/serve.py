@@ -16,6 +16,8 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
 from flows.migrate import migrate
 
 
@@ -25,9 +27,11 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--name", default="migrate-production", help="deployment name")
     args = parser.parse_args(argv)
     # env asserts where the run is: a serving process without FLY_APP_NAME fails every run at once
+    # one deploy at a time, the next one queued (docs/deploy.md), as in deployments/prefect.yaml
     migrate.serve(name=args.name, parameters={"env": "production"},
                   description="Pending migrations to the production database, after approval",
-                  tags=["migrations"])
+                  tags=["migrations"],
+                  global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,25 @@
-"""The approval form shown in the Prefect UI when a run pauses before applying."""
+"""The approval form shown in the Prefect UI when a run pauses, and the one helper that asks it.
 
+Both approvals of a run use :func:`ask_approval`: the apply's (the plan) and, should the
+rollback functions fail, the restore's (the backup to put back). An approval covers one
+fingerprint, once: the form carries the fingerprint of what it approves (an answer naming
+another is refused while the run keeps waiting), and the pause key is unique to the attempt,
+so a retried run never finds the answer given to an earlier attempt (Prefect issue #12279).
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+from prefect import get_run_logger, pause_flow_run
+from prefect.client.orchestration import get_client
+from prefect.context import get_run_context
+from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
-from pydantic import ConfigDict, Field, model_validator
+from prefect.states import Failed
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
+
+from flows import notifications
 
 # The server checks an answer against the form's JSON schema only: "a name when approving" is
 # said there too, so that a nameless approval is refused while the run keeps waiting.
@@ -19,6 +37,7 @@ class Approval(RunInput):
     approve: bool = Field(default=False, description="Apply the migrations of the plan artifact")
     approver: str = Field(default="", description="Your name, recorded in migration_audit")
     comment: str = Field(default="", description="Why (optional)")
+    fingerprint: str = Field(default="", description="The plan's fingerprint, as shown above: leave it")
 
     @model_validator(mode="after")
     def _approver_named(self) -> "Approval":
@@ -28,6 +47,65 @@ class Approval(RunInput):
         return self
 
 
-def approval_form(plan_markdown: str) -> type[Approval]:
-    """Return the form with fail-safe defaults (an empty resume rejects) and the plan as its description."""
-    return Approval.with_initial_data(description=plan_markdown, approve=False)
+def approval_form(description: str, fingerprint: str) -> type[Approval]:
+    """Return the form for ``fingerprint``: fail-safe defaults (an empty resume rejects), ``description`` above.
+
+    The fingerprint field accepts only ``fingerprint`` (a JSON-schema pattern the server checks,
+    and pydantic at load): an answer for another plan is refused while the run keeps waiting.
+    """
+    form = create_model("Approval", __base__=Approval, fingerprint=(str, Field(
+        default=fingerprint, pattern=f"^{fingerprint}$",
+        description="The plan's fingerprint, as shown above: leave it")))
+    return form.with_initial_data(description=description, approve=False)
+
+
+def pause_key(fingerprint: str) -> str:
+    """Return a pause key unique to this attempt of the run and to what is approved."""
+    attempt = get_run_context().flow_run.run_count
+    return f"plan-{fingerprint}-attempt-{attempt}-{uuid.uuid4().hex[:8]}"
+
+
+def fingerprint_of(key: Optional[str]) -> Optional[str]:
+    """Return the fingerprint inside a pause key made by :func:`pause_key`, or None."""
+    parts = (key or "").split("-")
+    return parts[1] if len(parts) >= 2 and parts[0] == "plan" else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The approver's answer: approved (by whom, why), or else the refusal in words."""
+
+    approved: bool
+    approver: str = ""
+    comment: str = ""
+    refusal: str = ""  # "rejected by Bob: not on a Friday", "rejected (no answer within 60s)"
+
+
+def ask_approval(description: str, *, headline: str, fingerprint: str, timeout: int,
+                 consequence: str) -> Decision:
+    """Pause the current run until the form is answered, or ``timeout`` seconds; return the decision.
+
+    The approver is notified (``headline``, the run's URL, the terminal command). No answer in
+    time, or an approval without a name, is a refusal; ``consequence`` (what a refusal means,
+    e.g. "nothing changed") ends the message Prefect shows for a timed-out run.
+    """
+    notifications.waiting_for_approval(headline, fingerprint)
+    try:
+        answer = pause_flow_run(wait_for_input=approval_form(description, fingerprint),
+                                timeout=timeout, poll_interval=2, key=pause_key(fingerprint))
+    except FlowPauseTimeout:
+        refusal = f"rejected (no answer within {timeout}s)"
+        # Prefect has already failed the run with its own words; put ours in their place.
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(get_run_context().flow_run.id,
+                                      Failed(message=f"{refusal}, {consequence}"), force=True)
+        return Decision(False, refusal=refusal)
+    except ValidationError:
+        # The form's schema cannot say "a name when approving"; the model does, at load.
+        return Decision(False, refusal="rejected (an approval must give the approver's name)")
+    why = f": {answer.comment}" if answer.comment else ""
+    if not answer.approve:
+        who = f" by {answer.approver}" if answer.approver else ""
+        return Decision(False, answer.approver, answer.comment, refusal=f"rejected{who}{why}")
+    get_run_logger().info("approved by %s%s", answer.approver, why)
+    return Decision(True, answer.approver, answer.comment)

@@ -1,16 +1,21 @@
 """Approve or reject a paused `migrate` run from a terminal (Prefect has no `flow-run resume`).
 
-    python flows/approve.py RUN_ID --approve --approver NAME [--comment TEXT]
+    python flows/approve.py --list
+    python flows/approve.py RUN_ID --approve --approver NAME [--comment TEXT] [--fingerprint FP]
     python flows/approve.py RUN_ID --reject --approver NAME [--comment TEXT]
 
 Talks to the server in PREFECT_API_URL (the one the run is paused on), else to the local one
-`make run` started. Exit codes: 0 the answer
-was accepted; 1 it was not (the run is not paused or not found, the answer is invalid, the
-server is unreachable); 2 a usage error.
+`make run` started. ``--fingerprint`` is the
+plan fingerprint you read (in the plan, the form, ``--list`` and the notification): if the run
+now waits for another plan, the approval is refused. Exit codes: 0 the answer was accepted (or
+the list was printed); 1 it was not (the run is not paused or not found, its plan changed, the
+answer is invalid, the server is unreachable); 2 a usage error.
 """
 
 import argparse
+import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 from uuid import UUID
@@ -24,67 +29,140 @@ if __name__ == "__main__":  # without PREFECT_API_URL: the local Prefect API of 
 
 import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
-from flows.approval import Approval
+from flows.approval import Approval, fingerprint_of
+
+#: DeployPlan.headline(): "N migration(s) to apply to URL (ENV)"
+_HEADLINE_TARGET = re.compile(r" to apply to (\S+) \((\w+)\)$")
 
 
 def plan_headline(client: SyncPrefectClient, run_id: UUID) -> Optional[str]:
-    """Return the one-line summary of the run's `migration-plan` artifact, or None if it has none."""
+    """Return the one-line summary of the run's newest `migration-plan` artifact, or None if it has none."""
     found = client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
-        key=ArtifactFilterKey(any_=["migration-plan"])))
+        key=ArtifactFilterKey(any_=["migration-plan"])), sort=ArtifactSort.CREATED_DESC, limit=1)
     return found[0].description if found else None
 
 
-def answer(run_id: UUID, approval: Approval) -> tuple[bool, str]:
-    """Resume the paused run with ``approval``; return (accepted, one line saying what happened)."""
+def waiting_fingerprint(run: FlowRun) -> Optional[str]:
+    """Return the fingerprint of the plan a paused run waits to have approved, or None."""
+    if run.state is None or run.state.type is not StateType.PAUSED:
+        return None
+    return fingerprint_of(run.state.state_details.pause_key)
+
+
+def _since(moment: datetime) -> str:
+    minutes = int((datetime.now(timezone.utc) - moment).total_seconds() // 60)
+    return f"{moment.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC ({minutes} min ago)"
+
+
+def list_paused() -> list[str]:
+    """Return one line per `migrate` run waiting for an approval, oldest first."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["migrate", "rollback-migrations"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
+            sort=FlowRunSort.START_TIME_ASC)
+        lines = []
+        for run in runs:
+            headline = plan_headline(client, run.id) or "(no plan artifact)"
+            found = _HEADLINE_TARGET.search(headline)
+            target = f"{found.group(1)} ({found.group(2)})" if found else "?"
+            lines.append(f"{run.id}  {run.name}  target {target}  paused since "
+                         f"{_since(run.state.timestamp)}  plan {waiting_fingerprint(run) or '?'}\n"
+                         f"    {headline}")
+    return lines
+
+
+def answer(run_id: UUID, approval: Approval, reviewed: Optional[str] = None) -> tuple[bool, str]:
+    """Resume the paused run with ``approval``; return (accepted, one line saying what happened).
+
+    ``reviewed`` is the fingerprint the approver read: a run now waiting for another is refused.
+    """
     verb = "approved" if approval.approve else "rejected"
     with get_client(sync_client=True) as client:
         try:
-            client.read_flow_run(run_id)  # the server answers a resume of an unknown run with a 500
+            run = client.read_flow_run(run_id)  # the server answers a resume of an unknown run with a 500
         except ObjectNotFound:
             return False, f"no flow run {run_id} on {client.api_url}"
+        waiting = waiting_fingerprint(run)
+        if approval.approve and reviewed and waiting and reviewed != waiting:
+            return False, (f"not approved: run {run_id} now waits for plan {waiting}, not the plan "
+                           f"{reviewed} you read: the plan changed; read it again (--list)")
         headline = plan_headline(client, run_id)
         if headline:
             print(f"plan: {headline}")
-        result = client.resume_flow_run(run_id, run_input=approval.model_dump(
-            include={"approve", "approver", "comment"}))
+        run_input = approval.model_dump(include={"approve", "approver", "comment"})
+        if waiting:
+            run_input["fingerprint"] = reviewed or waiting
+        result = client.resume_flow_run(run_id, run_input=run_input)
     if result.status is not SetStateStatus.ACCEPT:  # REJECT/ABORT come back with HTTP 200
         reason = result.details.reason if result.details else result.status.value
         return False, f"not {verb}: the server refused the answer for run {run_id}: {reason}"
     return True, f"{verb} run {run_id} as {approval.approver}: the run resumes"
 
 
-def main(argv: Optional[list] = None) -> int:
-    """Parse the arguments, send the answer, print one line; return the exit code."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python flows/approve.py", description=__doc__.splitlines()[0])
-    parser.add_argument("run_id", type=UUID, help="the paused flow run's id (shown in the UI)")
-    choice = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("run_id", type=UUID, nargs="?", help="the paused flow run's id (shown in the UI)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--list", action="store_true", help="list the runs waiting for an approval")
     choice.add_argument("--approve", action="store_true", help="apply the plan")
     choice.add_argument("--reject", action="store_true", help="change nothing")
-    parser.add_argument("--approver", required=True, help="your name, recorded in migration_audit")
+    parser.add_argument("--approver", help="your name, recorded in migration_audit")
     parser.add_argument("--comment", default="", help="why (optional)")
+    parser.add_argument("--fingerprint", help="the plan fingerprint you read: refused if the plan changed")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> tuple[bool, str]:
+    if args.list:
+        lines = list_paused()
+        where = get_current_settings().api.url
+        return True, "\n".join(lines) if lines else f"no run is waiting for an approval on {where}"
+    approval = Approval(approve=args.approve, approver=args.approver, comment=args.comment)
+    return answer(args.run_id, approval, args.fingerprint)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Parse the arguments, list or send the answer, print what happened; return the exit code."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        approval = Approval(approve=args.approve, approver=args.approver, comment=args.comment)
-    except ValidationError as exc:
-        parser.error(exc.errors()[0]["msg"])
+    if not args.list:
+        if args.run_id is None or not (args.approve or args.reject) or args.approver is None:
+            parser.error("give RUN_ID, --approve or --reject, and --approver NAME (or --list)")
+        try:
+            Approval(approve=args.approve, approver=args.approver, comment=args.comment)
+        except ValidationError as exc:
+            parser.error(exc.errors()[0]["msg"])
     if not get_current_settings().api.url:  # an ephemeral API would never know the run
         parser.error("set PREFECT_API_URL to the API of the server the run is paused on")
     try:
-        accepted, line = answer(args.run_id, approval)
+        ok, text = _run(args)
     except httpx.HTTPStatusError as exc:
-        accepted, line = False, (f"run {args.run_id} refused by the server: HTTP "
-                                 f"{exc.response.status_code} {exc.response.reason_phrase}")
+        ok, text = False, (f"refused by the server: HTTP {exc.response.status_code} "
+                           f"{exc.response.reason_phrase}")
     except httpx.HTTPError as exc:
-        accepted, line = False, f"cannot reach the Prefect API: {exc}"
-    print(line)
-    return 0 if accepted else 1
+        ok, text = False, f"cannot reach the Prefect API: {exc}"
+    print(text)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

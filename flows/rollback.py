@@ -12,10 +12,8 @@ the calling flow hands them over in-process, keyed by run id.
 import hashlib
 from typing import Optional
 
-from prefect import flow, get_run_logger, pause_flow_run, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import FlowPauseTimeout
-from pydantic import ValidationError
 
 from dbcore.connection import Target
 from dbcore.deploy import recovery
@@ -23,7 +21,7 @@ from dbcore.errors import DbcoreError, RollbackFailed
 from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
-from flows.approval import approval_form
+from flows.approval import ask_approval
 
 _HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 
@@ -50,21 +48,15 @@ def restore(target: Target, settings: Settings, backup_key: str, run_id: str) ->
 def _restore_approved(target: Target, backup_key: str, timeout: int) -> None:
     """Pause for a second approval of the restore; raise RollbackFailed unless approved."""
     left = "the database is left as the failed apply left it: restore it by hand"
-    try:
-        answer = pause_flow_run(
-            wait_for_input=approval_form(
-                f"# Restore the backup?\n\nThe rollback functions did not bring "
-                f"`{target.dbname}` back. Approving replaces the database with backup "
-                f"`{backup_key}`. **Writes made since that backup was taken will then exist only "
-                "in the old database**, which is kept under another name."),
-            timeout=timeout, poll_interval=2)
-    except FlowPauseTimeout:
-        raise RollbackFailed(f"the restore of {backup_key} was not approved within {timeout}s: "
-                             f"{left}") from None
-    except ValidationError:
-        raise RollbackFailed(f"the restore of {backup_key} was approved without a name: {left}") from None
-    if not answer.approve:
-        raise RollbackFailed(f"the restore of {backup_key} was rejected: {left}")
+    decision = ask_approval(
+        f"# Restore the backup?\n\nThe rollback functions did not bring `{target.dbname}` back. "
+        f"Approving replaces the database with backup `{backup_key}`. **Writes made since that "
+        "backup was taken will then exist only in the old database**, which is kept under another "
+        "name.", headline=f"restore backup {backup_key} over {target.dbname}",
+        fingerprint=hashlib.sha256(backup_key.encode()).hexdigest()[:16], timeout=timeout,
+        consequence=left)
+    if not decision.approved:
+        raise RollbackFailed(f"the restore of {backup_key} was not approved: {decision.refusal}: {left}")
 
 
 @flow(name="rollback-migrations", log_prints=False)

@@ -21,12 +21,12 @@ from dbcore.checks import post as checks
 from dbcore.connection import Env, Target, server_version
 from dbcore.deploy import head_start, recovery, rehearsal, scratch, touched
 from dbcore.deploy import preflight as preflight_checks
-from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
 from dbcore.migrate import retry
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.settings import Settings
 
 #: backups begun in this process before the flow started (flows/migrate.py main()); a task
@@ -212,8 +212,8 @@ def snapshot(target: Target) -> str:
 
 @task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30], retry_jitter_factor=0.5,
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
-def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str
-          ) -> planning.RunReport:
+def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str,
+          approval: ApprovalRecord) -> planning.RunReport:
     """Apply the plan in one transaction under the migration lock.
 
     A table lock timeout is retried inside, with jittered backoff (dbcore.migrate.retry); the
@@ -227,7 +227,7 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
                         event.seconds)
 
     return retry.apply_retrying(plan, target, settings, actor=actor, run_id=run_id,
-                                progress=progress)
+                                progress=progress, approval=approval)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
@@ -240,9 +240,3 @@ def post_checks(target: Target, models, before=None) -> checks.CheckReport:
 def drift_before(target: Target, models):
     """Return the drift of the live database before the apply (None without models)."""
     return checks.drift_before(target, models)
-
-
-def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None,
-                preflight_report=None) -> DeployPlan:
-    """Return the deploy plan (not a task: it only gathers data)."""
-    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report, preflight_report)

@@ -140,5 +140,16 @@ def migrations_dir(tmp_path) -> Path:
     return dest
 
 
+@pytest.fixture
+def receiver(monkeypatch):
+    """A real HTTP receiver of notifications on 127.0.0.1, set as MIGRATE_NOTIFY_URL."""
+    from receiver import Receiver
+
+    server = Receiver()
+    monkeypatch.setenv("MIGRATE_NOTIFY_URL", server.url)
+    yield server
+    server.close()
+
+
 # Fixtures of other areas live in their own modules beside this file (S3 server, flows).
 pytest_plugins = ["fixtures_s3", "fixtures_flows"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 from dbcore.cli.context import Context
 from dbcore.connection import Env, connect
@@ -132,8 +133,17 @@ def cmd_plan(ctx: Context) -> int:
     return 0 if deploy.lint.ok else 1
 
 
+def _backed_up(info) -> None:
+    print(f"backup before the apply: {info.key} ({info.size} bytes, sha256 {info.sha256[:16]}...)",
+          file=sys.stderr, flush=True)
+
+
 def _run(ctx: Context, plan: Plan) -> int:
-    """Show the plan, run it with progress on stderr, print what happened."""
+    """Show the plan, run it with progress on stderr, print what happened.
+
+    An apply obeys the live-target policy: on production or proxy --actor names who approves the
+    printed plan, and a backup is taken right before it (a dry run changes nothing, needs neither).
+    """
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
     quiet = ctx.args.json
@@ -141,6 +151,10 @@ def _run(ctx: Context, plan: Plan) -> int:
         print(_render_plan(plan), file=sys.stderr)
     # an apply rolled back at lock_timeout is tried again with backoff (a dry run is not)
     run = apply_retrying if plan.action == "apply" and not ctx.args.dry_run else execute
+    if plan.action == "apply":
+        from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
+
+        run = partial(apply_guarded, backed_up=_backed_up, run=run)
     report = run(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
                  actor=ctx.args.actor, run_id=ctx.args.run_id,
                  progress=None if quiet else _print_progress)
@@ -208,6 +222,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                             "(it takes the same table locks: local only unless --on-live)")
         p.add_argument("--on-live", action="store_true",
                        help="allow --dry-run outside local")
-        p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+        p.add_argument("--actor", help="who to record in migration_audit (default: OS user); "
+                                       "apply on production or proxy needs it: the approver")
         p.add_argument("--run-id", help="an id to record in migration_audit (a CI job, a ticket)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -7,6 +7,8 @@ a password ever goes in: the database is shown masked.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,28 @@ def _statement(captured: str) -> str:
     sql, _, params = captured.partition(" -- params: ")
     note = " -- with parameters (values not shown)" if params else ""
     return sql.rstrip(";") + ";" + note
+
+
+def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
+    """Return 16 hex digits that change when the target, a migration (name or file) or the backup does.
+
+    An approval covers the plan of one fingerprint: the flow re-makes the plan right before the
+    apply and refuses to go on when the fingerprint differs from the approved one.
+    """
+    data = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
+            "backup": backup_key}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_changes(before: Plan, after: Plan) -> str:
+    """Return, in a few words, how ``after`` differs from ``before`` (migrations added, gone, edited)."""
+    old, new = dict((m.name, m.sha256) for m in before.migrations), dict((m.name, m.sha256) for m in after.migrations)
+    words = [f"{n}.py changed on disk" for n in new if n in old and new[n] != old[n]]
+    words += [f"{n}.py is new" for n in new if n not in old]
+    words += [f"{n}.py is no longer pending" for n in old if n not in new]
+    if before.database != after.database:
+        words.append("the target database is another")
+    return ", ".join(words) or "the backup is another"
 
 
 def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
@@ -79,10 +103,24 @@ class DeployPlan:
         """True when nothing found so far blocks the apply."""
         return self.lint.ok and (self.rehearsal is None or self.rehearsal.ok)
 
+    @property
+    def fingerprint(self) -> str:
+        """The plan's fingerprint (:func:`plan_fingerprint`): what an approval covers."""
+        return plan_fingerprint(self.plan, self.backup.key if self.backup else None)
+
     def headline(self) -> str:
         """One line: what would be applied where."""
         n = len(self.plan.migrations)
         return f"{n} migration(s) to apply to {self.plan.database} ({self.env})"
+
+    def summary(self) -> str:
+        """The first line an approver reads, in markdown: how many, which database, the verdict, the fingerprint."""
+        n = len(self.plan.migrations)
+        verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
+            "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
+        dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
+        return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
+                f"plan fingerprint `{self.fingerprint}`")
 
     def to_dict(self) -> dict:
         return {
@@ -90,11 +128,15 @@ class DeployPlan:
             "backup": self.backup.to_dict() if self.backup else None,
             "rehearsal": self.rehearsal.to_dict() if self.rehearsal else None, "ok": self.ok,
             "preflight": self.preflight.to_dict() if self.preflight else None,
+            "fingerprint": self.fingerprint,
         }
 
     def to_markdown(self) -> str:
         """Return the plan as a markdown document (the approval artifact)."""
-        out = [f"# Migration plan: {self.headline()}", ""]
+        # code spans, not bare text: the UI's markdown would turn a URL into a link
+        backup = f"`{self.backup.key}`" if self.backup else "**none**"
+        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", "",
+               "### Migrations", ""]
         rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
         out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
         for number, (atomic, group) in enumerate(self.plan.phases, 1):
@@ -138,7 +180,7 @@ class DeployPlan:
 
     def text(self) -> str:
         """Return the plan for a terminal."""
-        out = [self.headline()]
+        out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
         for atomic, group in self.plan.phases:
             kind = "one transaction" if atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in group]

@@ -1,8 +1,9 @@
 """What the database says was applied: peewee-migrate's ``migratehistory`` and our ``migration_audit``.
 
 peewee-migrate's history has no checksum, so every apply and rollback also writes an audit row
-(name, sha256 of the file, when, who, run id). Reads never create tables: ``status`` on a
-production database must not write.
+(name, sha256 of the file, when, who, run id; and for an approved plan the approver, their
+comment and the plan's fingerprint). Reads never create tables: ``status`` on a production
+database must not write.
 """
 
 from __future__ import annotations
@@ -29,9 +30,23 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     at          timestamptz NOT NULL DEFAULT now(),
     actor       text        NOT NULL,
     run_id      text,
-    duration_ms integer
+    duration_ms integer,
+    approver    text,
+    comment     text,
+    fingerprint text
 )
 """
+#: columns added after the first release: a table created before them gets them on the next apply
+_LATER_COLUMNS = ("approver", "comment", "fingerprint")
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """Who approved the plan being applied, why, and the fingerprint of the plan they read."""
+
+    approver: str | None  # None: the run needed no approval
+    comment: str | None
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,19 @@ def _as_utc(moment: datetime.datetime) -> datetime.datetime:
     return moment.replace(tzinfo=datetime.timezone.utc) if moment.tzinfo is None else moment
 
 
+def _columns(db: peewee.Database, table: str) -> set[str]:
+    return {row[0] for row in db.execute_sql(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+        "AND NOT attisdropped", (table,)).fetchall()}
+
+
 def ensure_audit_table(db: peewee.Database) -> None:
-    """Create ``migration_audit`` if missing (inside the caller's transaction)."""
+    """Create ``migration_audit`` if missing, or add the columns it lacks (inside the caller's transaction)."""
     db.execute_sql(_CREATE_AUDIT)
+    missing = [c for c in _LATER_COLUMNS if c not in _columns(db, AUDIT_TABLE)]
+    if missing:  # only then: ALTER TABLE takes a lock, even with IF NOT EXISTS
+        db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} " + ", ".join(
+            f"ADD COLUMN IF NOT EXISTS {c} text" for c in missing))
 
 
 def allow_baseline_rows(db: peewee.Database) -> None:
@@ -92,21 +117,27 @@ def allow_baseline_rows(db: peewee.Database) -> None:
 
 
 def record_audit(db: peewee.Database, *, name: str, action: str, checksum: str | None,
-                 actor: str, run_id: str | None, duration_ms: int | None) -> None:
+                 actor: str, run_id: str | None, duration_ms: int | None,
+                 approval: ApprovalRecord | None = None) -> None:
     """Insert one audit row (inside the caller's transaction, so it commits or rolls back with it)."""
     db.execute_sql(
-        f"INSERT INTO {AUDIT_TABLE} (name, action, checksum, actor, run_id, duration_ms) "
-        "VALUES (%s, %s, %s, %s, %s, %s)",
-        (name, action, checksum, actor, run_id, duration_ms),
+        f"INSERT INTO {AUDIT_TABLE} (name, action, checksum, actor, run_id, duration_ms, "
+        "approver, comment, fingerprint) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (name, action, checksum, actor, run_id, duration_ms,
+         approval.approver if approval else None, approval.comment if approval else None,
+         approval.fingerprint if approval else None),
     )
 
 
 def read_audit(db: peewee.Database, limit: int = 100) -> list[dict]:
-    """Return the newest audit rows first, as dicts; empty if the table does not exist."""
+    """Return the newest audit rows first, as dicts; empty if the table does not exist.
+
+    A table from before the approval columns reads as if they were empty (reads never write).
+    """
     if not _table_exists(db, AUDIT_TABLE):
         return []
-    cursor = db.execute_sql(
-        f"SELECT name, action, checksum, at, actor, run_id, duration_ms FROM {AUDIT_TABLE} "
-        "ORDER BY id DESC LIMIT %s", (limit,))
-    columns = [c[0] for c in cursor.description]
-    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+    have = _columns(db, AUDIT_TABLE)
+    wanted = ["name", "action", "checksum", "at", "actor", "run_id", "duration_ms", *_LATER_COLUMNS]
+    select = ", ".join(c if c in have else f"NULL AS {c}" for c in wanted)
+    cursor = db.execute_sql(f"SELECT {select} FROM {AUDIT_TABLE} ORDER BY id DESC LIMIT %s", (limit,))
+    return [dict(zip(wanted, row)) for row in cursor.fetchall()]

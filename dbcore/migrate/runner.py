@@ -28,7 +28,7 @@ from dbcore.errors import (
     TransactionBroken,
 )
 from dbcore.migrate.files import LoadedMigration, MigrationFile, load
-from dbcore.migrate.history import default_actor, ensure_audit_table, record_audit
+from dbcore.migrate.history import ApprovalRecord, default_actor, ensure_audit_table, record_audit
 from dbcore.migrate.locking import configure_session, migration_lock
 from dbcore.migrate.plan import (
     Action,
@@ -153,7 +153,7 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
 
 
 def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: LoadedMigration,
-             action: Action, actor: str, run_id: str) -> MigrationResult:
+             action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
     with recorder as statements:
@@ -168,17 +168,19 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
     else:
         router.model.delete().where(router.model.name == name).execute()
     record_audit(db, name=name, action=action, checksum=loaded.file.sha256, actor=actor,
-                 run_id=run_id, duration_ms=int(seconds * 1000))
+                 run_id=run_id, duration_ms=int(seconds * 1000), approval=approval)
     log.info("%s %s in %.2fs", action, name, seconds)
     return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic)
 
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
-            run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None) -> RunReport:
+            run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
+            approval: ApprovalRecord | None = None) -> RunReport:
     """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
 
-    Raises MigrationFailed (or a subclass) carrying what was committed; PlanOutdated when the
-    history or a file changed since the plan was made.
+    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
+    MigrationFailed (or a subclass) carrying what was committed; PlanOutdated when the history or
+    a file changed since the plan was made.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     actor = default_actor(actor or settings.actor)
@@ -187,12 +189,14 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
     with migration_lock(target, settings, f"{plan.action} by {actor}"):
         db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
         try:
-            return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress)
+            return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
+                                   approval)
         finally:
             db.close()
 
 
-def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress) -> RunReport:
+def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
+                    approval) -> RunReport:
     # Under the lock the history is final: a plan made before it may be stale.
     files, applied = read_state(target, settings, db)
     if tuple(applied) != plan.applied_before:
@@ -225,7 +229,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
         if progress:
             progress(ProgressEvent(plan.action, "start", m.name, index, total))
         result = _run_one(db, recorder, router, migrator, loaded[m.name], plan.action, actor,
-                          run_id)
+                          run_id, approval)
         results.append(result)
         if progress:
             progress(ProgressEvent(plan.action, "done", m.name, index, total, result.seconds))

@@ -125,3 +125,27 @@ def test_a_dry_run_on_production_needs_on_live(db_url):
     env = {"DATABASE_URL": db_url, "FLY_APP_NAME": "myapp"}
     result = dbmigrate("apply", "--dry-run", env=env)
     assert result.returncode == 2 and "rehearse on a copy" in result.stderr
+
+
+def test_apply_on_production_needs_an_approver_and_backs_up_first(db_url, migrations_dir,
+                                                                  s3_settings):
+    from dbcore.backup.dump import list_backups
+
+    env = {"DATABASE_URL": db_url, "FLY_APP_NAME": "myapp", "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
+           "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
+    before = schema_dump(db_url)
+    refused = dbmigrate("apply", "--migrations-dir", str(migrations_dir), env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "dbmigrate: error: applying to the production database needs an approval: pass --actor "
+        "YOUR_NAME (you approve the plan printed, recorded in migration_audit), or run the flow "
+        "and approve in Prefect")
+    assert schema_dump(db_url) == before and list_backups(s3_settings) == []
+
+    applied = dbmigrate("apply", "--actor", "Ada", "--migrations-dir", str(migrations_dir), env=env)
+    assert applied.returncode == 0, applied.stderr
+    backups = list_backups(s3_settings)
+    assert len(backups) == 1 and backups[0].last_migration == "none" and backups[0].env == "production"
+    assert f"backup before the apply: {backups[0].key}" in applied.stderr
+    assert "applied 4 migration(s)" in applied.stdout
+    assert query(db_url, "SELECT DISTINCT actor FROM migration_audit") == [("Ada",)]

@@ -389,3 +389,28 @@ def test_status_still_works_when_a_file_is_broken(target, cfg):
     rows = status_of(target, cfg)
     assert "syntax error at line 1" in rows["005_broken"].error
     assert rows["004_fix_sourcedir_language"].error is None
+
+
+def test_an_audit_table_of_an_older_release_gets_the_approval_columns(target, settings, db_url,
+                                                                     migrations_dir):
+    from dbcore.migrate.history import ApprovalRecord
+
+    query(db_url, "CREATE TABLE migration_audit (id bigserial PRIMARY KEY, name text NOT NULL, "
+                  "action text NOT NULL, checksum text, at timestamptz NOT NULL DEFAULT now(), "
+                  "actor text NOT NULL, run_id text, duration_ms integer)")
+    query(db_url, "INSERT INTO migration_audit (name, action, actor) VALUES ('000_old', 'apply', 'Bob')")
+    cfg = settings.model_copy(update={"migrations_dir": migrations_dir})
+    db = connect(target)
+    try:
+        old = read_audit(db)  # reading never writes: the columns are not there yet, and read as empty
+        assert [(r["name"], r["approver"], r["fingerprint"]) for r in old] == [("000_old", None, None)]
+        assert query(db_url, "SELECT count(*) FROM information_schema.columns WHERE "
+                             "table_name = 'migration_audit' AND column_name = 'approver'") == [(0,)]
+    finally:
+        db.close()
+    execute(plan_apply(target, cfg, upto="001"), target, cfg, actor="Ada", run_id="run-1",
+            approval=ApprovalRecord("Ada", "looks right", "0123456789abcdef"))
+    assert query(db_url, "SELECT name, actor, approver, comment, fingerprint, run_id FROM "
+                         "migration_audit ORDER BY id") == [
+        ("000_old", "Bob", None, None, None, None),
+        ("001_initial_schema", "Ada", "Ada", "looks right", "0123456789abcdef", "run-1")]

@@ -25,6 +25,8 @@ from dbcore.ports import free_port
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 90.0
+CHROMIUM = "/usr/bin/chromium"  # scripts/ensure-system-packages installs it
+UI_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,15 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
     """A real `prefect server start` on 127.0.0.1 (own PREFECT_HOME) for the whole session."""
     root = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    server_env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "false",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    api_url = f"http://127.0.0.1:{port}/api"
+    # with its UI (tests/e2e/test_ui.py), which must be told where the API is; a run queued
+    # behind the deployment's concurrency limit is retried after a second, not thirty
+    server_env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "true",
+                  "PREFECT_UI_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                  "DO_NOT_TRACK": "1", "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
     server_env.pop("PREFECT_API_URL", None)
     server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
                                         "127.0.0.1", "--port", str(port)], server_env, root)
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
         with PrefectApi(api_url) as api:
             wait_until(lambda: healthy(api), f"prefect server to answer {api_url}/health",
@@ -74,14 +79,17 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def production_env(prefect_server, db_url, s3_settings, other_pg_server_url) -> dict[str, str]:
+def production_env(prefect_server, db_url, s3_settings, other_pg_server_url, migrations_dir,
+                   receiver) -> dict[str, str]:
     """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect,
-    and the server the rehearsal copy is restored to (never the production cluster)."""
+    and the server the rehearsal copy is restored to (never the production cluster); the
+    migrations are a copy a test may change, and notifications go to a local receiver."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
             "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
             "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
-            "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url}
+            "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url,
+            "MIGRATE_MIGRATIONS_DIR": str(migrations_dir), "MIGRATE_NOTIFY_URL": receiver.url}
 
 
 @pytest.fixture
@@ -123,3 +131,26 @@ def worker(start_service, production_env, prefect_server) -> Service:
                             production_env)
     service.wait_for_output("started!")
     return service
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A page of headless Chromium (Debian's /usr/bin/chromium, no browser download) driven by
+    Playwright, patient with a loaded machine; a last screenshot goes to tmp_path.
+
+    Per test, not per session: while Playwright's sync API is started, the thread has a running
+    event loop, and Prefect's sync functions (resume_flow_run) would hand back coroutines instead.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: Chromium refuses its sandbox as root (CI runs as root)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            yield page
+            page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+        finally:
+            chromium.close()

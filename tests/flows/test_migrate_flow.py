@@ -5,14 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import textwrap
-import threading
 
 import pytest
-from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump, wait_until
+from flowruns import applied, artifacts, final_state, run_in_background, wait_for_pause
+from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
 from dbcore.backup.dump import list_backups
@@ -20,23 +17,6 @@ from dbcore.connection import Env, Target
 from dbcore.deploy.recovery import schema_snapshot
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
-
-APPLIED = "SELECT name FROM migratehistory ORDER BY id"
-
-
-def applied(url: str) -> list[str]:
-    if query(url, "SELECT to_regclass('migratehistory')") == [(None,)]:
-        return []
-    return [r[0] for r in query(url, APPLIED)]
-
-
-def artifacts(flow_run_id) -> dict[str, str]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {a.key: a.data for a in found if a.key}
 
 
 def test_local_run_backs_up_rehearses_and_applies(flow_env, db_url):
@@ -152,43 +132,13 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
     query(db_url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{kept[0][0]}"')
 
 
-def _run_in_background(**params):
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
-    thread.start()
-    return thread, result
-
-
-def _wait_for_pause(thread: threading.Thread, result: dict, timeout: float = 60):
-    """Return the flow run once it is paused for approval; fail if the run ends or takes too long."""
-    found: list = []
-
-    def paused() -> bool:
-        with get_client(sync_client=True) as client:
-            found[:] = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-        return bool(found)
-
-    wait_until(paused, "the run to pause for approval", timeout=timeout,
-               gave_up=lambda: not thread.is_alive(), log=lambda: f"the run ended: {result}",
-               interval=0.5)
-    return found[0]
-
-
-def _final_state(thread: threading.Thread, result: dict, timeout: float = 120):
-    """Return the run's final state once its thread ended; fail if it raised or took too long."""
-    thread.join(timeout)
-    assert "state" in result, f"the run did not end within {timeout:g}s, or raised (see stderr)"
-    return result["state"]
-
-
 def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause(thread, result)
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause(thread, result)
     assert applied(db_url) == []  # nothing before the approval
     assert "migration-plan" in artifacts(paused.id)
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
-    state = _final_state(thread, result)
+    state = final_state(thread, result)
     assert state.is_completed() and state.message.startswith("applied 4")
     actors = query(db_url, "SELECT DISTINCT actor FROM migration_audit")
     assert actors == [("Ada",)]
@@ -196,11 +146,11 @@ def test_an_approved_run_applies_and_records_the_approver(flow_env, db_url):
 
 def test_a_rejected_run_changes_nothing(flow_env, db_url):
     before = schema_dump(db_url)
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause(thread, result)
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause(thread, result)
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Bob",
                                           "comment": "not on a Friday"})
-    state = _final_state(thread, result)
+    state = final_state(thread, result)
     assert state.is_failed()
     assert state.message == "rejected by Bob: not on a Friday, nothing changed"
     assert schema_dump(db_url) == before
@@ -284,13 +234,13 @@ def test_a_busy_migration_lock_stops_the_run_at_preflight_with_nothing_changed(f
 
 
 def test_an_approval_without_a_name_is_refused_and_the_run_keeps_waiting(flow_env, db_url):
-    thread, result = _run_in_background(require_approval=True)
-    paused = _wait_for_pause(thread, result)
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause(thread, result)
     with pytest.raises(RuntimeError, match="Cannot resume this run"):
         resume_flow_run(paused.id, run_input={"approve": True})
     assert applied(db_url) == []
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "Ada"})
-    assert _final_state(thread, result).message == "rejected by Ada, nothing changed"
+    assert final_state(thread, result).message == "rejected by Ada, nothing changed"
 
 
 def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch):

@@ -1,0 +1,71 @@
+"""Helpers of the flow tests: the applied migrations, a run's artifacts, a run in the background."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+
+from helpers import query, wait_until
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+
+from flows.migrate import migrate
+
+APPLIED = "SELECT name FROM migratehistory ORDER BY id"
+
+
+def applied(url: str) -> list[str]:
+    """Return the names in migratehistory (none if it does not exist)."""
+    if query(url, "SELECT to_regclass('migratehistory')") == [(None,)]:
+        return []
+    return [r[0] for r in query(url, APPLIED)]
+
+
+def artifacts(flow_run_id) -> dict[str, str]:
+    """Return the run's artifacts by key."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found if a.key}
+
+
+def run_in_background(**params):
+    """Start ``migrate(**params)`` in a thread; return the thread and a dict that gets its "state"
+    (and has when it started, "at")."""
+    result = {"at": datetime.now(timezone.utc)}
+    thread = threading.Thread(target=lambda: result.update(state=migrate(return_state=True, **params)))
+    thread.start()
+    return thread, result
+
+
+def wait_for_pause(thread: threading.Thread, result: dict, timeout: float = 60):
+    """Return the run ``run_in_background`` started once it is paused for approval; fail if the
+    run ends or takes too long. Runs an earlier test left paused are not it."""
+    found: list = []
+
+    def paused() -> bool:
+        with get_client(sync_client=True) as client:
+            found[:] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+                start_time=FlowRunFilterStartTime(after_=result["at"])))
+        return bool(found)
+
+    wait_until(paused, "the run to pause for approval", timeout=timeout,
+               gave_up=lambda: not thread.is_alive(), log=lambda: f"the run ended: {result}",
+               interval=0.5)
+    return found[0]
+
+
+def final_state(thread: threading.Thread, result: dict, timeout: float = 120):
+    """Return the run's final state once its thread ended; fail if it raised or took too long."""
+    thread.join(timeout)
+    assert "state" in result, f"the run did not end within {timeout:g}s, or raised (see stderr)"
+    return result["state"]

@@ -33,14 +33,15 @@ SLOW = textwrap.dedent("""\
     """)
 
 
-def _wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
+def _wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.2, log=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+    tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{tail}")
 
 
 def _advisory_locks(url: str) -> int:
@@ -48,18 +49,19 @@ def _advisory_locks(url: str) -> int:
 
 
 def test_sigkill_of_the_flow_mid_apply_changes_nothing_and_the_next_run_is_clean(
-        flow_env, db_url, migrations_dir, app_at_003):
+        flow_env, db_url, migrations_dir, app_at_003, tmp_path):
     (migrations_dir / "005_slow.py").write_text(SLOW)
     before, rows = schema_dump(db_url), query(db_url, "SELECT name, slug FROM project")
     history = query(db_url, APPLIED)
     env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url}
+    log = tmp_path / "flow.log"
     flow = subprocess.Popen([sys.executable, str(REPO / "flows" / "migrate.py"), "--env", "local",
                              "--no-backup"], env=env, cwd=REPO, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)  # a file: a pipe nobody reads fills up
     try:
         _wait_for(lambda: query(db_url, "SELECT pid FROM pg_stat_activity WHERE query LIKE "
                                         "'SELECT pg_sleep(60)%%' AND datname = current_database()"),
-                  "the apply to reach 005_slow")
+                  "the apply to reach 005_slow", log=log)
         os.killpg(flow.pid, signal.SIGKILL)
         flow.wait(30)
     finally:

@@ -4,7 +4,8 @@ The deployment's own concurrency limit (deployments/prefect.yaml, deployments/se
 runs before they start, but Prefect releases a deployment slot when its run pauses, so a second
 run would start and pause beside the first. The slot taken here is held by the flow's process
 (its lease renewed by Prefect's thread) from before the backup until the run ends, the pause
-included; the next run waits for it before doing anything (docs/deploy.md).
+included; the next run waits for it before doing anything (docs/deploy.md). A killed process's
+lease lapses within LEASE_SECONDS.
 """
 
 import contextlib
@@ -18,6 +19,10 @@ from prefect.exceptions import ObjectAlreadyExists
 
 from dbcore.connection import Target
 from dbcore.errors import DbcoreError
+
+#: a run whose process was killed holds the slot until its lease lapses: keep that short. A
+#: renewal that fails once does not end the run (the migration lock still keeps applies apart).
+LEASE_SECONDS = 60  # the shortest the server takes
 
 
 class DeployBusy(DbcoreError):
@@ -46,7 +51,8 @@ def one_deploy_at_a_time(target: Target, wait_seconds: float):
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(concurrency(name, timeout_seconds=wait_seconds, strict=True,
-                                           holder=holder))
+                                           holder=holder, lease_duration=LEASE_SECONDS,
+                                           raise_on_lease_renewal_failure=False))
         except TimeoutError:
             raise DeployBusy(f"another deploy of {target.dbname} held the deploy slot for more "
                              f"than {int(wait_seconds)}s: answer or cancel it, then run again") from None

@@ -182,12 +182,16 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
         approval = ApprovalRecord(decision.approver, decision.comment, fingerprint)
         with _stage("connection check after the approval", secret):
             tasks.check_connection(target)  # an hour may have passed; the tunnel too
-    with _stage("plan check before the apply", secret):
-        again, _ = tasks.make_plan(target, settings, allow_destructive)
     backup_key = deploy.backup.key if deploy.backup else None
-    if plan_fingerprint(again, backup_key) != fingerprint:
-        raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
-                                      f"{plan_changes(plan, again)}; run again and approve the new plan"))
+    if approval_needed:  # the approval covers this plan only: make it again and compare
+        with _stage("plan check before the apply", secret):
+            again, _ = tasks.make_plan(target, settings, allow_destructive)
+        if again.empty:  # another run applied it while this one waited
+            raise _RunEnds(Completed(message="up to date (another run applied these meanwhile)"))
+        if plan_fingerprint(again, backup_key) != fingerprint:
+            raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
+                                          f"{plan_changes(plan, again)}; run again and approve the "
+                                          "new plan"))
     with _stage("preflight", secret):
         tasks.preflight(target, settings, plan, "before the apply", deploy.rehearsal)
     with _stage("snapshot", secret):
@@ -267,8 +271,9 @@ def migrate(
             settings, target, approval_needed = _configure(env, migrations_dir, backup,
                                                            require_approval)
         with contextlib.ExitStack() as held:
-            with _stage("waiting for another deploy"):
-                held.enter_context(one_deploy_at_a_time(target, approval_timeout_seconds + 3600))
+            if policy.is_live(target.env):  # locally, the migration lock keeps applies apart
+                with _stage("waiting for another deploy"):
+                    held.enter_context(one_deploy_at_a_time(target, approval_timeout_seconds + 3600))
             with _stage("tunnel"):
                 target = _through_tunnel(held, settings, target)
             with _stage("plan", target.password):  # up to the apply, any end is "nothing changed"

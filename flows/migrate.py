@@ -292,9 +292,10 @@ def migrate(
 def _head_start(args: argparse.Namespace):
     """Begin the backup and the rehearsal's copy while Prefect starts its API (None where it cannot).
 
-    Prefect's temporary API takes seconds to start; the backup need not wait for it. Only where
-    no tunnel is needed; the flow's backup task takes it over for the same plan, else it is
-    dropped (dbcore/deploy/head_start.py).
+    Prefect's temporary API takes seconds to start; the backup need not wait for it. Local targets
+    only: a live one is backed up only once the run holds its deploy slot, so that a backup never
+    overlaps another run's apply. The flow's backup task takes it over for the same plan, else it
+    is dropped (dbcore/deploy/head_start.py).
     """
     if not args.backup:
         return None
@@ -304,7 +305,7 @@ def _head_start(args: argparse.Namespace):
         target = resolve_target(settings, args.env)
     except (ValidationError, DbcoreError):
         return None  # the flow says what is wrong, in its own words
-    if target.env is Env.PROXY:
+    if target.env is not Env.LOCAL:
         return None
     try:
         server = tasks.rehearsal_server(target, settings)

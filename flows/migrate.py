@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, resolve_target
 from dbcore.deploy import head_start
+from dbcore.deploy.fleet import FleetApproval
 from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.redact import error_line
@@ -100,6 +101,8 @@ def migrate(
     backup: bool = True,
     allow_destructive: bool = False,
     migrations_dir: Optional[str] = None,
+    database_url_env: Optional[str] = None,
+    fleet_approval: Optional[FleetApproval] = None,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
@@ -108,7 +111,7 @@ def migrate(
     overrides = {"migrations_dir": Path(migrations_dir)} if migrations_dir else {}
     try:
         settings = Settings(**overrides)
-        target = resolve_target(settings, env)
+        target = resolve_target(settings, env, database_url_env=database_url_env)
     except ValidationError as exc:
         return _failed_at("configuration", describe_invalid(exc))
     except DbcoreError as exc:
@@ -159,7 +162,10 @@ def migrate(
                 return Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed")
             actor = settings.actor or None
-            if approval_needed:
+            if fleet_approval is not None:  # the fleet's one approval: only for this very plan
+                stage = "fleet approval check"
+                actor = fleet_approval.check(plan) or actor
+            elif approval_needed:
                 stage = "approval"
                 actor, refusal = _ask_approval(deploy.to_markdown(), approval_timeout_seconds,
                                                run_id)

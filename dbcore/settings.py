@@ -115,8 +115,9 @@ def url_from_variable(variable: str) -> SecretStr:
     the message names the variable, never its value.
     """
     if not ENV_VAR_NAME.match(variable or ""):
-        raise ConfigError(f"{variable!r} is not an environment variable name: give the name of the "
-                          "variable that holds the URL (letters, digits, _), not the URL itself")
+        # never echoed: it may be a URL with its password
+        raise ConfigError("the database's url_env is not an environment variable name: give the name "
+                          "of the variable that holds the URL (letters, digits, _), not the URL itself")
     value = os.environ.get(variable, "").strip()
     if not value:
         raise ConfigError(f"{variable} is not set: set it to the database's URL "

@@ -6,18 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dbcore.deploy.fleet import DatabasePlan, Fleet, fleet_fingerprint
+from dbcore.deploy.plan import size_text
 
 Outcome = Literal["applied", "up to date", "failed", "not started", "dry run"]
 #: outcomes a fleet run may end with and still exit 0
 SUCCESSFUL = ("applied", "up to date", "dry run")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ class FleetPlan:
                 rehearsal = "canary, not rehearsed" if p.name in canaries else "-"
             lint = p.lint_summary or "-"
             lines.append(f"| {p.name}{' (canary)' if p.name in canaries else ''} | `{p.url_env}` | "
-                         f"{pending} | {_size(p.size_bytes)} | {lint} | {rehearsal} |")
+                         f"{pending} | {size_text(p.size_bytes)} | {lint} | {rehearsal} |")
         lines += ["", "Approving applies exactly these migrations (names and file sha256s) to these "
                       "databases: a database whose plan differs when its turn comes refuses and "
                       "changes nothing."]

@@ -127,3 +127,20 @@ def test_a_run_handed_another_plan_s_approval_refuses_and_changes_nothing(flow_e
     assert state.message.startswith("failed at fleet approval check, nothing changed: the plan of "
                                     "tenant-1 (001_initial_schema, "), state.message
     assert schema_dump(db_url) == before and applied(db_url) == []
+
+
+def test_a_prefect_variable_can_hold_the_targets_and_a_dry_run_changes_nothing(fleet):
+    from prefect.variables import Variable
+
+    targets, urls = fleet
+    Variable.set("fleet-targets", targets.read_text(), overwrite=True)
+    before = [schema_dump(url) for url in urls]
+    state = migrate_fleet(env="local", targets_variable="fleet-targets", dry_run=True, backup=False,
+                          return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == "dry run: 6 of 6 databases have pending migrations; nothing changed"
+    assert [schema_dump(url) for url in urls] == before
+    missing = migrate_fleet(env="local", targets_variable="no-such-fleet", return_state=True)
+    assert missing.is_failed() and missing.message == (
+        "failed at configuration, nothing changed: there is no Prefect Variable no-such-fleet: create "
+        "it with the targets document (prefect variable set no-such-fleet ...)")

@@ -30,6 +30,7 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 
 from prefect import flow, get_run_logger, pause_flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.states import Completed, Failed
@@ -81,7 +82,11 @@ def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[Failed]
         answer = pause_flow_run(wait_for_input=approval_form(plan.to_markdown()), timeout=timeout,
                                 poll_interval=2, key=key)
     except FlowPauseTimeout:
-        return None, Failed(message=f"rejected (no answer within {timeout}s), nothing changed")
+        # Prefect has already failed the run with its own words; put ours in their place.
+        message = f"rejected (no answer within {timeout}s), nothing changed"
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(get_run_context().flow_run.id, Failed(message=message), force=True)
+        return None, Failed(message=message)
     except ValidationError:
         return None, Failed(message="rejected (an approval must give the approver's name), "
                                     "nothing changed")
@@ -91,6 +96,47 @@ def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[Failed]
         return None, Failed(message=f"rejected{who}{why}, nothing changed")
     get_run_logger().info("fleet plan %s approved by %s", plan.fingerprint[:12], answer.approver)
     return answer.approver, None
+
+
+def _rehearse_canary(canary, pending, settings, env_name, common, run_one) -> list:
+    """Rehearse each canary database with pending migrations on a copy (its own `migrate` dry run).
+
+    Returns (database, passed?, message) for each.
+    """
+    rehearsals = []
+    for member, target in canary:
+        if pending[member.name]:
+            rehearse = fleet_tasks.migrate_database.with_options(task_run_name=f"rehearse-{member.name}")
+            outcome = rehearse(member, target, settings, fleet_tasks.member_parameters(
+                member, env_name, dry_run=True, **common), [], **run_one)
+            rehearsals.append((member.name, outcome.state == "dry run", outcome.message))
+    return rehearsals
+
+
+def _run_waves(plan: FleetPlan, targets_of: dict, approver: str, settings: Settings, env_name: str,
+               common: dict, run_one: dict) -> list:
+    """Run the waves, each database its own `migrate` run handed its part of the approval.
+
+    Returns every database's outcome; the first failure leaves the later waves "not started".
+    """
+    outcomes: list = []
+    waves = plan.fleet.waves()
+    for number, wave in enumerate(waves, 1):
+        get_run_logger().info("wave %s of %s: %s", number, len(waves), ", ".join(m.name for m in wave))
+        futures = []
+        for member in wave:
+            part = next(p for p in plan.databases if p.name == member.name)
+            approval = fleets.FleetApproval(fleet_fingerprint=plan.fingerprint, database=member.name,
+                                            plan_fingerprint=part.fingerprint, approver=approver)
+            parameters = fleet_tasks.member_parameters(member, env_name, approval=approval, **common)
+            pending = [name for name, _ in part.migrations]
+            futures.append(fleet_tasks.migrate_database.submit(
+                member, targets_of[member], settings, parameters, pending, **run_one))
+        outcomes += [future.result() for future in futures]
+        if not all_succeeded(outcomes):
+            outcomes += not_started([m.name for w in waves[number:] for m in w])
+            break
+    return outcomes
 
 
 @flow(name="migrate-fleet", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
@@ -133,13 +179,9 @@ def migrate_fleet(
         pending = {p.name: [name for name, _ in p.migrations] for p in plans}
         fleet_tasks.set_concurrency_limit(concurrency_limit, fleet.concurrency)
         rehearsals = []
-        if backup and all(p.ok for p in plans):  # the canary rehearsed on a copy: its own dry run
-            for member, target in members[:fleet.canary]:
-                if pending[member.name]:
-                    outcome = fleet_tasks.migrate_database(
-                        member, target, settings, fleet_tasks.member_parameters(
-                            member, env_name, dry_run=True, **common), [], **run_one)
-                    rehearsals.append((member.name, outcome.state == "dry run", outcome.message))
+        if backup and all(p.ok for p in plans):
+            rehearsals = _rehearse_canary(members[:fleet.canary], pending, settings, env_name,
+                                          common, run_one)
         plan = FleetPlan(env_name, fleet, tuple(plans), tuple(rehearsals))
         create_markdown_artifact(plan.to_markdown(), key="fleet-plan", description=plan.headline())
         logger.info("%s; fingerprint %s", plan.headline(), plan.fingerprint)
@@ -157,25 +199,7 @@ def migrate_fleet(
             approver, refusal = _ask(plan, approval_timeout_seconds)
             if refusal is not None:
                 return refusal
-        outcomes = []
-        waves = fleet.waves()
-        targets_of = dict((m.name, t) for m, t in members)
-        plan_of = {p.name: p for p in plans}
-        for number, wave in enumerate(waves, 1):
-            logger.info("wave %s of %s: %s", number, len(waves), ", ".join(m.name for m in wave))
-            futures = []
-            for member in wave:
-                approval = fleets.FleetApproval(
-                    fleet_fingerprint=plan.fingerprint, database=member.name,
-                    plan_fingerprint=plan_of[member.name].fingerprint, approver=approver)
-                parameters = fleet_tasks.member_parameters(member, env_name, approval=approval, **common)
-                futures.append(fleet_tasks.migrate_database.submit(
-                    member, targets_of[member.name], settings, parameters, pending[member.name], **run_one))
-            outcomes += [future.result() for future in futures]
-            if not all_succeeded(outcomes):
-                later = [m.name for w in waves[number:] for m in w]
-                outcomes += not_started(later)
-                break
+        outcomes = _run_waves(plan, dict(members), approver, settings, env_name, common, run_one)
     create_table_artifact([o.row() for o in outcomes], key="fleet-result",
                           description=final_line(outcomes))
     line = final_line(outcomes)

@@ -144,3 +144,13 @@ def test_a_prefect_variable_can_hold_the_targets_and_a_dry_run_changes_nothing(f
     assert missing.is_failed() and missing.message == (
         "failed at configuration, nothing changed: there is no Prefect Variable no-such-fleet: create "
         "it with the targets document (prefect variable set no-such-fleet ...)")
+
+
+def test_an_unanswered_fleet_approval_is_a_rejection_and_changes_nothing(fleet):
+    targets, urls = fleet
+    state = migrate_fleet(env="local", targets=str(targets), require_approval=True, backup=False,
+                          approval_timeout_seconds=3, return_state=True)
+    assert state.is_failed() and state.message == "rejected (no answer within 3s), nothing changed"
+    with get_client(sync_client=True) as client:  # what the UI shows: our words, not Prefect's
+        assert client.read_flow_run(state.state_details.flow_run_id).state.message == state.message
+    assert all(applied(url) == [] for url in urls)

@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 export PREFECT_HOME ?= $(CURDIR)/.local/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+# the sample application's models, for the drift check after every apply
+export MIGRATE_MODELS ?= dbcore.models:MODELS
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 ## Start (or reuse) the embedded PostgreSQL + S3 under .local/, then the `migrate` flow:

@@ -327,14 +327,14 @@ def render(args, db_size: int, med: dict[str, float], times: dict[str, list[floa
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    """Replace the "## Backup" section of RESULTS.md (or append it), keeping every other section."""
+def write_section(section: str, heading: str = SECTION) -> None:
+    """Replace the ``heading`` section of RESULTS.md (or append it), keeping every other section."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    start = text.find(SECTION + "\n")
+    start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         rest = "\n" + text[end + 1:] if end >= 0 else ""
         text = text[:start] + section + rest
     RESULTS.write_text(text)

@@ -201,6 +201,7 @@ def bench(args, sizes: list[int], cluster: PostgresCluster, s3: SeaweedServer, r
         AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1",
         MIGRATE_S3_BUCKET=BUCKET, MIGRATE_S3_ENDPOINT_URL=s3.endpoint_url,
         MIGRATE_LOCAL_DIR=str(root / "local"), MIGRATE_MIGRATIONS_DIR=str(REPO / "migrations"),
+        MIGRATE_MODELS="dbcore.models:MODELS",
         PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", PREFECT_LOGGING_LEVEL="INFO",
     )

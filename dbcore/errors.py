@@ -72,6 +72,10 @@ class NothingToRollback(DbcoreError):
     """Rollback was asked for more migrations than are applied."""
 
 
+class PreflightFailed(DbcoreError):
+    """Sessions on the live database would block the run and did not end in time; nothing was changed."""
+
+
 class RehearsalFailed(DbcoreError):
     """The plan failed on the scratch copy: the live database was not touched."""
 

@@ -26,6 +26,17 @@ _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)$")
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(value: str) -> float:
+    """Return a PostgreSQL duration setting ("2s", "500ms", "5min", "0") in seconds."""
+    match = re.match(r"^(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?$", value.strip())
+    if not match:
+        raise ValueError(f"not a duration: {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "ms"]
+
+
 class Settings(BaseSettings):
     """Everything dbcore can be configured with; build one with ``Settings()`` and pass it on."""
 
@@ -56,10 +67,26 @@ class Settings(BaseSettings):
     advisory_lock_wait: float = 30.0
     #: key of the session advisory lock that serialises every apply/rollback on a database
     advisory_lock_key: int = 7_262_020_510
-    #: the application's models, as module:LIST, for the drift check after every apply
-    models: str = "dbcore.models:MODELS"
+    #: the application's models, as module:LIST, for the drift check after every apply; empty:
+    #: no models, the schema is not compared (the sample app sets dbcore.models:MODELS)
+    models: str = ""
     #: who is recorded in migration_audit; empty means the OS user
     actor: str = ""
+
+    #: retries of an apply rolled back at lock_timeout (nothing was changed), and the base in
+    #: seconds of their backoff: doubling, each wait jittered by +-50% so that runs spread out
+    lock_retries: int = Field(default=3, ge=0)
+    lock_retry_delay: float = Field(default=5.0, ge=0)
+
+    # -- live-database safety: preflight and where the rehearsal runs (dbcore/deploy/)
+    #: seconds the preflight waits for blocking sessions to end before the run stops
+    preflight_wait: float = Field(default=60.0, ge=0)
+    #: a session idle in a transaction (on a table the plan touches) longer than this blocks
+    preflight_idle_seconds: float = Field(default=5.0, ge=0)
+    #: the server (its maintenance database) the rehearsal copy is restored to
+    rehearsal_database_url: SecretStr | None = None
+    #: production: let the rehearsal copy be made on the target's own cluster
+    rehearsal_on_target: bool = False
 
     # -- backups (S3-compatible storage; credentials come from boto3's own chain)
     s3_bucket: str = ""
@@ -94,6 +121,11 @@ class Settings(BaseSettings):
     def database_password(self) -> str | None:
         """Return the password inside DATABASE_URL (to scrub it from any text), or None."""
         return url_password(self.database_url.get_secret_value()) if self.database_url else None
+
+    def secrets(self) -> list[str]:
+        """Return every password the settings hold (DATABASE_URL, the rehearsal server), to scrub."""
+        urls = [u.get_secret_value() for u in (self.database_url, self.rehearsal_database_url) if u]
+        return [p for p in map(url_password, urls) if p]
 
 
 def describe_invalid(exc: ValidationError) -> str:

@@ -1,8 +1,9 @@
 """The `migrate` flow: pending migrations to a database, safely.
 
-resolve target -> tunnel (proxy) -> check connection -> plan + lint -> backup -> rehearsal on a
-copy -> plan artifact -> [dry run stops] -> approval pause -> apply (one transaction, lock) ->
-post-checks -> on failure the rollback subflow -> tunnel closed in every case.
+resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup (the
+rehearsal's copy made meanwhile) -> rehearsal on the copy -> plan artifact -> [dry run stops] ->
+approval pause -> preflight again -> apply (one transaction, lock) -> post-checks -> on failure
+the rollback subflow -> tunnel closed in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads
@@ -37,7 +38,6 @@ from dbcore.checks.post import load_models
 from dbcore.connection import Env, resolve_target
 from dbcore.deploy import head_start
 from dbcore.deploy.fleet import FleetApproval
-from dbcore.deploy.rehearsal import scratch_target
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
@@ -142,16 +142,20 @@ def migrate(
                 return _failed_at("lint", f"{lint_report.summary()}: "
                                           f"{lint_report.errors[0].text()}")
             models = load_models(settings.models)
-            backup_info = rehearsal = None
+            backup_info = rehearsal = checked_before = None
             if backup:
+                stage = "configuration"
+                server = tasks.rehearsal_server(target, settings)  # never production's by default
+                stage = "preflight"
+                checked_before = tasks.preflight(target, settings, plan, "before the backup")
                 stage = "backup"
-                # the rehearsal's copy is restored from the backup's own stream as it uploads
-                backup_info, copied = tasks.take_backup(target, settings, plan,
-                                                        copy_into=scratch_target(target, settings, run_id))
+                # the rehearsal's copy is made on that server while the backup uploads
+                backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
                 stage = "rehearsal"
                 rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                           allow_destructive, restored=copied)
-            deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal)
+                                           allow_destructive, copy)
+            deploy = tasks.deploy_plan(str(target.env), plan, lint_report, backup_info, rehearsal,
+                                       checked_before)
             create_markdown_artifact(deploy.to_markdown(), key="migration-plan",
                                      description=deploy.headline())
             logger.info("plan:\n%s", deploy.text())
@@ -173,8 +177,11 @@ def migrate(
                     return refusal
                 stage = "connection check after the approval"
                 tasks.check_connection(target)  # an hour may have passed; the tunnel too
+            stage = "preflight"
+            tasks.preflight(target, settings, plan, "before the apply", rehearsal)
             stage = "snapshot"
             before = tasks.snapshot(target)
+            drift = tasks.drift_before(target, models)
             stage = "apply"
             try:
                 report = tasks.apply(plan, target, settings, actor, run_id)
@@ -188,7 +195,7 @@ def migrate(
                     return Completed(message=report.note or "up to date")
                 stage = "post-checks"
                 try:
-                    checked = tasks.post_checks(target, models)
+                    checked = tasks.post_checks(target, models, drift)
                     if not checked.ok:
                         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                                  description="Post-checks failed after the apply")
@@ -235,7 +242,11 @@ def _head_start(args: argparse.Namespace):
         return None  # the flow says what is wrong, in its own words
     if target.env is Env.PROXY:
         return None
-    head = head_start.begin(target, settings, allow_destructive=args.allow_destructive)
+    try:
+        server = tasks.rehearsal_server(target, settings)
+    except DbcoreError:
+        return None  # the flow says what is wrong, in its own words
+    head = head_start.begin(target, settings, server, allow_destructive=args.allow_destructive)
     tasks.HEAD_STARTS.append(head)
     return head
 

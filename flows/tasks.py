@@ -18,14 +18,15 @@ from prefect.logging.handlers import APILogHandler
 
 from dbcore.backup import dump as backup
 from dbcore.checks import post as checks
-from dbcore.connection import Target, server_version
-from dbcore.deploy import head_start, recovery, rehearsal
+from dbcore.connection import Env, Target, server_version
+from dbcore.deploy import head_start, recovery, rehearsal, scratch, touched
+from dbcore.deploy import preflight as preflight_checks
 from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
-from dbcore.migrate import runner
+from dbcore.migrate import retry
 from dbcore.settings import Settings
 
 #: backups begun in this process before the flow started (flows/migrate.py main()); a task
@@ -110,52 +111,94 @@ class _ProgressArtifact:
         update_progress_artifact(self.id, 100.0, description=f"{self.what}: done")
 
 
+def rehearsal_server(target: Target, settings: Settings) -> scratch.RehearsalServer:
+    """Return where the rehearsal copy is made (not a task: it decides, from the settings).
+
+    The proxy environment rehearses on the laptop's embedded cluster, started here if needed.
+    """
+    local = None
+    if target.env is Env.PROXY and settings.rehearsal_database_url is None:
+        from dbcore.services.local import ensure_local_cluster
+
+        local = ensure_local_cluster(settings)
+    return scratch.rehearsal_server(target, settings, local)
+
+
+def touched_tables(plan: planning.Plan, rehearsal_report: rehearsal.RehearsalReport | None = None
+                   ) -> set[str] | None:
+    """Return the tables the plan touches: from the rehearsal's SQL, else from the files."""
+    captured = ([s for r in rehearsal_report.results for s in r.sql] if rehearsal_report
+                else None)
+    return touched.tables_of_plan([m.path for m in plan.migrations], captured)
+
+
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight(target: Target, settings: Settings, plan: planning.Plan, stage: str,
+              rehearsal_report: rehearsal.RehearsalReport | None = None
+              ) -> preflight_checks.PreflightReport:
+    """Wait until nothing on the live database blocks the run; fail naming what still does.
+
+    Before the backup, a head start of this very plan has checked already (and its pg_dump,
+    running now, is no blocker of its own run).
+    """
+    head = next((h for h in HEAD_STARTS if stage == "before the backup"
+                 and h.matches(plan, target) and h.checked is not None), None)
+    report = head.checked if head else preflight_checks.preflight(
+        target, settings, touched_tables(plan, rehearsal_report), stage)
+    get_run_logger().info("%s", report.text())
+    return report
+
+
 @task(name="backup", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_retryable,
       cache_policy=NO_CACHE)
-def take_backup(target: Target, settings: Settings, plan: planning.Plan, copy_into: Target | None = None
-                ) -> tuple[backup.BackupInfo, tuple[Target, float] | None]:
-    """Back the database up to S3 (and, given ``copy_into``, restore the same stream there meanwhile).
+def take_backup(target: Target, settings: Settings, plan: planning.Plan,
+                server: scratch.RehearsalServer | None = None, run_id: str = ""
+                ) -> tuple[backup.BackupInfo, rehearsal.ScratchCopy | None]:
+    """Back the database up to S3 (and, given ``server``, make the rehearsal's copy there meanwhile).
 
-    Returns what was stored and the copy with the seconds it took (None without one), progress
-    artifacts for both meanwhile. A head start of this very plan (``python flows/migrate.py``
-    begins it while Prefect starts) is taken over instead of starting again.
+    Returns what was stored and the copy (None without one), progress artifacts for both
+    meanwhile. A head start of this very plan (``python flows/migrate.py`` begins it while
+    Prefect starts) is taken over instead of starting again.
     """
     size = backup.database_size(target)
     meter = _ProgressArtifact("backup-progress", size, f"backup of {target.dbname}")
     # the compressed size is unknown until the end: a third of the database bounds it well
-    restoring = None if copy_into is None else _ProgressArtifact(
-        "rehearsal-restore-progress", size // 3, "restore of the backup stream into the rehearsal's copy")
-    head = next((h for h in HEAD_STARTS if copy_into is not None and h.claim(plan, target)), None)
+    restoring = None if server is None else _ProgressArtifact(
+        "rehearsal-restore-progress", size // 3, f"the rehearsal's copy on {server.where}")
+    head = next((h for h in HEAD_STARTS if server is not None and h.claim(plan, target)), None)
     if head is not None:
         get_run_logger().info("taking over the backup and copy begun while Prefect started")
         while not head.wait(timeout=1.0):
             meter(head.dumped)
             restoring(head.restored)
-        info, scratch, seconds = head.outcome()
-        copied = (scratch, seconds)
-    elif copy_into is None:
-        info, copied = backup.backup_to_s3(target, settings, progress=meter), None
+        info, copy = head.outcome()
+    elif server is None:
+        info, copy = backup.backup_to_s3(target, settings, progress=meter), None
     else:
-        info, seconds = rehearsal.backup_into_copy(target, copy_into, settings, progress=meter,
-                                                   restore_progress=restoring)
-        copied = (copy_into, seconds)
+        info, copy = rehearsal.backup_into_copy(target, server, settings, run_id or "",
+                                                progress=meter, restore_progress=restoring)
     meter.finish()
     if restoring:
         restoring.finish()
     get_run_logger().info("backup stored: %s (%s bytes, sha256 %s)", info.key, info.size, info.sha256)
-    return info, copied
+    if copy is not None:
+        get_run_logger().info("rehearsal copy %s made on %s (%s)", copy.target.dbname,
+                              copy.server.where, copy.method)
+    return info, copy
 
 
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
              models, run_id: str, allow_destructive: bool,
-             restored: tuple[Target, float] | None = None) -> rehearsal.RehearsalReport:
-    """Apply the plan on a copy (``restored``, else the backup restored now), check it, drop it."""
-    meter = None if restored else _ProgressArtifact(
+             copy: rehearsal.ScratchCopy | None = None) -> rehearsal.RehearsalReport:
+    """Apply the plan on the copy (else on the backup restored now, where the rehearsal runs),
+    check it, drop it."""
+    meter = None if copy else _ProgressArtifact(
         "rehearsal-restore-progress", backup_info.size, f"restore of {backup_info.key} into a scratch copy")
-    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, models=models,
-                                        run_id=run_id, allow_destructive=allow_destructive,
-                                        restore_progress=meter, restored=restored)
+    report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, copy=copy,
+                                        server=None if copy else rehearsal_server(target, settings),
+                                        models=models, run_id=run_id,
+                                        allow_destructive=allow_destructive, restore_progress=meter)
     if meter:
         meter.finish()
     return report
@@ -167,11 +210,15 @@ def snapshot(target: Target) -> str:
     return recovery.schema_snapshot(target)
 
 
-@task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30],
+@task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30], retry_jitter_factor=0.5,
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
 def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str
           ) -> planning.RunReport:
-    """Apply the plan in one transaction under the migration lock (retried only on lock timeouts)."""
+    """Apply the plan in one transaction under the migration lock.
+
+    A table lock timeout is retried inside, with jittered backoff (dbcore.migrate.retry); the
+    task's own retries are for a busy migration lock or a lost connection (nothing changed).
+    """
     logger = get_run_logger()
 
     def progress(event: planning.ProgressEvent) -> None:
@@ -179,15 +226,23 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
-    return runner.execute(plan, target, settings, actor=actor, run_id=run_id, progress=progress)
+    return retry.apply_retrying(plan, target, settings, actor=actor, run_id=run_id,
+                                progress=progress)
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
-def post_checks(target: Target, models) -> checks.CheckReport:
-    """Return the drift and invalid-index checks of the live database."""
-    return checks.run_post_checks(target, models)
+def post_checks(target: Target, models, before=None) -> checks.CheckReport:
+    """Return the drift and invalid-index checks of the live database (judged against ``before``)."""
+    return checks.run_post_checks(target, models, before=before)
 
 
-def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None) -> DeployPlan:
+@task(name="drift-before", cache_policy=NO_CACHE)
+def drift_before(target: Target, models):
+    """Return the drift of the live database before the apply (None without models)."""
+    return checks.drift_before(target, models)
+
+
+def deploy_plan(env: str, plan, lint_report, backup_info=None, rehearsal_report=None,
+                preflight_report=None) -> DeployPlan:
     """Return the deploy plan (not a task: it only gathers data)."""
-    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report)
+    return DeployPlan(env, plan, lint_report, backup_info, rehearsal_report, preflight_report)

@@ -7,10 +7,13 @@ private cluster.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -40,6 +43,21 @@ def pg_server_url():
         yield os.environ["TEST_DATABASE_URL"]
         return
     root = Path(tempfile.mkdtemp(prefix="dbmigrate-pg-"))
+    cluster = PostgresCluster(root)
+    cluster.init()
+    cluster.start(fast=True)
+    try:
+        yield cluster.url("postgres")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def other_pg_server_url():
+    """URL of the maintenance database of a second private server: where a rehearsal copy goes
+    when it must not land on the target's cluster."""
+    root = Path(tempfile.mkdtemp(prefix="dbmigrate-pg-other-"))
     cluster = PostgresCluster(root)
     cluster.init()
     cluster.start(fast=True)
@@ -81,6 +99,18 @@ def make_database(pg_server_url):
 
 
 @pytest.fixture
+def forwarder_settings(pg_server_url, tmp_path) -> Settings:
+    """Settings whose tunnel command is the TCP forwarder (tests/tcp_forwarder.py, in place of
+    `fly proxy`) to the test PostgreSQL server."""
+    server = urlsplit(pg_server_url)
+    forwarder = Path(__file__).resolve().parent / "tcp_forwarder.py"
+    command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(forwarder))} {{local_port}} "
+               f"{server.hostname} {server.port}")
+    return Settings(proxy_command=command, proxy_local_port=0, proxy_start_timeout=10,
+                    local_dir=tmp_path / ".local")
+
+
+@pytest.fixture
 def db_url(make_database) -> str:
     """URL of a fresh, empty database for this test."""
     return make_database()
@@ -110,5 +140,5 @@ def migrations_dir(tmp_path) -> Path:
     return dest
 
 
-# Fixtures of other areas live in their own modules beside this file (S3 server, lint fixtures).
-pytest_plugins = ["fixtures_s3"]
+# Fixtures of other areas live in their own modules beside this file (S3 server, flows).
+pytest_plugins = ["fixtures_s3", "fixtures_flows"]

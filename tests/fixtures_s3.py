@@ -7,6 +7,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import boto3
 import pytest
 
 from dbcore.services.seaweed import SeaweedServer
@@ -56,3 +57,16 @@ def s3_settings(settings, s3_server, s3_bucket):
     return settings.model_copy(
         update={"s3_bucket": s3_bucket, "s3_endpoint_url": s3_server.endpoint_url}
     )
+
+
+def s3_client(settings):
+    return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url,
+                                          region_name="us-east-1")
+
+
+def leftovers(settings) -> tuple[list[str], list[str]]:
+    """Objects and unfinished multipart uploads in the bucket."""
+    client = s3_client(settings)
+    objects = [o["Key"] for o in client.list_objects_v2(Bucket=settings.s3_bucket).get("Contents", [])]
+    uploads = [u["Key"] for u in client.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", [])]
+    return objects, uploads

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import psycopg2
+import pytest
 
 from dbcore.connection import Target
 from dbcore.migrate.plan import RunReport, plan_apply, plan_rollback
@@ -17,6 +19,12 @@ from dbcore.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MIGRATIONS = REPO / "migrations"
+#: public projects' migration folders (tests/fixtures/REAL_CORPUS.md), kept outside the repository:
+#: their code is not ours to commit. Tests on them run where DBMIGRATE_REAL_CORPUS names the folder.
+REAL_CORPUS = Path(os.environ["DBMIGRATE_REAL_CORPUS"]) if os.environ.get("DBMIGRATE_REAL_CORPUS") else None
+needs_real_corpus = pytest.mark.skipif(
+    REAL_CORPUS is None or not (REAL_CORPUS / "record.py").exists(),
+    reason="DBMIGRATE_REAL_CORPUS is not set: see tests/fixtures/REAL_CORPUS.md")
 LOG_TAIL = 3000
 
 
@@ -71,3 +79,9 @@ def apply_pending(target: Target, settings: Settings, *, upto: str | None = None
 def rollback_last(target: Target, settings: Settings, *, count: int = 1, **kwargs) -> RunReport:
     """Plan and roll back the newest ``count`` applied migrations, as `dbmigrate rollback` does."""
     return execute(plan_rollback(target, settings, count=count), target, settings, **kwargs)
+
+
+def random_rows(url: str, megabytes: int) -> None:
+    """Add a table of ``megabytes`` of incompressible rows, so that a backup takes a while."""
+    query(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto; CREATE TABLE blobs AS SELECT g AS id, "
+               f"gen_random_bytes(1024) AS data FROM generate_series(1, {megabytes * 1000}) g")

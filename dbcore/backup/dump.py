@@ -28,6 +28,7 @@ from dbcore.backup.storage import (
     PART_SIZE,
     MultipartUpload,
     Storage,
+    abort_upload,
     delete,
     describe_error,
     head,
@@ -35,6 +36,7 @@ from dbcore.backup.storage import (
     list_objects,
     open_storage,
     replace_metadata,
+    unfinished_uploads,
 )
 from dbcore.connection import Target, connect_raw
 from dbcore.errors import BackupCorrupt, BackupFailed, ConfigError, StorageError
@@ -59,6 +61,8 @@ SUFFIX = ".dump"
 #: printable ASCII stays readable in the S3 console; "%" and anything else is %-quoted
 _SAFE_IN_METADATA = "".join(c for c in string.punctuation if c != "%") + " "
 _UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+#: first key of the two-int advisory locks that claim an upload while it is written ("DMBU")
+_UPLOAD_CLAIM = 0x444D4255
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class BackupInfo:
     pg_dump_version: str
     compression: str  # "zstd:LEVEL" or "none"
     created_at: datetime
+    #: major version of the server that was dumped (0: not recorded by older versions)
+    server_major: int = 0
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict (created_at in ISO 8601)."""
@@ -98,6 +104,7 @@ class BackupInfo:
             database=meta["database"], env=meta["env"], last_migration=meta["last-migration"],
             pg_dump_version=meta["pg-dump-version"], compression=meta["compression"],
             created_at=datetime.fromisoformat(meta["created-at"]),
+            server_major=int(meta.get("server-major") or 0),
         )
 
 
@@ -132,6 +139,39 @@ def database_size(target: Target) -> int:
             return cur.fetchone()[0]
     finally:
         conn.close()
+
+
+def _claim_upload(target: Target, key: str):
+    """Return a session of ``target`` holding the claim on upload ``key`` while it is written.
+
+    An unfinished upload whose claim is free was left by a backup that died (the S3 server or the
+    tunnel went away before it could be aborted): the next backup of the database aborts it.
+    """
+    conn = connect_raw(target, "dbmigrate backup: upload")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT set_config('idle_session_timeout', '0', false)")
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_UPLOAD_CLAIM, key))
+    except psycopg2.Error as exc:
+        conn.close()
+        raise BackupFailed(f"cannot claim the upload of {key}: "
+                           f"{error_line(exc, target.password)}") from None
+    return conn
+
+
+def _abort_dead_uploads(storage: Storage, claim, prefix: str) -> None:
+    """Abort the unfinished uploads under ``prefix`` whose backup died (nobody claims them)."""
+    with claim.cursor() as cur:
+        for key, upload_id in unfinished_uploads(storage, prefix):
+            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_UPLOAD_CLAIM, key))
+            if not cur.fetchone()[0]:
+                continue  # another backup is writing it now
+            try:
+                abort_upload(storage, key, upload_id)
+                log.warning("aborted the unfinished upload of %s: a backup that did not finish "
+                            "left it", key)
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_UPLOAD_CLAIM, key))
 
 
 def _storage_failure(message: str, exc: BaseException) -> BackupFailed:
@@ -173,9 +213,11 @@ def backup_to_s3(
         raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}", exc) from exc
     compression = f"zstd:{settings.backup_zstd_level}"
     log.info("backing %s up to s3://%s/%s (%s)", target.masked_url, storage.bucket, key, compression)
+    claim = _claim_upload(target, key)
     upload = MultipartUpload(storage, key, CONTENT_TYPE)
     completing = False
     try:
+        _abort_dead_uploads(storage, claim, key.rsplit("/", 1)[0] + "/")
         upload.start()
         put = upload.put if tee is None else (lambda chunk: (upload.put(chunk), tee.write(chunk)))
         size, sha256 = _dump_compressed(pg_dump, target, settings, put, progress)
@@ -195,10 +237,12 @@ def backup_to_s3(
             raise _storage_failure(f"{what} failed: {describe_error(exc, storage)}{left}",
                                    exc) from exc
         raise
+    finally:
+        claim.close()  # releases the claim: from now on a leftover of this upload is dead
     info = BackupInfo(
         key=key, bucket=storage.bucket, size=size, sha256=sha256, database=target.dbname,
         env=env_name, last_migration=last_migration, pg_dump_version=pg_dump.version,
-        compression=compression, created_at=created_at,
+        compression=compression, created_at=created_at, server_major=major,
     )
     try:
         replace_metadata(storage, key, info.to_metadata(), CONTENT_TYPE)

@@ -1,8 +1,9 @@
-"""PostgreSQL client programs (pg_dump, pg_restore) of the server's major version, and how to call them.
+"""PostgreSQL client programs (pg_dump, pg_restore) for a server's major version, and how to call them.
 
 Debian puts only a version-picking wrapper on PATH and the real programs in
-``/usr/lib/postgresql/N/bin``; an archive written by one major version is safest read by the same
-one, so the program is chosen by the server's ``server_version_num``, never by PATH order alone.
+``/usr/lib/postgresql/N/bin``. The program is chosen by the server's ``server_version_num``,
+never by PATH order alone: the server's own major when installed, else a newer one (a newer
+pg_dump dumps older servers, a newer pg_restore restores into them), never an older one.
 """
 
 from __future__ import annotations
@@ -100,11 +101,18 @@ def installed_tools(program: str) -> list[PgTool]:
 
 
 def find_pg_tool(program: str, server_major: int) -> PgTool:
-    """Return ``program`` of major version ``server_major``; raise ToolNotFound naming what exists and the fix."""
+    """Return ``program`` for a server of major ``server_major``; raise ToolNotFound naming what exists and the fix.
+
+    The server's own major is preferred; otherwise the oldest newer one (pg_dump and pg_restore
+    read and write every older server), never an older one (it refuses a newer server).
+    """
     tools = installed_tools(program)
-    for tool in tools:
-        if tool.major == server_major:
-            return tool
+    usable = sorted((t for t in tools if t.major >= server_major), key=lambda t: t.major)
+    if usable:
+        if usable[0].major != server_major:
+            log.info("using %s %s for a PostgreSQL %s server (no %s %s found)", program,
+                     usable[0].version, server_major, program, server_major)
+        return usable[0]
     if not tools:
         raise ToolNotFound(
             f"{program} was not found (PATH, pg_config --bindir, /usr/lib/postgresql/*/bin): "
@@ -112,8 +120,8 @@ def find_pg_tool(program: str, server_major: int) -> PgTool:
         )
     found = ", ".join(f"{t.path} is {t.version}" for t in tools)
     raise ToolNotFound(
-        f"the server is PostgreSQL {server_major} but no {program} {server_major} was found "
-        f"({found}): install postgresql-client-{server_major} or set PG_BINDIR to its bin folder"
+        f"the server is PostgreSQL {server_major} but every {program} found is older ({found}): "
+        f"install postgresql-client-{server_major} (or newer) or set PG_BINDIR to its bin folder"
     )
 
 

@@ -146,14 +146,16 @@ def verify_backup(key: str, settings: Settings, progress: Progress | None = None
 
 
 @dataclass(frozen=True)
-class _RestoreTarget:
+class RestoreTarget:
+    """A database about to be restored into: whether it exists, what it holds, its server's major."""
+
     exists: bool
     relations: int
     examples: list[str]
     server_major: int
 
 
-def _inspect(into: Target) -> _RestoreTarget:
+def inspect_target(into: Target) -> RestoreTarget:
     """Return whether ``into`` exists, what it holds, and its server's major version."""
     try:
         conn = connect_raw(into, "dbmigrate-restore")
@@ -162,12 +164,12 @@ def _inspect(into: Target) -> _RestoreTarget:
             raise
         admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
         try:
-            return _RestoreTarget(False, 0, [], server_major(admin))
+            return RestoreTarget(False, 0, [], server_major(admin))
         finally:
             admin.close()
     try:
         count, names = user_relations(conn)
-        return _RestoreTarget(True, count, names, server_major(conn))
+        return RestoreTarget(True, count, names, server_major(conn))
     finally:
         conn.close()
 
@@ -239,7 +241,7 @@ def restore_backup(
         )
     storage = open_storage(settings, str(into.env))
     started = time.monotonic()
-    state = _inspect(into)
+    state = inspect_target(into)
     if state.relations and not force:
         raise RestoreRefused(
             f"database {into.dbname} is not empty ({state.relations} objects, e.g. "
@@ -251,11 +253,16 @@ def restore_backup(
         path = Path(tmp) / "backup.dump"
         # the whole object is checked before the target is touched (or even created)
         info = _fetch(storage, key, path, progress)
-        if _major(info.pg_dump_version) > state.server_major:
+        # a newer pg_dump may have dumped an older server: the dumped server's major counts
+        source_major = info.server_major or _major(info.pg_dump_version)
+        if source_major > state.server_major:
             raise RestoreRefused(
-                f"{key} was written by pg_dump {info.pg_dump_version}, newer than the PostgreSQL "
-                f"{state.server_major} server of {into.dbname}: restore it into a server of "
-                f"version {_major(info.pg_dump_version)} or later")
+                f"{key} holds a PostgreSQL {source_major} database (pg_dump "
+                f"{info.pg_dump_version}), newer than the PostgreSQL {state.server_major} server "
+                f"of {into.dbname}: restore it into a server of version {source_major} or later")
+        if pg_restore.major < _major(info.pg_dump_version):
+            # an archive of a newer pg_dump needs a pg_restore at least as new
+            pg_restore = find_pg_tool("pg_restore", _major(info.pg_dump_version))
         _archive_entries(pg_restore, path, key)
         if not state.exists:
             create_database(into)

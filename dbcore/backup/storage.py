@@ -279,3 +279,16 @@ def list_objects(storage: Storage, prefix: str) -> Iterator[dict]:
 def delete(storage: Storage, key: str) -> None:
     """Delete one object."""
     storage.client.delete_object(Bucket=storage.bucket, Key=key)
+
+
+def unfinished_uploads(storage: Storage, prefix: str) -> list[tuple[str, str]]:
+    """Return (key, upload id) of every multipart upload under ``prefix`` not completed nor aborted."""
+    paginator = storage.client.get_paginator("list_multipart_uploads")
+    return [(u["Key"], u["UploadId"])
+            for page in paginator.paginate(Bucket=storage.bucket, Prefix=prefix)
+            for u in page.get("Uploads", [])]
+
+
+def abort_upload(storage: Storage, key: str, upload_id: str) -> None:
+    """Drop an unfinished multipart upload and its parts."""
+    storage.client.abort_multipart_upload(Bucket=storage.bucket, Key=key, UploadId=upload_id)

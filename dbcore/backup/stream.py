@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -19,11 +20,11 @@ import time
 import zstandard
 
 from dbcore.backup.dump import Progress
-from dbcore.backup.pgtools import find_pg_tool, server_major, tool_error
+from dbcore.backup.pgtools import find_pg_tool, tool_error
 from dbcore.backup.pipes import BackgroundWriter
-from dbcore.backup.restore import create_database, pg_restore_command, user_relations
-from dbcore.connection import Target, connect_raw
-from dbcore.errors import BackupCorrupt, DatabaseUnavailable, RestoreFailed, RestoreRefused
+from dbcore.backup.restore import create_database, inspect_target, pg_restore_command
+from dbcore.connection import Target
+from dbcore.errors import BackupCorrupt, RestoreFailed, RestoreRefused
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,13 @@ class StreamRestore:
         self._stderr = tempfile.TemporaryFile()
         self.started = 0.0
 
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        major = _prepare(self.into)
+        return pg_restore_command(find_pg_tool("pg_restore", major), self.into, self.backup_env)
+
     def __enter__(self) -> StreamRestore:
         self.started = time.monotonic()
-        major = _prepare(self.into)
-        cmd, env = pg_restore_command(find_pg_tool("pg_restore", major), self.into, self.backup_env)
+        cmd, env = self._command()
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=self._stderr, env=env)
         self._writer = BackgroundWriter(self._proc.stdin, decompress=True).__enter__()
@@ -77,8 +81,8 @@ class StreamRestore:
         self._proc.stdin.close()
         if self._proc.wait() != 0:
             raise self._failure()
-        log.info("restored %s bytes of the backup stream into %s in %.1fs", self.size,
-                 self.into.dbname, time.monotonic() - self.started)
+        log.info("pg_restore read %s bytes of the backup stream (%s) in %.1fs", self.size,
+                 self.into.dbname if self.into else "the whole archive", time.monotonic() - self.started)
         return self.size, self._digest.hexdigest()
 
     def _failure(self) -> RestoreFailed:
@@ -86,8 +90,10 @@ class StreamRestore:
             self._proc.kill()
         self._proc.wait()
         self._stderr.seek(0)
-        return RestoreFailed(f"pg_restore of the backup stream into {self.into.dbname} failed: "
-                             f"{tool_error(self._stderr.read(), 'pg_restore', self.into.password)}")
+        where = f"into {self.into.dbname}" if self.into else "(reading it back)"
+        password = self.into.password if self.into else None
+        return RestoreFailed(f"pg_restore of the backup stream {where} failed: "
+                             f"{tool_error(self._stderr.read(), 'pg_restore', password)}")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._writer is not None:
@@ -101,25 +107,28 @@ class StreamRestore:
         self._stderr.close()
 
 
+class ArchiveCheck(StreamRestore):
+    """The backup's stream read back whole by ``pg_restore --file=/dev/null``, loading nothing.
+
+    Where the rehearsal's copy is made another way (``CREATE DATABASE ... TEMPLATE``), this still
+    shows that the stored bytes are a complete archive pg_restore reads entry by entry, data
+    included, and that they are the bytes uploaded (size and sha256, as for a restore).
+    """
+
+    def __init__(self, server_major: int, progress: Progress | None = None):
+        super().__init__(None, "", progress)
+        self.server_major = server_major
+
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        return [str(find_pg_tool("pg_restore", self.server_major).path), f"--file={os.devnull}"], None
+
+
 def _prepare(into: Target) -> int:
     """Create ``into`` (refusing one that holds objects); return its server's major version."""
-    try:
-        conn = connect_raw(into, "dbmigrate-restore")
-    except DatabaseUnavailable as exc:
-        if "does not exist" not in str(exc):
-            raise
-        admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
-        try:
-            major = server_major(admin)
-        finally:
-            admin.close()
+    state = inspect_target(into)
+    if state.relations:
+        raise RestoreRefused(f"database {into.dbname} is not empty ({state.relations} objects, e.g. "
+                             f"{', '.join(state.examples)}): a streamed restore needs a new database")
+    if not state.exists:
         create_database(into)
-        return major
-    try:
-        count, names = user_relations(conn)
-        if count:
-            raise RestoreRefused(f"database {into.dbname} is not empty ({count} objects, e.g. "
-                                 f"{', '.join(names)}): a streamed restore needs a new database")
-        return server_major(conn)
-    finally:
-        conn.close()
+    return state.server_major

@@ -97,22 +97,38 @@ class DriftReport:
     def ok(self) -> bool:
         return not self.differences
 
+    def since(self, before: DriftReport) -> DriftReport:
+        """Return this report with the differences ``before`` already had turned into notes.
+
+        Real applications' models rarely describe every table: what existed before an apply is
+        for a reader to know, not for the apply to fail on.
+        """
+        old = set(before.differences)
+        kept = tuple(d for d in self.differences if d not in old)
+        notes = tuple(f"already before the apply: {d.describe()}" for d in self.differences
+                      if d in old)
+        return DriftReport(kept, self.tables, self.notes + notes)
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "tables": list(self.tables),
                 "differences": [d.to_dict() for d in self.differences], "notes": list(self.notes)}
 
     def text(self) -> str:
         """Return the terminal rendering: one line per difference, or that there is none."""
-        if self.ok:
+        if self.ok and not self.tables and self.notes:
+            lines = ["schema not compared"]
+        elif self.ok:
             lines = [f"schema matches the models ({len(self.tables)} tables)"]
         else:
             lines = [f"schema drift: {len(self.differences)} difference(s) between the models and "
                      "the database"] + [f"  {d.kind}: {d.describe()}" for d in self.differences]
-        return "\n".join(lines + [f"  not compared: {note}" for note in self.notes])
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
     def to_markdown(self) -> str:
         """Return a markdown section (a verdict and a table) for a Prefect artifact."""
-        if self.ok:
+        if self.ok and not self.tables and self.notes:
+            lines = ["### Schema not compared"]
+        elif self.ok:
             lines = [f"### Schema matches the models\n\n{len(self.tables)} tables compared."]
         else:
             lines = [f"### Schema drift: {len(self.differences)} difference(s)", "",
@@ -121,7 +137,7 @@ class DriftReport:
             cells = [d.kind, d.table, d.column or d.index or "", d.expected or "", d.actual or ""]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         if self.notes:
-            lines += ["", "Not compared (check by hand):", ""] + [f"- {note}" for note in self.notes]
+            lines += ["", "Notes (not failures; check by hand):", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 
 

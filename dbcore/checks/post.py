@@ -92,21 +92,46 @@ class CheckReport:
         return "\n".join(parts)
 
 
+NO_MODELS = ("no models to compare the schema with (MIGRATE_MODELS is not set): set it to the "
+             "application's module:LIST to check the schema after every apply")
+
+
 def run_post_checks(
     db_or_target: peewee.Database | Target,
-    models: Iterable[type[peewee.Model]],
+    models: Iterable[type[peewee.Model]] | None,
     *,
     ignore_tables: Iterable[str] = DEFAULT_IGNORED_TABLES,
+    before: DriftReport | None = None,
 ) -> CheckReport:
-    """Return the post-checks of a database (one connection for all); raise DatabaseUnavailable."""
+    """Return the post-checks of a database (one connection for all); raise DatabaseUnavailable.
+
+    ``models`` None: the schema is not compared (a note says so). ``before``: the drift found
+    before the apply; differences already there are notes, only what the batch changed fails.
+    """
     with opened(db_or_target) as db:
-        drift = schema_drift(db, models, ignore_tables=ignore_tables)
+        if models is None:
+            drift = DriftReport((), notes=(NO_MODELS,))
+        else:
+            drift = schema_drift(db, models, ignore_tables=ignore_tables)
         invalid = check_no_invalid_indexes(db)
+    if before is not None:
+        drift = drift.since(before)
     return CheckReport(drift, tuple(invalid))
 
 
-def load_models(spec: str) -> list[type[peewee.Model]]:
-    """Return the models named by ``module:attribute``; raise ConfigError when it names none."""
+def drift_before(db_or_target: peewee.Database | Target,
+                 models: Iterable[type[peewee.Model]] | None) -> DriftReport | None:
+    """Return the drift of a database before an apply (None without models), to judge it against."""
+    if models is None:
+        return None
+    with opened(db_or_target) as db:
+        return schema_drift(db, models)
+
+
+def load_models(spec: str | None) -> list[type[peewee.Model]] | None:
+    """Return the models named by ``module:attribute`` (None when ``spec`` is empty); raise ConfigError."""
+    if not spec:
+        return None
     module_name, _, attr = spec.partition(":")
     try:
         models = getattr(importlib.import_module(module_name), attr or "MODELS")

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import peewee
+
 from dbcore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--models", default=None, metavar="MODULE:ATTR",
                        help="the list of models to compare (default: $MIGRATE_MODELS, "
-                            "else dbcore.models:MODELS)")
+                            "required)")
     check.set_defaults(handler=cmd_check)
 
 
@@ -51,7 +53,8 @@ def cmd_lint(ctx: Context) -> int:
     if missing:
         raise ConfigError(f"no such migration file or folder: {', '.join(missing)}: "
                           "check the path or --migrations-dir")
-    report = lint_paths(paths, allow_destructive=ctx.args.allow_destructive)
+    report = lint_paths(paths, allow_destructive=ctx.args.allow_destructive,
+                        applied=_applied_names(ctx))
     if ctx.args.json:
         print(json.dumps([f.to_dict() for f in report.findings], indent=2))
     else:
@@ -59,10 +62,35 @@ def cmd_lint(ctx: Context) -> int:
     return 0 if report.ok else 1
 
 
+def _applied_names(ctx: Context) -> list[str]:
+    """The names the target database records as applied; none when it cannot be read (offline lint)."""
+    from dbcore.connection import Env, connect, resolve_target
+    from dbcore.errors import DbcoreError
+    from dbcore.migrate.history import read_applied
+
+    try:
+        target = resolve_target(ctx.settings, ctx.args.env, ctx.args.database_url)
+        if target.env is Env.PROXY:  # a lint never opens the tunnel
+            return []
+        db = connect(target, application_name="dbmigrate lint")
+        try:
+            return [a.name for a in read_applied(db)]
+        finally:
+            db.close()
+    except (DbcoreError, peewee.PeeweeException) as exc:
+        log.info("no database to tell applied files from pending ones (%s): every file is "
+                 "judged as pending", exc)
+        return []
+
+
 def cmd_check(ctx: Context) -> int:
     """Print the post-check report (schema drift, invalid indexes); return 1 when it is not ok."""
     from dbcore.checks.post import load_models, run_post_checks
 
-    report = run_post_checks(ctx.target, load_models(ctx.args.models or ctx.settings.models))
+    models = load_models(ctx.args.models or ctx.settings.models)
+    if models is None:
+        raise ConfigError("no models to compare with: pass --models module:LIST or set "
+                          "MIGRATE_MODELS (the sample app's are dbcore.models:MODELS)")
+    report = run_post_checks(ctx.target, models)
     print(json.dumps(report.to_dict(), indent=2) if ctx.args.json else report.text())
     return 0 if report.ok else 1

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dbmigrate: error: {describe_invalid(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (DbcoreError, peewee.DatabaseError, psycopg2.Error, OSError) as exc:
-        secrets = [settings.database_password() if settings else None]
+        secrets: list[str | None] = list(settings.secrets()) if settings else []
         if args.database_url:
             from dbcore.redact import url_password
 

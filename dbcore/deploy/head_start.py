@@ -8,7 +8,10 @@ flow's backup task :meth:`HeadStart.claim`\\ s it only for the same plan (same t
 files); anything else, or a head start nobody claimed, is discarded: its copy dropped, its backup
 left in the bucket as any other backup.
 
-Only a read of the database happens ahead: the plan, the lint, ``pg_dump``. Nothing is applied.
+Only a read of the database happens ahead: the plan, the lint, the preflight, ``pg_dump``.
+Nothing is applied. It starts the backup only when the preflight finds nothing in the way right
+now: otherwise the flow runs its own preflight, which waits (``MIGRATE_PREFLIGHT_WAIT``) and says
+what it waited for. The copy is made where the rehearsal runs (dbcore/deploy/scratch.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from dataclasses import dataclass, field
 
 from dbcore.backup.dump import BackupInfo
 from dbcore.connection import Target
-from dbcore.deploy.rehearsal import backup_into_copy, drop_quietly, scratch_target
+from dbcore.deploy.preflight import PreflightReport, preflight
+from dbcore.deploy.rehearsal import ScratchCopy, backup_into_copy
+from dbcore.deploy.scratch import RehearsalServer
+from dbcore.deploy.touched import tables_of_plan
+from dbcore.errors import PreflightFailed
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.plan import Plan, plan_apply
 from dbcore.settings import Settings
@@ -39,13 +46,15 @@ class HeadStart:
 
     target: Target
     settings: Settings
+    server: RehearsalServer
     allow_destructive: bool = False
     key: tuple | None = None
     #: bytes read from pg_dump, and bytes of the stored object restored into the copy, so far
     dumped: int = 0
     restored: int = 0
-    scratch: Target | None = None
-    result: tuple[BackupInfo, float] | None = None
+    #: the preflight before its backup (clear, or it did not start)
+    checked: PreflightReport | None = None
+    result: tuple[BackupInfo, ScratchCopy] | None = None
     error: BaseException | None = None
     claimed: bool = False
     _planned: threading.Event = field(default_factory=threading.Event)
@@ -58,11 +67,18 @@ class HeadStart:
                                 allow_destructive=self.allow_destructive)
             if plan.empty or not lint.ok:
                 return  # the flow finds the same and stops before any backup
+            # no wait here: anything in the way is the flow's preflight's to wait for and name
+            at_once = self.settings.model_copy(update={"preflight_wait": 0})
+            tables = tables_of_plan([m.path for m in plan.migrations])
+            try:
+                self.checked = preflight(self.target, at_once, tables, "before the backup")
+            except PreflightFailed:
+                return
             self.key = plan_key(plan)
             self._planned.set()
-            self.scratch = scratch_target(self.target, self.settings, uuid.uuid4().hex)
-            self.result = backup_into_copy(self.target, self.scratch, self.settings,
-                                           progress=self._dumped, restore_progress=self._restored)
+            self.result = backup_into_copy(self.target, self.server, self.settings,
+                                           uuid.uuid4().hex, progress=self._dumped,
+                                           restore_progress=self._restored)
         except BaseException as exc:  # handed to whoever claims it; the flow plans again
             self.error = exc
         finally:
@@ -75,12 +91,16 @@ class HeadStart:
     def _restored(self, done: int) -> None:
         self.restored = done
 
-    def claim(self, plan: Plan, target: Target) -> bool:
-        """Take the head start for ``plan`` if it is doing exactly that work; True if taken."""
+    def matches(self, plan: Plan, target: Target) -> bool:
+        """True if the head start is doing exactly ``plan``'s work on ``target`` (and not yet taken)."""
         if self.claimed or target.url != self.target.url:
             return False
-        self.planned()  # a moment: the plan and the lint, before the backup starts
-        if self.key != plan_key(plan):
+        self.planned()  # a moment: the plan, the lint and the preflight, before the backup starts
+        return self.key == plan_key(plan)
+
+    def claim(self, plan: Plan, target: Target) -> bool:
+        """Take the head start for ``plan`` if it is doing exactly that work; True if taken."""
+        if not self.matches(plan, target):
             return False
         self.claimed = True
         return True
@@ -93,13 +113,12 @@ class HeadStart:
         """Wait until the backup and the copy are done (or failed); True when finished."""
         return self._done.wait(timeout)
 
-    def outcome(self) -> tuple[BackupInfo, Target, float]:
-        """Return (backup, copy, seconds) once finished; raise what the head start raised."""
+    def outcome(self) -> tuple[BackupInfo, ScratchCopy]:
+        """Return (backup, copy) once finished; raise what the head start raised."""
         self._done.wait()
         if self.error is not None:
             raise self.error
-        info, seconds = self.result
-        return info, self.scratch, seconds
+        return self.result
 
     def discard(self) -> None:
         """Wait for an unclaimed head start to end and drop its copy (its backup stays stored)."""
@@ -107,13 +126,16 @@ class HeadStart:
             return
         self._done.wait()
         if self.result is not None:
+            copy = self.result[1]
             log.info("head start not used (the run planned something else or stopped before "
-                     "its backup): dropping its copy %s", self.scratch.dbname)
-            drop_quietly(self.target, self.scratch.dbname)
+                     "its backup): dropping its copy %s", copy.target.dbname)
+            copy.discard()
 
 
-def begin(target: Target, settings: Settings, *, allow_destructive: bool = False) -> HeadStart:
-    """Start planning, and the backup with its copy when there is work, in a daemon thread."""
-    head = HeadStart(target, settings, allow_destructive)
+def begin(target: Target, settings: Settings, server: RehearsalServer, *,
+          allow_destructive: bool = False) -> HeadStart:
+    """Start planning, and the backup with its copy on ``server`` when there is work and nothing
+    is in the way, in a daemon thread."""
+    head = HeadStart(target, settings, server, allow_destructive)
     threading.Thread(target=head._run, name="dbmigrate-head-start", daemon=True).start()
     return head

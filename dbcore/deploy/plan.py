@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
+from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
 from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.plan import Plan
@@ -32,6 +33,28 @@ def _statement(captured: str) -> str:
     return sql.rstrip(";") + ";" + note
 
 
+def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
+    """Return how and where the copy was made, e.g. "Restored the backup into `x` on ... in 1.2 s"."""
+    name = f"`{r.scratch_database}`" if markdown else r.scratch_database
+    where = f" on {r.server}" if r.server else ""
+    if r.method == "template":
+        return (f"Copied the database into {name}{where} with CREATE DATABASE ... TEMPLATE "
+                f"(nobody else was connected) in {r.restore_seconds:.2f} s; the backup was not loaded "
+                f"into it, but pg_restore read the stored bytes back whole, every entry (sha256 checked)")
+    how = "from its own stream as it uploaded" if r.method == "stream" else "after it was stored"
+    return (f"Restored the backup (the bytes stored, sha256 checked) into {name}{where}, {how}, "
+            f"in {r.restore_seconds:.2f} s")
+
+
+def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
+    """Return what the rehearsal found of earlier runs that died: dropped, or kept and why."""
+    tick = "`" if markdown else ""
+    lines = [f"- dropped scratch database {tick}{name}{tick}, left by an earlier run that did "
+             "not finish" for name in r.leftovers.dropped]
+    lines += [f"- kept scratch database {tick}{name}{tick}: {why}" for name, why in r.leftovers.kept]
+    return lines + [""] if lines and markdown else lines
+
+
 @dataclass(frozen=True)
 class DeployPlan:
     """What will happen to a database if the run is approved."""
@@ -41,6 +64,7 @@ class DeployPlan:
     lint: LintReport
     backup: BackupInfo | None = None
     rehearsal: RehearsalReport | None = None
+    preflight: PreflightReport | None = None
 
     @property
     def new_sql_findings(self) -> list:
@@ -66,6 +90,7 @@ class DeployPlan:
             "env": self.env, "plan": self.plan.to_dict(), "lint": self.lint.to_dict(),
             "backup": self.backup.to_dict() if self.backup else None,
             "rehearsal": self.rehearsal.to_dict() if self.rehearsal else None, "ok": self.ok,
+            "preflight": self.preflight.to_dict() if self.preflight else None,
         }
 
     def to_markdown(self) -> str:
@@ -79,6 +104,10 @@ class DeployPlan:
                 kind = f"{number} (batch)" if atomic else f"{number} (alone, atomic = False)"
                 out.append(f"| {m.number} | `{m.name}` | {kind} | {took} | `{m.sha256[:12]}` |")
         out += ["", self.lint.to_markdown(), ""]
+        if self.preflight:
+            out += [f"### Preflight {self.preflight.stage}", "",
+                    md_cell(self.preflight.text().split(": ", 1)[-1]), "",
+                    "It runs again right before the apply.", ""]
         if self.backup:
             b = self.backup
             out += ["### Backup", "", f"- key: `{b.key}` in bucket `{b.bucket}`",
@@ -90,9 +119,9 @@ class DeployPlan:
             r = self.rehearsal
             verdict = "passed" if r.ok else "**failed**"
             out += [f"### Rehearsal on a copy {verdict}", "",
-                    f"Restored the backup (the bytes stored, sha256 checked) into `{r.scratch_database}` "
-                    f"in {r.restore_seconds:.2f} s, "
-                    f"applied in {r.apply_seconds:.2f} s, then dropped the copy.", ""]
+                    f"{_copy_sentence(r)}, applied in {r.apply_seconds:.2f} s, then dropped the "
+                    "copy.", ""]
+            out += _leftover_lines(r)
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
                 out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
@@ -116,13 +145,17 @@ class DeployPlan:
             out += [f"  {m.name}  ({kind})" for m in group]
         out.append("lint: " + self.lint.summary())
         out += [f"  {f.text()}" for f in self.lint.findings]
+        if self.preflight:
+            out.append(self.preflight.text())
         if self.backup:
             out.append(f"backup: {self.backup.key} ({size_text(self.backup.size)}, "
                        f"sha256 {self.backup.sha256[:16]}...)")
         if self.rehearsal:
             r = self.rehearsal
-            out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; restore "
-                       f"{r.restore_seconds:.2f}s, apply {r.apply_seconds:.2f}s")
+            copied = _copy_sentence(r, markdown=False)
+            out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
+                       f"{copied[:1].lower()}{copied[1:]}, apply {r.apply_seconds:.2f}s")
+            out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
             out += [f"  {f.text()}" for f in self.new_sql_findings]
             if r.checks and not r.checks.ok:
                 out.append(r.checks.text())

@@ -22,7 +22,7 @@ from dbcore.backup.pgtools import find_pg_tool, libpq_args, server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.checks.post import check_no_invalid_indexes
 from dbcore.connection import Target, connect_raw
-from dbcore.deploy.rehearsal import derived_name
+from dbcore.deploy.scratch import derived_name
 from dbcore.errors import DbcoreError, RestoreFailed
 from dbcore.redact import redact
 from dbcore.settings import Settings

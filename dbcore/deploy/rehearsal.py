@@ -1,8 +1,11 @@
-"""Rehearse a plan on a copy: restore the backup into a scratch database, apply there, check, drop.
+"""Rehearse a plan on a copy: copy the database into a scratch one, apply there, check, drop.
 
 The rehearsal proves three things before anyone approves: the backup restores, the migrations
 apply to the real data (with the SQL and timings captured), and the result passes the
-post-checks. The live database is only read (by the backup).
+post-checks. The live database is only read (by the backup). Where the copy is made is decided
+in ``dbcore.deploy.scratch``: never on the production cluster unless asked. The copy is made
+while the backup uploads, from its own stream (dbcore/backup/stream.py); locally on the target's
+own cluster, with ``CREATE DATABASE ... TEMPLATE`` when nobody else is connected to the target.
 """
 
 from __future__ import annotations
@@ -14,20 +17,32 @@ from dataclasses import dataclass, field
 
 import peewee
 import psycopg2
-from psycopg2 import sql
 
 from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
-from dbcore.backup.stream import StreamRestore
-from dbcore.checks.post import CheckReport, run_post_checks
-from dbcore.connection import Target, connect_raw
+from dbcore.backup.stream import ArchiveCheck, StreamRestore
+from dbcore.checks.post import CheckReport, drift_before, run_post_checks
+from dbcore.connection import Env, Target, connect_raw
+from dbcore.deploy.scratch import (
+    Leftovers,
+    RehearsalServer,
+    claim,
+    copy_with_template,
+    create_database,
+    drop_database,
+    drop_leftovers,
+    refuse_the_target_cluster,
+    rehearsal_server,
+    scratch_name,
+)
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
 from dbcore.migrate.runner import execute
-from dbcore.redact import redact
+from dbcore.redact import error_line, redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +58,9 @@ class RehearsalReport:
     results: tuple[MigrationResult, ...]
     checks: CheckReport | None
     sql_findings: tuple[Finding, ...] = field(default=())
+    server: str = ""  # where the copy was made, and why there
+    method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
     @property
     def ok(self) -> bool:
@@ -62,67 +80,115 @@ class RehearsalReport:
                         for r in self.results],
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
+            "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
         }
 
 
-def derived_name(dbname: str, suffix: str) -> str:
-    """Return ``dbname`` cut to fit ``suffix`` within PostgreSQL's 63 bytes (never mid-character)."""
-    room = 63 - len(suffix.encode())
-    head = dbname.encode()[:room].decode(errors="ignore")
-    return head + suffix
+@dataclass
+class ScratchCopy:
+    """A scratch copy made for one run: where, how and how fast; claimed until it is dropped.
 
-
-def scratch_name(dbname: str, run_id: str | None = None) -> str:
-    """Return a scratch database name derived from ``dbname`` (at most 63 bytes)."""
-    return derived_name(dbname, f"_rehearsal_{(run_id or uuid.uuid4().hex)[:8]}")
-
-
-def scratch_target(target: Target, settings: Settings, run_id: str | None = None) -> Target:
-    """Return where the rehearsal's copy of ``target`` is made: a scratch database beside it."""
-    scratch = target.with_dbname(scratch_name(target.dbname, run_id))
-    if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
-        raise RehearsalFailed("the scratch database would be the live one")
-    return scratch
-
-
-def backup_into_copy(target: Target, scratch: Target, settings: Settings, *,
-                     progress: BytesProgress | None = None,
-                     restore_progress: BytesProgress | None = None) -> tuple[BackupInfo, float]:
-    """Back ``target`` up to S3 and restore the same stream into ``scratch`` while it uploads.
-
-    Returns the stored backup and the seconds until the copy was complete. The copy is made of
-    exactly the bytes stored (sha256 and size compared before the upload completes); raises
-    BackupFailed for the backup, RehearsalFailed for the copy (then no backup is stored either,
-    and ``scratch`` is dropped).
+    The claim (dbcore.deploy.scratch) is a session of the rehearsal server: while it is open no
+    other run takes the copy for a leftover. It is not pickled: a copy that crossed a process
+    boundary is simply unclaimed, and the next run's sweep drops it if it was left behind.
     """
+
+    server: RehearsalServer
+    target: Target
+    method: str  # "stream" (restored from the backup's stream), "template" or "restore"
+    seconds: float
+    leftovers: Leftovers = field(default_factory=Leftovers)
+    holder: object = None  # the claiming session
+
+    def release(self) -> None:
+        """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
+
+    def discard(self) -> None:
+        """Drop the copy (quietly: a failure is logged, the next run's sweep drops it) and release it."""
+        drop_quietly(self.server, self.target.dbname)
+        self.release()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "holder": None}
+
+
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+    """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
+    refuse_the_target_cluster(server, target)
+    leftovers = drop_leftovers(server, target.dbname)
+    scratch = server.scratch(scratch_name(target.dbname, run_id))
+    if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
+        raise RehearsalFailed("the scratch database would be the live one")
+    return scratch, leftovers, claim(server, scratch.dbname)
+
+
+def _server_major(target: Target) -> int:
+    conn = connect_raw(target, "dbmigrate-rehearsal")
+    try:
+        return server_major(conn)
+    finally:
+        conn.close()
+
+
+def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
+                     progress: BytesProgress | None = None,
+                     restore_progress: BytesProgress | None = None,
+                     template: bool = True) -> tuple[BackupInfo, ScratchCopy]:
+    """Back ``target`` up to S3 and make the rehearsal's copy on ``server`` meanwhile.
+
+    The copy is restored from the backup's own stream as it uploads (sha256 and size compared
+    before the upload completes), or, locally on the target's cluster with nobody else
+    connected (and ``template``), made by ``CREATE DATABASE ... TEMPLATE`` just before the
+    backup. Returns the stored backup and the claimed copy; raises BackupFailed for the backup,
+    RehearsalFailed for the copy (then no backup is stored either, and the copy is dropped).
+    """
+    scratch, leftovers, holder = _start_copy(target, server, run_id)
     started = time.monotonic()
     try:
-        with StreamRestore(scratch, str(target.env), progress=restore_progress) as restore:
-            info = backup_to_s3(target, settings, progress=progress, tee=restore)
+        if (template and server.on_target and target.env is Env.LOCAL
+                and copy_with_template(server, target.dbname, scratch.dbname)):
+            method, copied = "template", round(time.monotonic() - started, 3)
+            # the copy did not come from the backup: pg_restore still reads the stored bytes whole
+            with ArchiveCheck(_server_major(target), progress=restore_progress) as check:
+                info = backup_to_s3(target, settings, progress=progress, tee=check)
+        else:
+            method = "stream"
+            create_database(server, scratch.dbname)
+            with StreamRestore(scratch, str(target.env), progress=restore_progress) as restore:
+                info = backup_to_s3(target, settings, progress=progress, tee=restore)
+            copied = round(time.monotonic() - started, 3)
     except (RestoreFailed, RestoreRefused, BackupCorrupt) as exc:
-        drop_quietly(target, scratch.dbname)
+        drop_quietly(server, scratch.dbname)
+        holder.close()
         raise RehearsalFailed(f"the backup does not restore into a copy, the live database was "
                               f"not touched: {exc}") from exc
     except BaseException:
-        drop_quietly(target, scratch.dbname)
+        drop_quietly(server, scratch.dbname)
+        holder.close()
         raise
-    return info, round(time.monotonic() - started, 3)
+    log.info("rehearsal copy %s made on %s (%s) in %.2fs", scratch.dbname, server.where, method,
+             copied)
+    return info, ScratchCopy(server, scratch, method, copied, leftovers, holder)
 
 
-def drop_database(server: Target, dbname: str) -> None:
-    """Drop ``dbname`` on ``server``'s cluster, ending its sessions; raise RehearsalFailed."""
-    if dbname == server.dbname:
-        raise RehearsalFailed(f"refusing to drop {dbname}: it is the live database")
-    conn = connect_raw(server.with_dbname("postgres"), "dbmigrate-rehearsal")
+def restore_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,
+                      backup_key: str, progress: BytesProgress | None = None) -> ScratchCopy:
+    """Make the rehearsal's copy on ``server`` by restoring ``backup_key``; raise RehearsalFailed."""
+    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    started = time.monotonic()
     try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"could not drop the scratch database {dbname}: "
-                              f"{redact(str(exc).strip(), server.password)}: drop it by hand") from None
-    finally:
-        conn.close()
+        create_database(server, scratch.dbname)
+        # A scratch copy, never the live database: the production guard does not apply.
+        restore_backup(backup_key, scratch, settings, allow_production=True, progress=progress)
+    except BaseException:
+        drop_quietly(server, scratch.dbname)
+        holder.close()
+        raise
+    return ScratchCopy(server, scratch, "restore", round(time.monotonic() - started, 3),
+                       leftovers, holder)
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
@@ -160,49 +226,50 @@ def _existing_tables(target: Target) -> set[str]:
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
+                     copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
-                     restore_progress: BytesProgress | None = None,
-                     restored: tuple[Target, float] | None = None) -> RehearsalReport:
-    """Restore ``backup_key`` into a scratch database, apply ``plan`` there, check it, drop it.
+                     restore_progress: BytesProgress | None = None) -> RehearsalReport:
+    """Apply ``plan`` on a scratch copy of ``target``, check it, drop it.
 
-    ``restored``: the copy is already made (by :func:`backup_into_copy`): its target and the
-    seconds it took. Returns the report; raises RehearsalFailed (the copy is always dropped).
+    ``copy`` is the one :func:`backup_into_copy` made; without it, ``backup_key`` is restored
+    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). Returns the
+    report; raises RehearsalFailed (the copy is always dropped).
     """
-    scratch = restored[0] if restored else scratch_target(target, settings, run_id)
-    if scratch.dbname == target.dbname:  # never, but this is the one line that must hold
-        raise RehearsalFailed("the scratch database would be the live one")
-    started = time.monotonic()
+    run_id = run_id or uuid.uuid4().hex
+    if copy is None:
+        copy = restore_into_copy(target, server or rehearsal_server(target, settings), settings,
+                                 run_id, backup_key, restore_progress)
+    scratch = copy.target
     try:
-        if restored:
-            restore_seconds = restored[1]
-        else:
-            # A scratch copy, never the live database: the production guard does not apply.
-            restore_backup(backup_key, scratch, settings, allow_production=True,
-                           progress=restore_progress)
-            restore_seconds = round(time.monotonic() - started, 3)
         existing = _existing_tables(scratch)
+        before = drift_before(scratch, models)
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                                progress=progress)
+                             progress=progress)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models) if models is not None else None
+        checks = run_post_checks(scratch, models, before=before)
         findings = lint_captured_sql(report.results, existing, allow_destructive)
-        result = RehearsalReport(scratch.dbname, backup_key, restore_seconds, report.results,
-                                 checks, tuple(findings))
+        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
+                                 checks, tuple(findings), server=copy.server.where,
+                                 method=copy.method, leftovers=copy.leftovers)
     except BaseException:
-        drop_quietly(target, scratch.dbname)  # the original error is the one to report
+        drop_quietly(copy.server, scratch.dbname)  # the original error is reported
+        copy.release()
         raise
-    drop_database(target, scratch.dbname)
+    try:
+        drop_database(copy.server, scratch.dbname)
+    finally:
+        copy.release()
     return result
 
 
-def drop_quietly(server: Target, dbname: str) -> None:
-    """Drop ``dbname`` on ``server``'s cluster; a failure is logged, never raised."""
+def drop_quietly(server: RehearsalServer, dbname: str) -> None:
+    """Drop scratch database ``dbname``; a failure is logged (the next run's sweep drops it)."""
     try:
         drop_database(server, dbname)
     except Exception as exc:  # noqa: BLE001 - reported, never masking the error being raised
-        log.warning("could not drop the scratch database %s (%s): drop it by hand", dbname,
-                    redact(str(exc).strip(), server.password))
+        log.warning("could not drop the scratch database %s (%s): the next run drops it", dbname,
+                    error_line(exc, server.admin.password))

@@ -15,7 +15,17 @@ import re
 
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import RECIPES, SqlBatch
-from dbcore.lint.values import Scope
+from dbcore.lint.syntax import (
+    CREATES,
+    aliases,
+    calls_in_order,
+    is_call_of,
+    is_migrator_create,
+    is_trivial,
+    keyword,
+    listed,
+)
+from dbcore.lint.values import Scope, table_of_class
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +37,6 @@ MODEL_METHODS = {
     "add_default", "drop_default", "add_constraint", "drop_constraints",
 }
 MIGRATOR_METHODS = MODEL_METHODS | {"sql", "run", "python"}
-CREATES = {"create_model", "create_table"}
 DROPS = {"remove_model", "drop_table"}
 ADDS = {"add_fields", "add_columns", "add_column"}
 # database methods that end or open a transaction of their own
@@ -41,46 +50,6 @@ DM001_MESSAGE = ("runs SQL at once, before the migrator's queued operations (and
                  "run): use migrator.sql(...) instead")
 DM004_FIX = ("add it null=True with a default, fill existing rows with migrator.sql('UPDATE ...'), "
              "then SET NOT NULL and DROP DEFAULT (migrations/004_fix_sourcedir_language.py)")
-
-
-def _is_trivial(body: list[ast.stmt]) -> bool:
-    """True for a body of only a docstring, ``pass`` and ``...``."""
-    return all(isinstance(s, ast.Pass)
-               or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body)
-
-
-def _position(node: ast.AST) -> tuple[int, int]:
-    return (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))
-
-
-def _calls_in_order(fn: ast.FunctionDef) -> list[ast.Call]:
-    """Return the calls of a function's own body in source order (nested defs and classes aside)."""
-    calls, stack = [], list(fn.body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-            continue
-        if isinstance(node, ast.Call):
-            calls.append(node)
-        stack.extend(ast.iter_child_nodes(node))
-    return sorted(calls, key=_position)
-
-
-def _aliases(fn: ast.AST, names: set[str]) -> set[str]:
-    """Return ``names`` and every name assigned one of them (``mg = migrator``), in ``fn``."""
-    names = set(names)
-    assigns = [n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.NamedExpr))]
-    while True:
-        more = {t.id for n in assigns if isinstance(n.value, ast.Name) and n.value.id in names
-                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-                if isinstance(t, ast.Name)} - names
-        if not more:
-            return names
-        names |= more
-
-
-def _keyword(call: ast.Call, name: str) -> ast.expr | None:
-    return next((k.value for k in call.keywords if k.arg == name), None)
 
 
 class ModuleLint:
@@ -101,7 +70,7 @@ class ModuleLint:
                 self.imports |= {a.asname or a.name: node.module or "." for a in node.names}
         self.module_scope = Scope(tree, imports=self.imports)
         entry = [f for name, f in self.functions.items() if name in ("migrate", "rollback")]
-        self.database_names = _aliases(tree, {"database", "db"} | {
+        self.database_names = aliases(tree, {"database", "db"} | {
             f.args.args[1].arg for f in entry if len(f.args.args) > 1})
         self.findings: list[Finding] = []
         self.visited: set[int] = set()  # the calls already judged
@@ -131,12 +100,12 @@ class ModuleLint:
         if migrate is not None:
             made = self._read_entry(migrate, self.batch())
         if rollback is None:
-            if migrate is not None and not _is_trivial(migrate.body):
+            if migrate is not None and not is_trivial(migrate.body):
                 self.add("DM005", migrate.lineno,
                          "no rollback(): write one that undoes migrate() (the rollback subflow "
                          "runs it after a failed post-check)")
         else:
-            if migrate is not None and not _is_trivial(migrate.body) and _is_trivial(rollback.body):
+            if migrate is not None and not is_trivial(migrate.body) and is_trivial(rollback.body):
                 self.add("DM005", rollback.lineno,
                          "rollback() does nothing while migrate() changes the schema: make it "
                          "undo migrate(), or raise with the manual steps if it cannot")
@@ -154,7 +123,7 @@ class ModuleLint:
     # -- file-wide rules ----------------------------------------------------------------------
 
     def _whole_file_rules(self) -> None:
-        """DM001, DM002 and DM010 apply anywhere in the file, helpers included."""
+        """DM001, DM002, DM010 and DM011 apply anywhere in the file, helpers included."""
         for node in ast.walk(self.tree):
             if isinstance(node, ast.Attribute):
                 on_database = isinstance(node.value, ast.Name) and node.value.id in self.database_names
@@ -172,6 +141,15 @@ class ModuleLint:
             if not isinstance(node.func, ast.Attribute):
                 continue
             attr = node.func.attr
+            receiver = node.func.value
+            if (isinstance(receiver, ast.Name) and receiver.id in self.imports
+                    and attr in ("create_tables", "drop_tables", "execute_sql", "execute")
+                    and not self.imports[receiver.id].startswith(("peewee", "playhouse"))):
+                self.add("DM011", node.lineno,
+                         f"{ast.unparse(node.func)}() uses the database object imported from "
+                         f"{self.imports[receiver.id]}: it runs on the application's own connection, "
+                         "outside the batch transaction (it stays even if the batch is rolled back): "
+                         "use the migration's `database` argument or the migrator")
             if attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
@@ -189,15 +167,26 @@ class ModuleLint:
                     fn.name in ("migrate", "rollback") and fn in self.functions.values():
                 continue
             params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
-            receivers = {c.func.value.id for c in _calls_in_order(fn)
+            receivers = {c.func.value.id for c in calls_in_order(fn)
                          if isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name)
                          and c.func.attr in MIGRATOR_METHODS} & params
             if receivers:
                 self._read(fn, Scope(fn, self.module_scope), receivers, self.batch(), fn.name, [])
 
     def _unjudged_drops(self) -> None:
-        """DM003 applies file-wide: any drop call the migrator reading did not judge."""
+        """DM003 applies file-wide: any drop call the migrator reading did not judge.
+
+        ``database.drop_tables([A, B])`` in rollback() undoing a ``create_tables([A, B])`` of
+        migrate() drops only what the file itself created.
+        """
+        migrate, rollback = self.functions.get("migrate"), self.functions.get("rollback")
+        created = {ast.unparse(e) for n in ast.walk(migrate) if is_call_of(n, "create_tables")
+                   for e in listed(n)} if migrate else set()
+        undone = {id(n) for n in ast.walk(rollback) if is_call_of(n, "drop_tables")
+                  and listed(n) and {ast.unparse(e) for e in listed(n)} <= created} if rollback else set()
         for node in ast.walk(self.tree):
+            if id(node) in undone:
+                continue
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in DROPS | {"drop_tables"} and id(node) not in self.visited):
                 for rule, message, severity in self.batch().drop(
@@ -209,8 +198,16 @@ class ModuleLint:
     def _read(self, fn: ast.FunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
               where: str, stack: list[ast.FunctionDef]) -> None:
         self.read.add(id(fn))
-        migrator = _aliases(fn, migrator)
-        for call in _calls_in_order(fn):
+        migrator = aliases(fn, migrator)
+        # `pw_migrate create --auto` writes `@migrator.create_model class File(pw.Model): ...`:
+        # the table is created by the file itself, and remove_model("file") may name it by
+        # table or by class (1.x files lower-case it)
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ClassDef) and any(
+                    is_migrator_create(d, migrator) for d in node.decorator_list):
+                for name in {table_of_class(node), node.name, node.name.lower()}:
+                    batch.create(name)
+        for call in calls_in_order(fn):
             func = call.func
             if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
                     and func.value.id in migrator:
@@ -237,7 +234,7 @@ class ModuleLint:
 
     def _migrator_call(self, where: str, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
         method = call.func.attr
-        first = call.args[0] if call.args else _keyword(call, "model")
+        first = call.args[0] if call.args else keyword(call, "model")
         table = None
         if method in MODEL_METHODS and first is not None:
             self._check_model_arg(where, method, first, scope)
@@ -278,7 +275,7 @@ class ModuleLint:
 
     def _check_sql_call(self, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
         """Check a migrator.sql call: how its SQL is built, its placeholders, then the SQL itself."""
-        node = call.args[0] if call.args else _keyword(call, "sql")
+        node = call.args[0] if call.args else keyword(call, "sql")
         if node is None:
             return
         value = scope.string(node, call)

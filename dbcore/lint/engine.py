@@ -33,14 +33,27 @@ _ALLOW_MARKER = re.compile(r"#\s*dbmigrate:\s*allow\s+((?:[A-Z]{2}\d{3}[\s,]*)+)
 _FILE_RULES = {"DM000", "DM005", "DM007"}
 
 
-def lint_paths(paths: Iterable[Path], *, allow_destructive: bool = False) -> LintReport:
-    """Return the report over migration files and folders (a folder means its ``*.py`` files)."""
+def lint_paths(paths: Iterable[Path], *, allow_destructive: bool = False,
+               applied: Iterable[str] = ()) -> LintReport:
+    """Return the report over migration files and folders (a folder means its ``*.py`` files).
+
+    Files named in ``applied`` (stems, as ``migratehistory`` records them) are history: what
+    they do ran long ago and renaming one would make peewee-migrate run it again, so their
+    findings are notes, never errors or warnings. Rules that stop a deploy judge pending files.
+    """
     files = _files_of(paths)
+    applied = set(applied)
     findings: list[Finding] = []
     for path in files:
         findings += lint_file(path, allow_destructive=allow_destructive)
     findings += check_names(files)
-    return LintReport.of(findings, [str(p) for p in files])
+    return LintReport.of([as_history(f) if Path(f.file).stem in applied else f for f in findings],
+                         [str(p) for p in files])
+
+
+def as_history(item: Finding) -> Finding:
+    """Return ``item`` as a note on an applied file."""
+    return finding(item.rule, item.file, item.line, f"(applied) {item.message}", "note")
 
 
 def lint_pending(migrations_dir: Path, pending: Iterable[Path], *,
@@ -66,6 +79,8 @@ def lint_file(path: Path, *, allow_destructive: bool = False) -> list[Finding]:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [finding("DM000", str(path), 1, f"cannot read the file ({exc}): fix or remove it")]
+    if not FILE_RE.match(path.name) and not re.search(r"^def migrate\(", source, re.MULTILINE):
+        return []  # not a migration (peewee-migrate's conf.py, a helper module): nothing to judge
     return _name_findings(path) + lint_source(source, str(path), allow_destructive=allow_destructive)
 
 

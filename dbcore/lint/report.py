@@ -12,7 +12,8 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Severity = Literal["error", "warning"]
+#: "note": something worth knowing that judges nothing (a finding in an applied file)
+Severity = Literal["error", "warning", "note"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DM008", "warning", "model class not defined in the migration"),
     Rule("DM009", "error", "migrator.sql placeholders that psycopg2 cannot fill"),
     Rule("DM010", "error", "a migration that commits or opens its own transaction"),
+    Rule("DM011", "warning", "the application's own database object used in a migration"),
     Rule("DS100", "error", "SQL that PostgreSQL cannot parse"),
     Rule("DS101", "warning", "index built without CONCURRENTLY on an existing table"),
     Rule("DS102", "warning", "foreign key or check constraint added without NOT VALID"),
@@ -96,12 +98,17 @@ class LintReport:
         return [f for f in self.findings if f.severity == "warning"]
 
     @property
+    def notes(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "note"]
+
+    @property
     def ok(self) -> bool:
         """True when nothing blocks the migrations: warnings alone are for the approver to read."""
         return not self.errors
 
     def summary(self) -> str:
-        return (f"{len(self.errors)} error(s), {len(self.warnings)} warning(s) "
+        notes = f", {len(self.notes)} note(s) on applied files" if self.notes else ""
+        return (f"{len(self.errors)} error(s), {len(self.warnings)} warning(s){notes} "
                 f"in {len(self.files)} file(s)")
 
     def to_dict(self) -> dict:
@@ -126,7 +133,7 @@ class LintReport:
             return "\n".join(lines + ["No findings."])
         lines += ["| severity | rule | where | message |", "|---|---|---|---|"]
         for f in self.findings:
-            mark = "error" if f.severity == "error" else "warning"
+            mark = f.severity
             lines.append(f"| {mark} | {f.rule} | `{f.file}:{f.line}` | {md_cell(f.message)} |")
         return "\n".join(lines)
 

@@ -10,7 +10,7 @@ import datetime
 import hashlib
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,8 @@ class LoadedMigration:
     file: MigrationFile
     migrate: Callable[..., Any]
     rollback: Callable[..., Any] | None
+    #: the module's namespace (what it imported and defined)
+    scope: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def load(file: MigrationFile) -> LoadedMigration:
             "function: add one (`dbmigrate new` writes the template)"
         )
     rollback = scope.get("rollback")
-    return LoadedMigration(file, migrate, rollback if callable(rollback) else None)
+    return LoadedMigration(file, migrate, rollback if callable(rollback) else None, scope)
 
 
 def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:

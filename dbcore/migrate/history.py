@@ -23,7 +23,8 @@ _CREATE_AUDIT = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     id          bigserial PRIMARY KEY,
     name        text        NOT NULL,
-    action      text        NOT NULL CHECK (action IN ('apply', 'rollback')),
+    action      text        NOT NULL CONSTRAINT migration_audit_action_check
+                            CHECK (action IN ('apply', 'rollback', 'baseline')),
     checksum    text,
     at          timestamptz NOT NULL DEFAULT now(),
     actor       text        NOT NULL,
@@ -64,7 +65,8 @@ def read_applied(db: peewee.Database) -> list[AppliedMigration]:
         sql = f"""
             SELECT h.name, h.migrated_at, (
                 SELECT a.checksum FROM {AUDIT_TABLE} a
-                WHERE a.name = h.name AND a.action = 'apply' ORDER BY a.id DESC LIMIT 1)
+                WHERE a.name = h.name AND a.action IN ('apply', 'baseline')
+                ORDER BY a.id DESC LIMIT 1)
             FROM {HISTORY_TABLE} h ORDER BY h.id"""
     else:
         sql = f"SELECT name, migrated_at, NULL FROM {HISTORY_TABLE} ORDER BY id"
@@ -80,6 +82,13 @@ def _as_utc(moment: datetime.datetime) -> datetime.datetime:
 def ensure_audit_table(db: peewee.Database) -> None:
     """Create ``migration_audit`` if missing (inside the caller's transaction)."""
     db.execute_sql(_CREATE_AUDIT)
+
+
+def allow_baseline_rows(db: peewee.Database) -> None:
+    """Let an audit table made before ``dbmigrate baseline`` existed take 'baseline' rows."""
+    db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} DROP CONSTRAINT IF EXISTS migration_audit_action_check")
+    db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} ADD CONSTRAINT migration_audit_action_check "
+                   "CHECK (action IN ('apply', 'rollback', 'baseline'))")
 
 
 def record_audit(db: peewee.Database, *, name: str, action: str, checksum: str | None,

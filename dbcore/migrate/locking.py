@@ -32,12 +32,18 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
 """
 
 
-def _describe_holder(conn, key: int) -> str:
-    """Return who holds the advisory lock ``key``, for the timeout message."""
+def lock_holder(conn, key: int) -> tuple | None:
+    """Return (pid, application, user, connected since, client) of the session holding the
+    migration advisory lock ``key`` in the connection's database, or None."""
     # A bigint advisory key is stored as two 32-bit halves: classid (high) and objid (low).
     with conn.cursor() as cur:
         cur.execute(_HOLDER_SQL, (key >> 32 & 0xFFFFFFFF, key & 0xFFFFFFFF))
-        row = cur.fetchone()
+        return cur.fetchone()
+
+
+def _describe_holder(conn, key: int) -> str:
+    """Return who holds the advisory lock ``key``, for the timeout message."""
+    row = lock_holder(conn, key)
     if row is None:
         return "a session that has just released it"
     pid, app, user, since, client = row

@@ -16,7 +16,6 @@ import uuid
 
 import peewee
 import psycopg2
-from playhouse.migrate import Operation
 
 from dbcore.checks.post import check_no_invalid_indexes
 from dbcore.connection import Target, connect
@@ -120,17 +119,25 @@ def _pgcode(exc: BaseException) -> str | None:
 
 
 def _typed_failure(exc: Exception, name: str, action: Action, committed: list[str], settings: Settings,
-                   target: Target) -> Exception:
+                   target: Target, router: FileRouter | None = None) -> Exception:
     """Return the typed error for ``exc`` raised while running migration ``name``.
 
     It carries the migrations already committed; a retry is safe only when nothing at all was.
+    ``name`` is empty when the failure came before the first migration started; the applied
+    files whose replay failed (``router.replayed``) are named after the error.
     """
     code = _pgcode(exc)
     kept = (f"; already committed before it: {', '.join(committed)}" if committed
             else "; nothing was changed (the whole batch was rolled back)")
-    if isinstance(exc, MigrationFileError):
-        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
     detail = error_line(exc, target.password)
+    if not name:
+        return MigrationFailed(f"{action} failed before its first migration started: "
+                               f"{type(exc).__name__}: {detail}{kept}: fix that, then run again",
+                               committed=committed)
+    if isinstance(exc, MigrationFileError):  # an unknown model names the failed replays itself
+        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
+    problems = router.replayed.problems if router is not None and router.replayed else ()
+    detail += "".join(f" (after {p.describe()})" for p in problems)
     if code == _LOCK_NOT_AVAILABLE:
         return TableLockTimeout(
             f"{action} of {name} waited longer than lock_timeout={settings.lock_timeout} for a "
@@ -145,17 +152,6 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
                            f"fix {where} in {name}.py and run again", committed=committed)
 
 
-def _run_ops(migrator) -> None:
-    """Run the operations a migrate()/rollback() queued, in the current transaction (or none)."""
-    # Migrator.__call__ would wrap these in its own atomic(): we decide the transaction.
-    ops, migrator.__ops__ = migrator.__ops__, []
-    for op in ops:
-        if isinstance(op, Operation):
-            op.run()
-        else:
-            op()
-
-
 def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: LoadedMigration,
              action: Action, actor: str, run_id: str) -> MigrationResult:
     name = loaded.file.name
@@ -165,7 +161,7 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
             loaded.migrate(migrator, db, fake=False)
         else:
             loaded.rollback(migrator, db, fake=False)
-        _run_ops(migrator)
+        migrator.flush()
     seconds = time.monotonic() - started
     if action == "apply":
         router.model.create(name=name)
@@ -238,8 +234,8 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
 
     def prepare():
         # Bookkeeping tables are created in the first transaction, so that a first apply that
-        # fails leaves no trace either; then peewee-migrate replays every applied file
-        # (without running it) to know the models as they stand.
+        # fails leaves no trace either. The applied files replay (sending nothing) only when a
+        # migration first asks for their models (dbcore.migrate.replay).
         ensure_audit_table(db)
         router.model  # noqa: B018 - creates migratehistory
         return router.migrator
@@ -288,7 +284,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
         raise
     except Exception as exc:
         done_names = [] if dry_run else committed
-        raise _typed_failure(exc, current, plan.action, done_names, settings, target) from exc
+        raise _typed_failure(exc, current, plan.action, done_names, settings, target, router) from exc
     note = ""
     if skipped:
         note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"

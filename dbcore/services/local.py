@@ -52,7 +52,7 @@ def read_local_services(settings: Settings) -> LocalServices | None:
     return LocalServices(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
-def _postgres_root(settings: Settings) -> Path:
+def local_postgres_root(settings: Settings) -> Path:
     """Return where the embedded cluster lives: under the local folder, if PostgreSQL may enter it.
 
     As root, the server runs as the postgres user, which cannot enter a checkout under a private
@@ -77,6 +77,16 @@ def _ensure_database(server_url: str, name: str) -> None:
         conn.close()
 
 
+def ensure_local_cluster(settings: Settings) -> str:
+    """Start (or reuse) the embedded PostgreSQL cluster under the local folder; return its
+    maintenance database URL. The proxy environment rehearses there, never through the tunnel;
+    `make stop` stops it."""
+    cluster = PostgresCluster(local_postgres_root(settings))
+    cluster.init()
+    cluster.start()
+    return cluster.url("postgres")
+
+
 def up(settings: Settings) -> LocalServices:
     """Start (or reuse) what is not configured elsewhere; record and return it."""
     root = settings.local_dir
@@ -84,7 +94,7 @@ def up(settings: Settings) -> LocalServices:
     database_url = ""
     database_url = postgres_root = ""
     if settings.database_url is None:
-        cluster = PostgresCluster(_postgres_root(settings))
+        cluster = PostgresCluster(local_postgres_root(settings))
         cluster.init()
         cluster.start()
         _ensure_database(cluster.url("postgres"), APP_DATABASE)
@@ -112,7 +122,7 @@ def down(settings: Settings) -> list[str]:
     stopped = []
     recorded = read_local_services(settings)
     cluster = PostgresCluster(Path(recorded.postgres_root) if recorded and recorded.postgres_root
-                              else _postgres_root(settings))
+                              else local_postgres_root(settings))
     if cluster.is_running():
         cluster.stop()
         stopped.append("postgres")

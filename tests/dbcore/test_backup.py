@@ -6,10 +6,9 @@ import json
 import time
 import uuid
 
-import boto3
 import psycopg2
 import pytest
-from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY
+from fixtures_s3 import S3_ACCESS_KEY, S3_SECRET_KEY, leftovers, s3_client
 from helpers import query, schema_dump
 
 from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
@@ -65,17 +64,6 @@ def fingerprint(url: str) -> dict[str, tuple[int, str]]:
     }
 
 
-def s3_client(settings):
-    return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url,
-                                          region_name="us-east-1")
-
-
-def leftovers(settings) -> tuple[list[str], list[str]]:
-    """Objects and unfinished multipart uploads in the bucket."""
-    client = s3_client(settings)
-    objects = [o["Key"] for o in client.list_objects_v2(Bucket=settings.s3_bucket).get("Contents", [])]
-    uploads = [u["Key"] for u in client.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", [])]
-    return objects, uploads
 
 
 def test_backup_then_restore_into_a_new_database_gives_identical_data(target, s3_settings):
@@ -303,10 +291,13 @@ def test_cli_errors_are_one_line_without_the_secret(target, s3_settings, monkeyp
     assert "leaky-" not in captured.err and S3_SECRET_KEY not in captured.err
 
 
-def test_pg_tool_of_another_major_version_is_a_clear_error():
-    with pytest.raises(ToolNotFound, match=r"PostgreSQL 99 .*pg_dump.* is 15\.\d+.*postgresql-client-99"):
+def test_pg_tool_older_than_the_server_is_refused_newer_is_used():
+    with pytest.raises(ToolNotFound, match=r"PostgreSQL 99 .*every pg_dump found is older"
+                                           r".* is 15\.\d+.*postgresql-client-99"):
         find_pg_tool("pg_dump", 99)
     assert find_pg_tool("pg_restore", 15).major == 15
+    # a newer client dumps and restores older servers
+    assert find_pg_tool("pg_dump", 13).major == 15 and find_pg_tool("pg_restore", 12).major == 15
 
 
 def test_running_s3_server_is_found_by_another_process(s3_server):

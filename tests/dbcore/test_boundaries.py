@@ -114,3 +114,17 @@ def test_dbcore_never_imports_prefect():
             "print(bad)\nsys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, f"dbcore pulled in Prefect: {result.stdout}{result.stderr}"
+
+
+def test_installed_into_an_app_nothing_shadows_the_apps_own_top_level_modules(tmp_path):
+    """An app with its own `flows` package (common in Prefect projects) keeps it; our flow still runs."""
+    app = tmp_path / "app"
+    (app / "flows").mkdir(parents=True)
+    (app / "flows" / "__init__.py").write_text("OWNER = 'the app'\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(app), "HOME": str(tmp_path)}
+    mine = subprocess.run([sys.executable, "-c", "import flows, dbcore; print(flows.OWNER)"],
+                          cwd=app, env=env, capture_output=True, text=True, timeout=60)
+    assert mine.stdout.strip() == "the app", mine.stderr
+    ours = subprocess.run([sys.executable, str(REPO / "flows" / "migrate.py"), "--help"],
+                          cwd=app, env=env, capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0 and "--env" in ours.stdout, ours.stderr

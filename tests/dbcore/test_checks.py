@@ -10,7 +10,7 @@ from helpers import apply_pending, query
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from dbcore.checks.drift import pg_type_name, schema_drift
-from dbcore.checks.post import check_no_invalid_indexes, run_post_checks
+from dbcore.checks.post import check_no_invalid_indexes, drift_before, load_models, run_post_checks
 from dbcore.cli import main as cli
 from dbcore.connection import connect, connect_raw
 from dbcore.models import MODELS
@@ -134,7 +134,7 @@ def test_expression_partial_and_raw_sql_indexes_are_notes_not_drift(target):
         assert any("tagged_lower_name" in n and "expression" in n for n in report.notes)
         assert any("tagged_named" in n and "partial" in n for n in report.notes)
         assert any("tagged_name_hash" in n and "raw SQL" in n for n in report.notes)
-        assert "not compared: " in report.text() and "Not compared" in report.to_markdown()
+        assert "note: " in report.text() and "Notes" in report.to_markdown()
         assert report.to_dict()["notes"] == list(report.notes)
         # an extra expression index next to them is noted as possibly theirs, not drift
         db.execute_sql("CREATE INDEX tagged_upper ON tagged (upper(name))")
@@ -228,11 +228,39 @@ def test_post_checks_pass_on_a_clean_database_and_leave_an_open_connection_open(
 
 
 def test_cli_check_exits_1_on_drift_and_0_when_in_sync(app_db, capsys):
-    assert cli.main(["check", "--database-url", app_db.url]) == 0
+    assert cli.main(["check", "--database-url", app_db.url, "--models", "dbcore.models:MODELS"]) == 0
     assert "schema matches the models" in capsys.readouterr().out
     _run(app_db, "ALTER TABLE document DROP COLUMN metadata")
-    assert cli.main(["check", "--json", "--database-url", app_db.url]) == 1
+    assert cli.main(["check", "--json", "--database-url", app_db.url,
+                     "--models", "dbcore.models:MODELS"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False
     assert data["drift"]["differences"][0]["kind"] == "missing_column"
     assert query(app_db.url, "SELECT count(*) FROM project") == [(0,)]  # read only
+
+
+def test_post_checks_judge_what_the_batch_changed_and_note_what_was_there_before(app_db):
+    # a real app's database: a table and an index no model describes, there before any apply
+    _run(app_db, "CREATE TABLE legacy_sessions (id serial PRIMARY KEY, data text)")
+    _run(app_db, "CREATE INDEX project_name_lower ON project (lower(name))")
+    _run(app_db, "CREATE INDEX project_created ON project (created_at)")
+    before = drift_before(app_db, MODELS)
+    assert not before.ok
+    unchanged = run_post_checks(app_db, MODELS, before=before)
+    assert unchanged.ok  # nothing the batch did: notes, not failures
+    assert any("already before the apply: table legacy_sessions" in n for n in unchanged.drift.notes)
+    assert "already before the apply" in unchanged.to_markdown()
+
+    _run(app_db, "ALTER TABLE document DROP COLUMN metadata")  # what "the batch" changed
+    changed = run_post_checks(app_db, MODELS, before=before)
+    assert not changed.ok
+    kinds = {d.kind for d in changed.drift.differences}
+    assert "missing_column" in kinds and "extra_table" not in kinds  # only what changed fails
+
+
+def test_without_models_the_schema_is_not_compared_and_the_check_passes(app_db):
+    _run(app_db, "CREATE TABLE legacy_sessions (id serial PRIMARY KEY)")
+    report = run_post_checks(app_db, load_models(""))
+    assert report.ok
+    assert "schema not compared" in report.text() and "MIGRATE_MODELS is not set" in report.text()
+    assert cli.main(["check", "--database-url", app_db.url]) == 2  # asked for explicitly: an error

@@ -585,3 +585,64 @@ def test_cli_lint_allow_destructive_and_missing_paths(capsys):
     assert "allowed explicitly" in capsys.readouterr().out
     assert cli.main(["lint", str(BAD / "no_such_folder")]) == 2
     assert "no such migration file or folder" in capsys.readouterr().err
+
+
+# -- peewee-migrate's own idioms, and history judged leniently -----------------------------------
+
+def test_pw_migrate_create_auto_style_is_not_an_error():
+    """`pw_migrate create --auto`: decorated classes in migrate(), remove_model by name in rollback()."""
+    findings = lint_text('''\
+        import peewee as pw
+
+        def migrate(migrator, database, fake=False, **kwargs):
+            @migrator.create_model
+            class File(pw.Model):
+                name = pw.CharField()
+
+            @migrator.create_model
+            class InviteCode(pw.Model):
+                code = pw.CharField()
+
+                class Meta:
+                    table_name = "invite_code"
+
+        def rollback(migrator, database, fake=False, **kwargs):
+            migrator.remove_model("file")
+            migrator.remove_model("invitecode")
+            migrator.remove_model("InviteCode")
+        ''')
+    assert "DM003" not in rules_of(findings)
+
+
+def test_rollback_dropping_what_create_tables_made_is_fine_anything_else_is_not():
+    source = '''\
+        from db.connection import db
+        from db.models import Course, Chat
+
+        def migrate(migrator, database, fake=False, **kwargs):
+            db.create_tables([Course, Chat])
+
+        def rollback(migrator, database, fake=False, **kwargs):
+            db.drop_tables([Chat, Course])
+            db.drop_tables([Other])
+        '''
+    dm003 = [f for f in lint_text(source) if f.rule == "DM003"]
+    assert [f.line for f in dm003] == [9]  # only the table the file did not create
+
+
+def test_findings_in_applied_files_are_notes_and_non_migrations_are_skipped(tmp_path):
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    drop = "def migrate(migrator, database, **kw):\n    migrator.remove_model('old')\n"
+    (folder / "001_a.py").write_text(drop)
+    (folder / "001_b.py").write_text(drop)  # a duplicate number, long applied
+    (folder / "003_c.py").write_text(drop)  # a gap, then a pending drop
+    (folder / "conf.py").write_text('DATABASE = "sqlite:///:memory:"\n')  # peewee-migrate's config
+    report = lint_paths([folder], applied=["001_a", "001_b"])
+    assert {(Path(f.file).name, f.rule) for f in report.errors} == {("003_c.py", "DM003"),
+                                                                    ("003_c.py", "DM007")}
+    notes = {(Path(f.file).name, f.rule) for f in report.notes}
+    assert {("001_a.py", "DM003"), ("001_b.py", "DM007")} <= notes
+    assert all(f.message.startswith("(applied) ") for f in report.notes)
+    assert "conf.py" not in report.text()
+    assert "note(s) on applied files" in report.summary()

@@ -30,16 +30,6 @@ def python_command(code: str) -> str:
     return f"{PYTHON} -c {shlex.quote(code)}"
 
 
-@pytest.fixture
-def forwarder_settings(pg_server_url, tmp_path) -> Settings:
-    """Settings whose tunnel command is the TCP forwarder to the test PostgreSQL server."""
-    server = urlsplit(pg_server_url)
-    command = (f"{PYTHON} {shlex.quote(str(FORWARDER))} {{local_port}} "
-               f"{server.hostname} {server.port}")
-    return Settings(proxy_command=command, proxy_local_port=0, proxy_start_timeout=10,
-                    local_dir=tmp_path / ".local")
-
-
 def gone(pid: int) -> bool:
     """Return True when no process ``pid`` exists (a zombie counts as existing)."""
     try:

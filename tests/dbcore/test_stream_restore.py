@@ -9,7 +9,8 @@ from test_backup import fill, fingerprint, leftovers
 from dbcore.backup.restore import verify_backup
 from dbcore.connection import Target
 from dbcore.deploy import head_start
-from dbcore.deploy.rehearsal import backup_into_copy, drop_quietly, scratch_target
+from dbcore.deploy.rehearsal import backup_into_copy
+from dbcore.deploy.scratch import rehearsal_server, scratch_name
 from dbcore.errors import RehearsalFailed
 from dbcore.migrate.plan import plan_apply
 
@@ -20,17 +21,18 @@ def _exists(server_url: str, dbname: str) -> bool:
 
 def test_the_copy_is_the_database_and_the_stored_backup_is_the_same_bytes(target, s3_settings):
     fill(target.url)
-    scratch = scratch_target(target, s3_settings, "stream1")
     seen: list[int] = []
-    info, seconds = backup_into_copy(target, scratch, s3_settings, restore_progress=seen.append)
+    info, copy = backup_into_copy(target, rehearsal_server(target, s3_settings), s3_settings,
+                                  "5eea0001", restore_progress=seen.append, template=False)
     try:
-        assert fingerprint(scratch.url) == fingerprint(target.url)
+        assert copy.method == "stream"
+        assert fingerprint(copy.target.url) == fingerprint(target.url)
         assert seen and seen[-1] == info.size  # every stored byte went through the restore
-        assert seconds > 0
+        assert copy.seconds > 0
         # what the bucket holds is a whole backup of its own: it downloads, matches and reads back
         assert verify_backup(info.key, s3_settings).sha256 == info.sha256
     finally:
-        query(target.with_dbname("postgres").url, f'DROP DATABASE IF EXISTS "{scratch.dbname}" WITH (FORCE)')
+        copy.discard()
 
 
 def test_a_copy_that_does_not_restore_fails_the_rehearsal_and_stores_nothing(target, s3_settings):
@@ -41,14 +43,15 @@ def test_a_copy_that_does_not_restore_fails_the_rehearsal_and_stores_nothing(tar
     query(target.url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     query(server, "DROP ROLE IF EXISTS stream_limited; CREATE ROLE stream_limited LOGIN CREATEDB")
     limited = Target(target.env, target.url.replace("postgres@", "stream_limited@", 1))
-    scratch = scratch_target(limited, s3_settings, "stream2")
+    scratch = scratch_name(target.dbname, "5eea0002")
     try:
         with pytest.raises(RehearsalFailed, match="does not restore into a copy.*live database was not touched"):
-            backup_into_copy(target, scratch, s3_settings)
+            backup_into_copy(target, rehearsal_server(limited, s3_settings), s3_settings, "5eea0002",
+                             template=False)
         assert leftovers(s3_settings) == ([], [])  # no object, no unfinished upload
-        assert not _exists(server, scratch.dbname)
+        assert not _exists(server, scratch)
     finally:
-        query(server, f'DROP DATABASE IF EXISTS "{scratch.dbname}" WITH (FORCE)')
+        query(server, f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
         query(server, "DROP ROLE IF EXISTS stream_limited")
 
 
@@ -56,20 +59,22 @@ def test_a_head_start_is_taken_over_only_for_the_same_plan(target, s3_settings, 
     settings = s3_settings.model_copy(update={"migrations_dir": migrations_dir})
     apply_pending(target, settings, upto="003")
     query(target.url, "INSERT INTO project (name, slug, created_at, updated_at) VALUES ('p', 'p', now(), now())")
-    head = head_start.begin(target, settings)
+    server = rehearsal_server(target, settings)
+    head = head_start.begin(target, settings, server)
     plan = plan_apply(target, settings)
     assert head.claim(plan, target)
-    info, copy, seconds = head.outcome()
+    assert head.checked is not None and head.checked.stage == "before the backup"
+    info, copy = head.outcome()
     try:
-        assert query(copy.url, "SELECT name FROM project") == [("p",)]  # the data, as it was
+        assert query(copy.target.url, "SELECT name FROM project") == [("p",)]  # the data, as it was
         assert verify_backup(info.key, settings).sha256 == info.sha256
     finally:
-        drop_quietly(target, copy.dbname)
+        copy.discard()
 
-    other = head_start.begin(target, settings)
+    other = head_start.begin(target, settings, server)
     assert other.planned(timeout=30)
     (migrations_dir / "004_fix_sourcedir_language.py").write_text(
         (migrations_dir / "004_fix_sourcedir_language.py").read_text() + "\n# changed\n")
     assert not other.claim(plan_apply(target, settings), target)  # a file changed: not the same work
     other.discard()
-    assert not _exists(target.with_dbname("postgres").url, other.scratch.dbname)  # its copy is gone
+    assert not _exists(target.with_dbname("postgres").url, other.result[1].target.dbname)  # its copy is gone

@@ -74,11 +74,14 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def production_env(prefect_server, db_url, s3_settings) -> dict[str, str]:
-    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect."""
+def production_env(prefect_server, db_url, s3_settings, other_pg_server_url) -> dict[str, str]:
+    """The environment of a Fly machine: FLY_APP_NAME, DATABASE_URL, S3 settings and keys, Prefect,
+    and the server the rehearsal copy is restored to (never the production cluster)."""
     return {**os.environ, **prefect_server.env, "FLY_APP_NAME": "test-app", "DATABASE_URL": db_url,
+            "MIGRATE_MODELS": "dbcore.models:MODELS",
             "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
-            "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
+            "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url,
+            "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url}
 
 
 @pytest.fixture

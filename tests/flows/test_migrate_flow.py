@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import textwrap
 import threading
 
 import pytest
-from helpers import apply_pending, query, schema_dump, wait_until
+from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -90,18 +92,20 @@ def test_failed_post_checks_roll_back_by_the_rollback_functions(flow_env, db_url
                                                                 tmp_path):
     apply_pending(Target(Env.LOCAL, db_url), flow_env, upto="003")
     before = schema_dump(db_url)
-    # Models that expect a column no migration creates: the post-checks must fail.
+    # Models that disagree with what 004 builds (a difference the batch introduced: one that was
+    # there before the apply would only be a note): the post-checks must fail.
     (tmp_path / "models_ahead.py").write_text(textwrap.dedent("""\
         import peewee as pw
         from dbcore.models import Document, Project, SourceDir
 
-        class Extra(pw.Model):
-            name = pw.CharField()
+        class SourceDirAhead(SourceDir):
+            language = pw.CharField(max_length=5)  # 004 adds it as varchar(2)
 
             class Meta:
-                table_name = "project_extra"
+                table_name = "sourcedir"
+                indexes = ((("project", "path", "language"), True),)
 
-        MODELS = [Project, SourceDir, Document, Extra]
+        MODELS = [Project, SourceDirAhead, Document]
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")
@@ -210,7 +214,7 @@ def test_an_unanswered_approval_times_out_as_rejected(flow_env, db_url):
 
 
 def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, monkeypatch,
-                                                             pg_server_url):
+                                                             pg_server_url, tmp_path):
     import shlex
     import sys
     from pathlib import Path
@@ -224,10 +228,24 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     monkeypatch.setenv("MIGRATE_PROXY_LOCAL_PORT", "0")
     # As Fly names it: only the tunnel's local end can reach it.
     monkeypatch.setenv("DATABASE_URL", f"postgres://postgres:pw@my-db.flycast:5432{urlsplit(db_url).path}")
+    # the rehearsal runs on the laptop's embedded cluster, started here for the run
+    monkeypatch.setenv("MIGRATE_LOCAL_DIR", str(tmp_path / ".local"))
     before = schema_dump(db_url)
-    state = migrate(env="proxy", dry_run=True, return_state=True)
+    try:
+        state = migrate(env="proxy", dry_run=True, return_state=True)
+    finally:
+        import shutil
+
+        from dbcore.services.local import down, local_postgres_root
+        from dbcore.settings import Settings
+
+        laptop = Settings(local_dir=tmp_path / ".local")
+        down(laptop)
+        shutil.rmtree(local_postgres_root(laptop).parent, ignore_errors=True)  # /var/tmp/dbmigrate-* as root
     assert state.is_completed(), state.message
     assert state.message.startswith("dry run: would apply 4")
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "on the embedded local cluster" in plan and "not through the tunnel" in plan
     assert schema_dump(db_url) == before
     backup = list_backups(flow_env)[0]
     assert backup.env == "proxy"
@@ -237,25 +255,29 @@ def test_proxy_dry_run_goes_through_the_tunnel_and_closes_it(flow_env, db_url, m
     assert left.strip() == ""  # the tunnel was closed
 
 
-def test_a_busy_migration_lock_at_apply_fails_with_nothing_changed(flow_env, db_url, monkeypatch):
+def test_a_busy_migration_lock_stops_the_run_at_preflight_with_nothing_changed(flow_env, db_url,
+                                                                               monkeypatch):
+    # (a lock taken between the preflight and the apply: MigrationLockTimeout, tests/dbcore)
     import psycopg2
 
     from dbcore.settings import Settings
-    from flows import tasks
 
-    monkeypatch.setenv("MIGRATE_ADVISORY_LOCK_WAIT", "1")
-    monkeypatch.setattr(tasks.apply, "retry_delay_seconds", [0, 0, 0])  # retried, but quickly
-    holder = psycopg2.connect(db_url)  # another deploy, holding the migration lock
-    holder.autocommit = True
+    monkeypatch.setenv("MIGRATE_PREFLIGHT_WAIT", "1")
+    holder = psycopg2.connect(db_url, application_name="dbmigrate lock: apply by ci")
+    holder.autocommit = True  # another deploy, holding the migration lock
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (Settings().advisory_lock_key,))
     try:
         before = schema_dump(db_url)
         state = migrate(return_state=True)
+        pid = holder.get_backend_pid()
     finally:
         holder.close()
     assert state.is_failed()
-    assert state.message.startswith("failed at apply, nothing changed: another migration run "
-                                    "holds the lock")
+    assert state.message.startswith("failed at preflight, nothing changed: 1 session(s) would "
+                                    "block the migration")
+    assert f"pid {pid} (dbmigrate lock: apply by ci, holds the migration lock since" in state.message
+    assert "another migration run" in state.message
+    assert list_backups(flow_env) == []  # stopped before the backup
     assert schema_dump(db_url) == before
     assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
                  ("%_failed_%",)) == [(0,)]  # no restore was attempted
@@ -276,3 +298,40 @@ def test_production_cannot_switch_the_approval_off(flow_env, db_url, monkeypatch
     state = migrate(require_approval=False, return_state=True)
     assert state.is_failed() and "production always needs an approval" in state.message
     assert applied(db_url) == []
+
+
+@needs_real_corpus
+def test_a_project_migrated_by_pw_migrate_1_6_takes_a_new_migration_through_the_flow(
+        flow_env, db_url, tmp_path, monkeypatch):
+    """The 46-file throat project (tests/fixtures/REAL_CORPUS.md), its history written by pw_migrate 1.6.6."""
+    real = REAL_CORPUS / "throat"
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db_url, "-f",
+                    str(real / "pw_migrate_dump.sql")], check=True, capture_output=True)
+    folder = tmp_path / "throat"
+    shutil.copytree(real / "migrations", folder)
+    (folder / "047_add_column.py").write_text(textwrap.dedent('''\
+        import peewee as pw
+
+
+        def migrate(migrator, database, *, fake=False):
+            migrator.add_fields("user", dm_note=pw.TextField(null=True))
+
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.remove_fields("user", "dm_note")
+        '''))
+    monkeypatch.setenv("MIGRATE_MIGRATIONS_DIR", str(folder))
+    monkeypatch.delenv("MIGRATE_MODELS")  # the app's own models are not ours to compare with
+    monkeypatch.syspath_prepend(str(real / "stubs"))  # the modules its migrations import
+    rows = "SELECT (SELECT count(*) FROM sub), (SELECT count(*) FROM sub_metadata), (SELECT count(*) FROM badge)"
+    before = query(db_url, rows)
+
+    state = migrate(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == "applied 1: 047_add_column"
+    plan = artifacts(state.state_details.flow_run_id)["migration-plan"]
+    assert "MIGRATE_MODELS is not set" in plan  # no drift compare against the sample app
+    assert query(db_url, rows) == before  # the replays (rehearsal and apply) wrote nothing
+    cfg = flow_env.model_copy(update={"migrations_dir": folder})
+    assert rollback_last(Target(Env.LOCAL, db_url), cfg).names == ["047_add_column"]
+    assert applied(db_url)[-1] == "046_email_forwarded_notifications"

@@ -1,0 +1,93 @@
+"""The tables a plan touches: read from its files (before anything ran) or from the SQL it sent.
+
+The preflight looks for sessions that hold or wait for locks on these tables. Both readings err
+on the side of more tables: a name too many makes the preflight look at one table more, a name
+too few would let a blocker through. ``None`` means "cannot tell": every table counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from pglast import parser as pg_parser
+
+_PLACEHOLDER = re.compile(r"%\(\w+\)s|%s")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def tables_in_sql(statements: Iterable[str]) -> set[str] | None:
+    """Return every table named by ``statements`` (captured SQL, ``-- params:`` allowed); None if one does not parse."""
+    tables: set[str] = set()
+    for statement in statements:
+        # psycopg2's placeholders are not SQL: a NULL parses wherever a value may stand
+        text = _PLACEHOLDER.sub("NULL", statement.split(" -- params: ")[0]).replace("%%", "%")
+        try:
+            tree = json.loads(pg_parser.parse_sql_json(text))
+        except pg_parser.ParseError:
+            return None
+        _collect_relnames(tree, tables)
+    return tables
+
+
+def _collect_relnames(node, into: set[str]) -> None:
+    if isinstance(node, dict):
+        # a RangeVar, wrapped ({"RangeVar": {...}}) or, in a typed field, bare
+        if isinstance(node.get("relname"), str):
+            into.add(node["relname"])
+        for value in node.values():
+            _collect_relnames(value, into)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_relnames(value, into)
+
+
+def _default_table_name(class_name: str) -> str:
+    # peewee's default (legacy_table_names): the class name lower-cased
+    return class_name.lower()
+
+
+def tables_in_files(paths: Iterable[Path]) -> set[str] | None:
+    """Return the tables the migration files name (models, table names, orm[...], SQL); None if unreadable."""
+    tables: set[str] = set()
+    for path in paths:
+        try:
+            tree = ast.parse(Path(path).read_text(), str(path))
+        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+            return None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.bases:
+                tables.add(_default_table_name(node.name))
+            elif isinstance(node, ast.Assign) and _is_str(node.value) and any(
+                    isinstance(t, ast.Name) and t.id == "table_name" for t in node.targets):
+                tables.add(node.value.value)
+            elif isinstance(node, ast.Subscript) and _is_str(node.slice) and \
+                    isinstance(node.value, ast.Attribute) and node.value.attr == "orm":
+                tables.add(_default_table_name(node.slice.value))
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                literal = bool(node.args) and _is_str(node.args[0])
+                if node.func.attr == "sql":
+                    found = tables_in_sql([node.args[0].value]) if literal else None
+                    if found is None:
+                        return None
+                    tables |= found
+                elif literal:  # migrator.add_index("table", ...), migrator.drop_table("x")
+                    tables.add(node.args[0].value)
+    return {t for t in tables if _IDENTIFIER.fullmatch(t)}
+
+
+def _is_str(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def tables_of_plan(paths: Iterable[Path], captured: Iterable[str] | None = None) -> set[str] | None:
+    """Return the tables a plan touches: from the SQL the rehearsal ``captured`` when there is
+    some, else from its files; None when neither can tell."""
+    if captured is not None:
+        found = tables_in_sql(captured)
+        if found is not None:
+            return found
+    return tables_in_files(paths)

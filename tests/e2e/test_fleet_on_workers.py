@@ -21,14 +21,16 @@ def _paused(api) -> list[dict]:
 
 
 def test_two_workers_share_an_approved_fleet_run(prefect_server, make_database, s3_settings,
-                                                start_service, tmp_path):
+                                                other_pg_server_url, start_service, tmp_path):
     urls = {f"TENANT_{i}_URL": make_database(f"fleet{i}") for i in range(1, 7)}
     targets = tmp_path / "fleet.yaml"
     targets.write_text("canary: 1\nconcurrency: 2\ndatabases:\n" + "".join(
         f"  - {{name: tenant-{i}, url_env: TENANT_{i}_URL}}\n" for i in range(1, 7)))
     env = {**os.environ, **prefect_server.env, **urls, "FLY_APP_NAME": "test-app",
            "MIGRATE_S3_BUCKET": s3_settings.s3_bucket,
-           "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url}
+           "MIGRATE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url, "MIGRATE_MODELS": "dbcore.models:MODELS",
+           # production rehearses on a copy on another server, never on the production cluster
+           "MIGRATE_REHEARSAL_DATABASE_URL": other_pg_server_url}
     prefect = os.path.join(BIN, "prefect")
     subprocess.run([prefect, "work-pool", "create", "migrations", "--type", "process", "--overwrite"],
                    env=env, cwd=REPO, check=True, capture_output=True, timeout=60)

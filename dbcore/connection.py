@@ -19,7 +19,7 @@ import psycopg2
 from dbcore.embedded import embedded_database_url
 from dbcore.errors import ConfigError, DatabaseUnavailable, EnvMismatch
 from dbcore.redact import error_line, mask_url, url_password
-from dbcore.settings import Settings
+from dbcore.settings import Settings, url_from_variable
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,18 @@ class Target:
 
 
 def resolve_target(
-    settings: Settings, env: Env | str | None = None, database_url: str | None = None
+    settings: Settings, env: Env | str | None = None, database_url: str | None = None,
+    database_url_env: str | None = None,
 ) -> Target:
-    """Return the database to act on, or raise ConfigError saying which variable to set."""
+    """Return the database to act on, or raise ConfigError saying which variable to set.
+
+    ``database_url_env`` names the environment variable holding the URL instead of DATABASE_URL
+    (a fleet's targets); unset, it is an error, never a fallback to another database.
+    """
     resolved = resolve_env(settings, env)
+    source = database_url_env or "DATABASE_URL"
+    if database_url_env and not database_url:
+        database_url = url_from_variable(database_url_env).get_secret_value()
     url = database_url or (
         settings.database_url.get_secret_value() if settings.database_url else None
     )
@@ -119,7 +127,7 @@ def resolve_target(
     if not url.startswith(("postgres://", "postgresql://")):
         # never echoed: a key=value DSN would show its password
         raise ConfigError(
-            "the database address is not a postgres:// URL: "
+            f"the database address in {source} is not a postgres:// URL: "
             "use postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         )
     try:
@@ -127,7 +135,7 @@ def resolve_target(
     except ValueError:
         raise ConfigError(
             f"the port in {mask_url(url).split('@')[-1].split('/')[0]} is not a number: "
-            "fix DATABASE_URL"
+            f"fix {source}"
         ) from None
     return Target(resolved, url)
 

@@ -7,12 +7,14 @@ credentials are not settings: boto3 reads its own chain (``AWS_ACCESS_KEY_ID``, 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dbcore.errors import ConfigError
 from dbcore.redact import url_password
 
 #: where `make run` keeps the embedded PostgreSQL cluster and S3 server (ignored by git)
@@ -20,6 +22,8 @@ DEFAULT_LOCAL_DIR = Path(".local")
 
 
 _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)$")
+#: what an environment variable's name may be (a fleet target's url_env)
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -140,3 +144,20 @@ def describe_invalid(exc: ValidationError) -> str:
             field, field if field.isupper() else f"MIGRATE_{field.upper()}")
         parts.append(f"{variable}: {error['msg']}")
     return "invalid settings: " + "; ".join(parts)
+
+
+def url_from_variable(variable: str) -> SecretStr:
+    """Return the database URL held by the environment variable named ``variable`` (a fleet's url_env).
+
+    Raises ConfigError when the name is not a variable name or the variable is unset or empty;
+    the message names the variable, never its value.
+    """
+    if not ENV_VAR_NAME.match(variable or ""):
+        # never echoed: it may be a URL with its password
+        raise ConfigError("the database's url_env is not an environment variable name: give the name "
+                          "of the variable that holds the URL (letters, digits, _), not the URL itself")
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise ConfigError(f"{variable} is not set: set it to the database's URL "
+                          "(postgres://USER:PASSWORD@HOST:PORT/DBNAME) where this runs")
+    return SecretStr(value)

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
 from dbcore.deploy import head_start, policy
+from dbcore.deploy.fleet import FleetApproval
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.migrate.history import ApprovalRecord
@@ -104,10 +105,11 @@ def _stage(name: str, secret: Optional[str] = None):
 
 
 def _configure(env: Optional[str], migrations_dir: Optional[str], backup: bool,
-               require_approval: Optional[bool]) -> tuple[Settings, Target, bool]:
+               require_approval: Optional[bool], database_url_env: Optional[str] = None
+               ) -> tuple[Settings, Target, bool]:
     """Return the settings, the target and whether an approval is needed (the live-target policy)."""
     settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
-    target = resolve_target(settings, env)
+    target = resolve_target(settings, env, database_url_env=database_url_env)
     get_run_logger().info("target %s (%s)", target.masked_url, target.env)
     return settings, target, policy.approval_needed(target.env, backup=backup,
                                                     require_approval=require_approval)
@@ -163,7 +165,8 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
 
 
 def _approve(deploy: DeployPlan, models: list, target: Target, settings: Settings, *,
-             approval_needed: bool, allow_destructive: bool, timeout: int) -> _Approved:
+             approval_needed: bool, allow_destructive: bool, timeout: int,
+             fleet_approval: Optional[FleetApproval] = None) -> _Approved:
     """Ask for the approval (where needed), make the plan again, snapshot the schema; return what may be applied.
 
     Raises _RunEnds on a refusal, or when the plan made again is not the one approved.
@@ -171,7 +174,11 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
     secret, plan, fingerprint = target.password, deploy.plan, deploy.fingerprint
     approval = ApprovalRecord(None, None, fingerprint)
     actor = settings.actor or None
-    if approval_needed:
+    if fleet_approval is not None:  # the fleet's one approval: only for this very plan
+        with _stage("fleet approval check", secret):
+            actor = fleet_approval.check(plan) or actor
+        approval = ApprovalRecord(actor, None, fingerprint)
+    elif approval_needed:
         with _stage("approval", secret):
             decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(),
                                     fingerprint=fingerprint, timeout=timeout,
@@ -262,6 +269,8 @@ def migrate(
     backup: bool = True,
     allow_destructive: bool = False,
     migrations_dir: Optional[str] = None,
+    database_url_env: Optional[str] = None,
+    fleet_approval: Optional[FleetApproval] = None,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
@@ -269,7 +278,7 @@ def migrate(
     try:
         with _stage("configuration"):
             settings, target, approval_needed = _configure(env, migrations_dir, backup,
-                                                           require_approval)
+                                                           require_approval, database_url_env)
         with contextlib.ExitStack() as held:
             if policy.is_live(target.env):  # locally, the migration lock keeps applies apart
                 with _stage("waiting for another deploy"):
@@ -281,7 +290,7 @@ def migrate(
                                                  dry_run=dry_run, allow_destructive=allow_destructive)
                 approved = _approve(deploy, models, target, settings, approval_needed=approval_needed,
                                     allow_destructive=allow_destructive,
-                                    timeout=approval_timeout_seconds)
+                                    timeout=approval_timeout_seconds, fleet_approval=fleet_approval)
             # from here on the database may change
             return _change(approved, target, settings, run_id, approval_needed,
                            approval_timeout_seconds)

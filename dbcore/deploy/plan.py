@@ -19,7 +19,8 @@ from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.plan import Plan
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """Return a byte count as people read it (512 B, 1.5 MiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -152,7 +153,7 @@ class DeployPlan:
         if self.backup:
             b = self.backup
             out += ["### Backup", "", f"- key: `{b.key}` in bucket `{b.bucket}`",
-                    f"- size: {_size(b.size)} ({b.compression}), sha256 `{b.sha256}`",
+                    f"- size: {size_text(b.size)} ({b.compression}), sha256 `{b.sha256}`",
                     f"- last applied migration: `{b.last_migration}`; {b.pg_dump_version}", ""]
         else:
             out += ["### Backup", "", "**No backup was taken.**", ""]
@@ -189,7 +190,7 @@ class DeployPlan:
         if self.preflight:
             out.append(self.preflight.text())
         if self.backup:
-            out.append(f"backup: {self.backup.key} ({_size(self.backup.size)}, "
+            out.append(f"backup: {self.backup.key} ({size_text(self.backup.size)}, "
                        f"sha256 {self.backup.sha256[:16]}...)")
         if self.rehearsal:
             r = self.rehearsal

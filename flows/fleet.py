@@ -28,11 +28,9 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 
     use_local_api()
 
-from prefect import flow, get_run_logger, pause_flow_run
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
-from prefect.exceptions import FlowPauseTimeout
 from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
@@ -42,7 +40,7 @@ from dbcore.deploy.fleet_report import FleetPlan, all_succeeded, final_line, not
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.settings import Settings, describe_invalid
 from flows import fleet_tasks, tasks
-from flows.approval import approval_form
+from flows.approval import ask_approval
 
 EnvName = Literal["local", "proxy", "production"]
 #: the global concurrency limit every database's run holds a slot of
@@ -75,27 +73,17 @@ def _configure(env, targets, targets_variable, migrations_dir, backup, require_a
 
 
 def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[Failed]]:
-    """Pause for the one approval of the fleet plan; return (approver, None) or (None, the refusal)."""
-    attempt = get_run_context().flow_run.run_count
-    key = f"fleet-plan-{plan.fingerprint[:16]}-attempt-{attempt}"  # never an earlier attempt's answer
-    try:
-        answer = pause_flow_run(wait_for_input=approval_form(plan.to_markdown()), timeout=timeout,
-                                poll_interval=2, key=key)
-    except FlowPauseTimeout:
-        # Prefect has already failed the run with its own words; put ours in their place.
-        message = f"rejected (no answer within {timeout}s), nothing changed"
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(get_run_context().flow_run.id, Failed(message=message), force=True)
-        return None, Failed(message=message)
-    except ValidationError:
-        return None, Failed(message="rejected (an approval must give the approver's name), "
-                                    "nothing changed")
-    if not answer.approve:
-        who = f" by {answer.approver}" if answer.approver else ""
-        why = f": {answer.comment}" if answer.comment else ""
-        return None, Failed(message=f"rejected{who}{why}, nothing changed")
-    get_run_logger().info("fleet plan %s approved by %s", plan.fingerprint[:12], answer.approver)
-    return answer.approver, None
+    """Pause for the one approval of the fleet plan; return (approver, None) or (None, the refusal).
+
+    The same helper as a single database's approval (flows/approval.py): the form carries the
+    fleet plan's fingerprint, the pause key is unique to the attempt, the approver is notified.
+    """
+    decision = ask_approval(plan.to_markdown(), headline=plan.headline(), fingerprint=plan.fingerprint,
+                            timeout=timeout, consequence="nothing changed")
+    if not decision.approved:
+        return None, Failed(message=f"{decision.refusal}, nothing changed")
+    get_run_logger().info("fleet plan %s approved by %s", plan.fingerprint[:12], decision.approver)
+    return decision.approver, None
 
 
 def _rehearse_canary(canary, pending, settings, env_name, common, run_one) -> list:

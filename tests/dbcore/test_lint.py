@@ -637,7 +637,7 @@ def test_findings_in_applied_files_are_notes_and_non_migrations_are_skipped(tmp_
     (folder / "001_a.py").write_text(drop)
     (folder / "001_b.py").write_text(drop)  # a duplicate number, long applied
     (folder / "003_c.py").write_text(drop)  # a gap, then a pending drop
-    (folder / "conf.py").write_text('DATABASE = "sqlite:///:memory:"\n')  # peewee-migrate's config
+    (folder / "conf.py").write_text('DATABASE = "postgres://localhost/app"\n')  # peewee-migrate's config
     report = lint_paths([folder], applied=["001_a", "001_b"])
     assert {(Path(f.file).name, f.rule) for f in report.errors} == {("003_c.py", "DM003"),
                                                                     ("003_c.py", "DM007")}

@@ -38,7 +38,7 @@ if REAL is not None and (REAL / "record.py").exists():
 else:
     record, PROJECTS = None, []
 OURS = {"migration_audit"}  # our bookkeeping table, beside pw_migrate's migratehistory
-# peewee 4.5 (which the product pins) maps playhouse.sqlite_ext.JSONField to text on PostgreSQL,
+# peewee 4.5 (which the product pins) maps the JSONField of playhouse's SQLite extension module to text on PostgreSQL,
 # peewee 3.17 (which kth-assistant's pw_migrate 1.12.2 ran on) to json: the app's field classes
 # (five of its columns), not the migrator, decide that type.
 KNOWN = {"kth_assistant": [(r"^(    \w+ )json\b", r"\1text")]}

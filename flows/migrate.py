@@ -139,6 +139,10 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
     if not lint_report.ok:
         create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
                                  description="Lint errors stopped the run")
+        stopped = DeployPlan(str(target.env), plan, lint_report)
+        create_markdown_artifact(stopped.to_markdown(), key="migration-plan",
+                                 description="Lint errors stopped the run")
+        get_run_logger().error("lint stopped the run:\n%s", lint_report.text())
         raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
     backup_info = rehearsal = checked_before = None
     if backup:
@@ -156,8 +160,7 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
     if not deploy.ok:
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
-                                               "migration-plan artifact)"))
+        raise _RunEnds(_failed_at("rehearsal", deploy.stop_reason()))
     if dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))

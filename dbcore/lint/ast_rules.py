@@ -42,6 +42,9 @@ ADDS = {"add_fields", "add_columns", "add_column"}
 # database methods that end or open a transaction of their own
 _TRANSACTION_CALLS = {"commit", "rollback", "begin", "transaction", "atomic", "manual_commit",
                       "session_start", "session_commit", "session_rollback"}
+# on the migration's own `database`, nested in the batch's transaction (peewee 4.5): atomic() is a
+# savepoint, transaction() does nothing of its own; both end with the batch (docs/lint-rules.md)
+_NESTING_CALLS = {"atomic", "transaction"}
 # a `%` psycopg2 does not read as a placeholder or as an escaped percent sign
 _STRAY_PERCENT = re.compile(r"%(?!%|s|\([^)]*\)s)")
 _MAX_HELPER_DEPTH = 8
@@ -70,8 +73,8 @@ class ModuleLint:
                 self.imports |= {a.asname or a.name: node.module or "." for a in node.names}
         self.module_scope = Scope(tree, imports=self.imports)
         entry = [f for name, f in self.functions.items() if name in ("migrate", "rollback")]
-        self.database_names = aliases(tree, {"database", "db"} | {
-            f.args.args[1].arg for f in entry if len(f.args.args) > 1})
+        self.database_params = {f.args.args[1].arg for f in entry if len(f.args.args) > 1}
+        self.database_names = aliases(tree, {"database", "db"} | self.database_params)
         self.findings: list[Finding] = []
         self.visited: set[int] = set()  # the calls already judged
         self.read: set[int] = set()  # the functions already read as migrator code
@@ -153,12 +156,49 @@ class ModuleLint:
             if attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
-            elif (attr in _TRANSACTION_CALLS and isinstance(node.func.value, ast.Name)
-                  and node.func.value.id in self.database_names):
-                self.add("DM010", node.lineno,
-                         f"database.{attr}() in a migration ends or splits the batch transaction, "
-                         "so a later failure can no longer undo what ran before: remove it (the "
-                         "runner already wraps every migration in one transaction)")
+            elif attr in _TRANSACTION_CALLS and isinstance(receiver, ast.Name):
+                self._transaction_call(node, receiver.id, attr)
+
+    def _app_database(self, name: str) -> str | None:
+        """Return the module an application's database object ``name`` is imported from (None: not one)."""
+        origin = self.imports.get(name)
+        if origin is None or name in self.database_params or origin.startswith(("peewee", "playhouse")):
+            return None
+        return origin
+
+    def _transaction_call(self, node: ast.Call, name: str, attr: str) -> None:
+        """DM010: transaction control on a database object; atomic()/transaction() on the migration's own is nesting."""
+        origin = self._app_database(name)
+        if origin is not None:
+            self.add("DM010", node.lineno,
+                     f"{name}.{attr}() is on the database object imported from {origin}: another "
+                     "connection, whose transaction commits on its own even if the batch is rolled "
+                     "back: use the migration's `database` argument (database.atomic() nests in the "
+                     "batch)")
+        elif attr in ("commit", "rollback") and name in self._nested_transactions():
+            self.add("DM010", node.lineno,
+                     f"{name}.{attr}() on a nested database.transaction() is the connection's own "
+                     f"{attr.upper()}: it ends the batch transaction, so a later failure can no "
+                     "longer undo what ran before: remove it")
+        elif name in self.database_names and attr not in _NESTING_CALLS:
+            self.add("DM010", node.lineno,
+                     f"database.{attr}() in a migration ends or splits the batch transaction, "
+                     "so a later failure can no longer undo what ran before: remove it (the "
+                     "runner already wraps every migration in one transaction)")
+
+    def _nested_transactions(self) -> set[str]:
+        """Names bound by ``with database.transaction() as NAME`` on the migration's own database."""
+        names = set()
+        for node in ast.walk(self.tree):
+            if isinstance(node, (ast.With, ast.AsyncWith)):
+                for item in node.items:
+                    call = item.context_expr
+                    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                            and call.func.attr == "transaction" and isinstance(call.func.value, ast.Name)
+                            and call.func.value.id in self.database_names
+                            and isinstance(item.optional_vars, ast.Name)):
+                        names.add(item.optional_vars.id)
+        return names
 
     def _unread_helpers(self) -> None:
         """Read helper functions never called with the migrator in a way the lint can follow."""

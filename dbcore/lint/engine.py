@@ -22,7 +22,7 @@ from dbcore.lint.sql_rules import lint_sql
 from dbcore.migrate.files import FILE_RE
 
 __all__ = ["RULES", "Finding", "LintReport", "lint_file", "lint_paths", "lint_pending",
-           "lint_source", "lint_sql", "check_names"]
+           "lint_source", "lint_sql", "check_names", "apply_allow_markers", "declares_allow_destructive"]
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,27 @@ def lint_source(source: str, filename: str, *, allow_destructive: bool = False) 
     except RecursionError:
         return [finding("DM000", filename, 1, "the file is nested too deeply for the lint to read "
                         "it: simplify the expressions")]
-    return sorted(_apply_markers(findings, source), key=sort_key)
+    return sorted(apply_allow_markers(findings, source), key=sort_key)
 
 
-def _apply_markers(findings: list[Finding], source: str) -> list[Finding]:
+def declares_allow_destructive(source: str) -> bool:
+    """Return True when a migration's source sets ``allow_destructive = True`` at the top level."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return any(isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+               and node.value.value is True
+               and any(isinstance(t, ast.Name) and t.id == "allow_destructive" for t in node.targets)
+               for node in tree.body)
+
+
+def apply_allow_markers(findings: list[Finding], source: str) -> list[Finding]:
     """Drop what a line allows with ``# dbmigrate: allow RULE`` (on it or on the line above).
 
-    A drop (DM003) stays listed, as a warning, so that the approver still sees it.
+    A drop (DM003) stays listed, as a warning, so that the approver still sees it. The static
+    lint and the rehearsal's lint of the captured SQL (whose findings carry the line of the
+    migrator call that queued each statement) both judge allows here.
     """
     lines = source.splitlines()
     allowed: dict[int, set[str]] = defaultdict(set)

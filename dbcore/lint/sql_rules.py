@@ -16,7 +16,14 @@ from collections.abc import Iterable, Iterator
 
 import pglast
 from pglast import ast
-from pglast.enums import AlterTableType, ConstrType, DropBehavior, NullTestType, ObjectType
+from pglast.enums import (
+    AlterTableType,
+    ConstrType,
+    DropBehavior,
+    NullTestType,
+    ObjectType,
+    TransactionStmtKind,
+)
 from pglast.parser import ParseError
 
 from dbcore.lint.report import Finding, finding
@@ -49,6 +56,9 @@ NON_ATOMIC_FIX = ("move it to a migration of its own that declares atomic = Fals
 
 _ALLOW = ("set allow_destructive = True in the migration (or pass --allow-destructive) if that "
           "is intended")
+# `with database.atomic():` nested in the batch: SAVEPOINT, RELEASE, ROLLBACK TO
+_SAVEPOINTS = {TransactionStmtKind.TRANS_STMT_SAVEPOINT, TransactionStmtKind.TRANS_STMT_RELEASE,
+               TransactionStmtKind.TRANS_STMT_ROLLBACK_TO}
 # column types that bring their own default (nextval)
 _SERIAL_TYPES = {"serial", "bigserial", "smallserial", "serial2", "serial4", "serial8"}
 
@@ -163,6 +173,8 @@ def lint_sql(
 
 def _check(node: ast.Node, batch: SqlBatch):
     """Yield (rule, message, severity or None) for one statement, and record what it did."""
+    if isinstance(node, ast.TransactionStmt) and node.kind in _SAVEPOINTS:
+        return  # a savepoint lives and dies inside the batch transaction: it ends nothing
     if isinstance(node, ast.TransactionStmt):
         yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
                         "later failure can no longer undo what ran before: remove it (every "

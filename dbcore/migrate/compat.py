@@ -9,7 +9,11 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Callable
 
 import peewee
@@ -28,6 +32,45 @@ class UnknownModel(MigrationFileError, KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where in a migration file a statement comes from: the line of the migrator call that queued it."""
+
+    file: str
+    line: int
+
+
+def site_in(path: str | None, frame) -> CallSite | None:
+    """Return the innermost line of file ``path`` on the stack from ``frame`` outwards (None if absent)."""
+    while path and frame is not None:
+        if frame.f_code.co_filename == path:
+            return CallSite(path, frame.f_lineno)
+        frame = frame.f_back
+    return None
+
+
+class _Queue(list):
+    """The migrator's queued operations, each with the call site in the running migration that queued it.
+
+    Operations run later, at the flush (after migrate() returned, or at a 1.x ``migrator.run()``):
+    the line that queued one is only known now.
+    """
+
+    def __init__(self, owner: Migrator, ops=()):
+        super().__init__(ops)
+        self.owner = owner
+        self.sites: list[CallSite | None] = list(getattr(ops, "sites", [None] * len(self)))
+
+    def append(self, op) -> None:
+        super().append(op)
+        self.sites.append(site_in(self.owner.running_file, sys._getframe(1)))
+
+    def extend(self, ops) -> None:
+        ops = list(ops)
+        super().extend(ops)
+        self.sites.extend([site_in(self.owner.running_file, sys._getframe(1))] * len(ops))
 
 
 class ORM(_ORM):
@@ -79,6 +122,10 @@ class Migrator(_PeeweeMigrateMigrator):
 
     #: True while applied files replay: flushes drop the queued operations instead of running them
     replaying = False
+    #: the migration file running now (its path, as compiled): where call sites are looked for
+    running_file: str | None = None
+    #: the call site of the queued operation being flushed
+    flushing: CallSite | None = None
 
     def __init__(self, database: peewee.Database, *, replay: Callable[[Migrator], None] | None = None):
         self._replay = replay
@@ -89,7 +136,12 @@ class Migrator(_PeeweeMigrateMigrator):
     def orm(self) -> ORM:
         if self._replay is not None:
             replay, self._replay = self._replay, None
-            replay(self)
+            # what the replay reads (the history) is the product's, not the running migration's
+            running, self.running_file = self.running_file, None
+            try:
+                replay(self)
+            finally:
+                self.running_file = running
         return self._orm
 
     @orm.setter
@@ -116,6 +168,32 @@ class Migrator(_PeeweeMigrateMigrator):
     def migrator(self):
         return self.__migrator__
 
+    @property
+    def __ops__(self) -> _Queue:
+        return self._queue
+
+    @__ops__.setter
+    def __ops__(self, ops) -> None:
+        self._queue = ops if isinstance(ops, _Queue) else _Queue(self, ops)
+
+    @contextlib.contextmanager
+    def running(self, path) -> Iterator[None]:
+        """Record call sites in migration file ``path`` while its migrate() or rollback() runs."""
+        before, self.running_file = self.running_file, str(path)
+        try:
+            yield
+        finally:
+            self.running_file, self.flushing = before, None
+
+    def call_site(self) -> CallSite | None:
+        """Return the line of the running migration a statement sent now comes from.
+
+        During a flush, the call that queued the operation; otherwise the migration's own line on
+        the stack (``database.execute_sql``, a savepoint it opened). None: the product's own
+        statement (history, introspection), not the migration's.
+        """
+        return self.flushing or site_in(self.running_file, sys._getframe(1))
+
     def rebind(self, database: peewee.Database) -> None:
         """Run on ``database`` from now on: the schema migrator and every model of :attr:`orm`."""
         self.__database__ = database
@@ -131,11 +209,15 @@ class Migrator(_PeeweeMigrateMigrator):
         if self.replaying:
             return
         # Migrator.__call__ would wrap these in its own atomic(): the runner decides the transaction.
-        for op in ops:
-            if isinstance(op, Operation):
-                op.run()
-            else:
-                op()
+        try:
+            for op, site in zip(ops, ops.sites):
+                self.flushing = site
+                if isinstance(op, Operation):
+                    op.run()
+                else:
+                    op()
+        finally:
+            self.flushing = None
 
     def drop_queued(self) -> None:
         """Forget the queued operations without running them."""

@@ -59,17 +59,22 @@ class _SqlRecorder:
 
     def __init__(self, db: peewee.Database) -> None:
         self.statements: list[str] | None = None
+        #: each statement's line in the migration file (None: the product's own), from ``where``
+        self.lines: list[int | None] = []
+        self.where = lambda: None
         original = db.execute_sql
 
         def execute_sql(sql, params=None, *args, **kwargs):
             if self.statements is not None:
                 self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
+                site = self.where()
+                self.lines.append(site.line if site else None)
             return original(sql, params, *args, **kwargs)
 
         db.execute_sql = execute_sql
 
     def __enter__(self) -> list[str]:
-        self.statements = []
+        self.statements, self.lines = [], []
         return self.statements
 
     def __exit__(self, *exc) -> None:
@@ -156,10 +161,11 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
              action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
-    with recorder as statements:
+    with recorder as statements, migrator.running(loaded.file.path):
+        recorder.where = migrator.call_site  # the migrator call that queued each statement
         if action == "apply":
             loaded.migrate(migrator, db, fake=False)
-        else:
+        elif loaded.rollback is not None:  # none: a forced rollback of the history only
             loaded.rollback(migrator, db, fake=False)
         migrator.flush()
     seconds = time.monotonic() - started
@@ -170,7 +176,7 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
     record_audit(db, name=name, action=action, checksum=loaded.file.sha256, actor=actor,
                  run_id=run_id, duration_ms=int(seconds * 1000), approval=approval)
     log.info("%s %s in %.2fs", action, name, seconds)
-    return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic)
+    return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic, tuple(recorder.lines))
 
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,

@@ -39,6 +39,7 @@ from dbcore.deploy import head_start, policy
 from dbcore.deploy.fleet import FleetApproval
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
+from dbcore.lint.report import md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
@@ -153,9 +154,16 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
         with _stage("backup", secret):
             # the rehearsal's copy is made on that server while the backup uploads
             backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
-        with _stage("rehearsal", secret):
-            rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                       allow_destructive, copy)
+        try:
+            with _stage("rehearsal", secret):
+                rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
+                                           allow_destructive, copy)
+        except _RunEnds as ended:  # the migrations failed on the copy: the plan says why too
+            failed = DeployPlan(str(target.env), plan, lint_report, backup_info, None, checked_before)
+            create_markdown_artifact(f"{failed.to_markdown()}\n\n### Rehearsal on a copy failed\n\n"
+                                     f"{md_cell(ended.state.message)}", key="migration-plan",
+                                     description=ended.state.message[:200])
+            raise
     deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())

@@ -173,7 +173,7 @@ def _run(ctx: Context, plan: Plan) -> int:
 def _lint_of(ctx: Context, plan: Plan) -> LintReport:
     """Return the lint of the plan's pending files: the flow's rules and allows (--allow-destructive)."""
     return lint_pending(ctx.settings.migrations_dir, [m.path for m in plan.migrations],
-                        allow_destructive=ctx.args.allow_destructive)
+                        allow_destructive=ctx.args.allow_destructive, applied=plan.applied_before)
 
 
 def cmd_apply(ctx: Context) -> int:

@@ -186,6 +186,12 @@ class DeployPlan:
                     f"{_copy_sentence(r)}, applied in {r.apply_seconds:.2f} s, then dropped the "
                     "copy.", ""]
             out += _leftover_lines(r)
+            if r.dropped_columns:
+                out += ["#### Columns dropped (their values are lost)", ""]
+                out += [f"- `{d.table}.{d.column}`: **{d.values}** non-null value(s) on the copy, "
+                        f"dropped by `{d.migration}.py`" + (f" line {d.line}" if d.line else "")
+                        for d in r.dropped_columns]
+                out.append("")
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
                 out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
@@ -220,6 +226,7 @@ class DeployPlan:
             out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
                        f"{copied[:1].lower()}{copied[1:]}, apply {r.apply_seconds:.2f}s")
             out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
+            out += [f"  column dropped: {d.describe()}" for d in r.dropped_columns]
             out += [f"  {f.text()}" for f in self.new_sql_findings]
             if r.checks and not r.checks.ok:
                 out.append(r.checks.text())

@@ -26,6 +26,7 @@ from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
+from dbcore.deploy.dropped import DropCounter, DroppedColumn
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -63,6 +64,8 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the columns the plan drops, with the non-null values each held on the copy
+    dropped_columns: tuple[DroppedColumn, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,7 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "dropped_columns": [d.to_dict() for d in self.dropped_columns],
         }
 
 
@@ -266,9 +270,16 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
+        drops = DropCounter()
+
+        def progress_and_drops(event) -> None:
+            drops.migration = event.name  # the DROP COLUMNs that follow are this migration's
+            if progress:
+                progress(event)
+
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress)
+                             progress=progress_and_drops, before_statement=drops)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
@@ -277,7 +288,8 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                                      {m.name: m.path for m in plan.migrations})
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers)
+                                 method=copy.method, leftovers=copy.leftovers,
+                                 dropped_columns=tuple(drops.dropped))
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

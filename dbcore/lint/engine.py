@@ -57,18 +57,19 @@ def as_history(item: Finding) -> Finding:
 
 
 def lint_pending(migrations_dir: Path, pending: Iterable[Path], *,
-                 allow_destructive: bool = False) -> LintReport:
+                 allow_destructive: bool = False, applied: Iterable[str] | None = None) -> LintReport:
     """Return the lint of the migrations about to run.
 
     Migrations applied long ago are history, not something to stop a deploy for, and renaming
     one would make peewee-migrate run it again: only the pending files are judged, their numbers
-    against the highest number already in the folder.
+    against the highest number already in the folder (or, given ``applied``, the highest applied:
+    a plan that stops early, ``--target``, leaves later files pending, not applied).
     """
     pending = [Path(p) for p in pending]
     findings: list[Finding] = []
     for path in pending:
         findings += lint_file(path, allow_destructive=allow_destructive)
-    findings += _pending_numbers(Path(migrations_dir), pending)
+    findings += _pending_numbers(Path(migrations_dir), pending, applied)
     return LintReport.of(findings, [str(p) for p in pending])
 
 
@@ -190,11 +191,16 @@ def check_names(files: Iterable[Path]) -> list[Finding]:
     return findings
 
 
-def _pending_numbers(folder: Path, pending: list[Path]) -> list[Finding]:
+def _pending_numbers(folder: Path, pending: list[Path], applied_names: Iterable[str] | None = None
+                     ) -> list[Finding]:
     """Return DM007 for pending files: duplicates, and numbers not following the highest applied."""
     numbered = _numbered(folder)
     waiting = {p.resolve() for p in pending}
-    applied = [n for n, paths in numbered.items() if any(p.resolve() not in waiting for p in paths)]
+    if applied_names is not None:
+        done = set(applied_names)
+        applied = [n for n, paths in numbered.items() if any(p.stem in done for p in paths)]
+    else:
+        applied = [n for n, paths in numbered.items() if any(p.resolve() not in waiting for p in paths)]
     expected = max(applied, default=0) + 1
     findings: list[Finding] = []
     for path in sorted(pending, key=lambda p: p.name):

@@ -126,6 +126,8 @@ class Migrator(_PeeweeMigrateMigrator):
     running_file: str | None = None
     #: the call site of the queued operation being flushed
     flushing: CallSite | None = None
+    #: while replaying: the columns each table of the database has now (None: not known)
+    actual_columns: dict[str, set[str]] | None = None
 
     def __init__(self, database: peewee.Database, *, replay: Callable[[Migrator], None] | None = None):
         self._replay = replay
@@ -258,10 +260,18 @@ class Migrator(_PeeweeMigrateMigrator):
         return self.rename_field(model, old_name, new_name)
 
     def drop_columns(self, model, *names, cascade: bool = True):
-        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too."""
-        flat = [n for name in names for n in ([name] if isinstance(name, str) else name)]
+        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too.
+
+        A list is read two ways (docs/migrations.md): peewee-migrate takes it as one name no field
+        has and drops nothing; a pending file (the lint's DM012 made it explicit) drops each column.
+        Replaying an applied file, the database says which reading ran: a listed column it still
+        has was not dropped, so the replayed model keeps it.
+        """
         model = self.__get_model__(model)
         meta = model._meta
+        still_there = (self.actual_columns or {}).get(meta.table_name, set()) if self.replaying else set()
+        flat = [n for name in names for n in ([name] if isinstance(name, str) else
+                                              [x for x in name if x not in still_there])]
         known = {f.name for f in meta.fields.values()} | {f.column_name for f in meta.fields.values()}
         by_column = {f.column_name: f.name for f in meta.fields.values()}
         fields = [by_column.get(n, n) for n in flat if n in known]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Callable
 
 import peewee
 import psycopg2
@@ -45,6 +46,10 @@ from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: called with (the unrecorded execute_sql, the statement, its line in the migration) before a
+#: recorded statement is sent: the rehearsal counts the values a DROP COLUMN is about to destroy
+BeforeStatement = Callable[[Callable, str, "int | None"], None]
+
 #: SQLSTATEs a caller may retry after: the batch was rolled back because a lock was busy
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
@@ -57,7 +62,7 @@ class _SqlRecorder:
     process (a rehearsal and an apply, or tests in threads) never see each other's SQL.
     """
 
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, before_statement: BeforeStatement | None = None) -> None:
         self.statements: list[str] | None = None
         #: each statement's line in the migration file (None: the product's own), from ``where``
         self.lines: list[int | None] = []
@@ -69,6 +74,8 @@ class _SqlRecorder:
                 self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
                 site = self.where()
                 self.lines.append(site.line if site else None)
+                if before_statement is not None:  # sends through ``original``: never recorded
+                    before_statement(original, sql, site.line if site else None)
             return original(sql, params, *args, **kwargs)
 
         db.execute_sql = execute_sql
@@ -181,7 +188,8 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
             run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
-            approval: ApprovalRecord | None = None) -> RunReport:
+            approval: ApprovalRecord | None = None,
+            before_statement: BeforeStatement | None = None) -> RunReport:
     """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
 
     ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
@@ -196,13 +204,13 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
         db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
         try:
             return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                                   approval)
+                                   approval, before_statement)
         finally:
             db.close()
 
 
 def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                    approval) -> RunReport:
+                    approval, before_statement=None) -> RunReport:
     # Under the lock the history is final: a plan made before it may be stale.
     files, applied = read_state(target, settings, db)
     if tuple(applied) != plan.applied_before:
@@ -219,7 +227,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                 f"migration {m.path.name} changed on disk since the plan was made: "
                 "plan again and review it")
     configure_session(db, settings)
-    recorder = _SqlRecorder(db)
+    recorder = _SqlRecorder(db, before_statement)
     loaded = {m.name: load(m) for m in plan.migrations}
     router = FileRouter(db, settings.migrations_dir)
     results: list[MigrationResult] = []

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Callable
 
+from pglast import ast
 from pglast.enums import AlterTableType, ObjectType
 from pglast.parser import ParseError
 
 from dbcore.lint.sql_rules import statements_of
+from dbcore.migrate.observe import RunObserver, Statement
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +44,38 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class DropCounter:
-    """Called before each statement of a rehearsal; records the columns it drops and their values."""
+class DropCounter(RunObserver):
+    """Told each statement of a rehearsal before it is sent; records the columns it drops and their values."""
 
     def __init__(self) -> None:
-        self.migration = ""
         self.dropped: list[DroppedColumn] = []
 
-    def __call__(self, send: Callable, sql: str, line: int | None) -> None:
-        if "drop" not in sql.lower():
+    def statement_started(self, statement: Statement) -> None:
+        if "drop" not in statement.sql.lower():
             return
         try:
-            statements = [node for _, node in statements_of(sql)]
+            nodes = [node for _, node in statements_of(statement.sql)]
         except ParseError:
             return  # PostgreSQL is about to say so itself
-        for node in statements:
-            if type(node).__name__ != "AlterTableStmt" or node.objtype != ObjectType.OBJECT_TABLE:
+        for node in nodes:
+            if not isinstance(node, ast.AlterTableStmt) or node.objtype != ObjectType.OBJECT_TABLE:
                 continue
             relation = node.relation
-            table = f"{relation.schemaname}.{relation.relname}" if relation.schemaname else relation.relname
-            qualified = ".".join(_quoted(p) for p in table.split(".", 1))
+            names = [relation.schemaname, relation.relname] if relation.schemaname else [relation.relname]
+            qualified = ".".join(_quoted(n) for n in names)
             for cmd in node.cmds:
-                if cmd.subtype != AlterTableType.AT_DropColumn:
-                    continue
-                # DROP COLUMN IF EXISTS of a column that is not there: nothing to count, no error
-                exists = send("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                              "AND attname = %s AND attnum > 0 AND NOT attisdropped",
-                              (qualified, cmd.name)).fetchone()
-                if not exists:
-                    continue
-                values = send(f"SELECT count({_quoted(cmd.name)}) FROM {qualified}").fetchone()[0]
-                self.dropped.append(DroppedColumn(self.migration, line, relation.relname, cmd.name,
-                                                  int(values)))
-                log.info("%s drops %s.%s holding %s non-null value(s) on the copy",
-                         self.migration, relation.relname, cmd.name, values)
+                if cmd.subtype == AlterTableType.AT_DropColumn:
+                    self._count(statement, qualified, relation.relname, cmd.name)
+
+    def _count(self, statement: Statement, qualified: str, table: str, column: str) -> None:
+        db = statement.db  # the observer's queries are neither recorded nor observed
+        # DROP COLUMN IF EXISTS of a column that is not there: nothing to count, no error
+        exists = db.execute_sql("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                                "AND attname = %s AND attnum > 0 AND NOT attisdropped",
+                                (qualified, column)).fetchone()
+        if not exists:
+            return
+        values = db.execute_sql(f"SELECT count({_quoted(column)}) FROM {qualified}").fetchone()[0]
+        self.dropped.append(DroppedColumn(statement.migration, statement.line, table, column, int(values)))
+        log.info("%s drops %s.%s holding %s non-null value(s) on the copy", statement.migration,
+                 table, column, values)

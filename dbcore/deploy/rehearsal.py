@@ -271,15 +271,9 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
         drops = DropCounter()
-
-        def progress_and_drops(event) -> None:
-            drops.migration = event.name  # the DROP COLUMNs that follow are this migration's
-            if progress:
-                progress(event)
-
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress_and_drops, before_statement=drops)
+                             progress=progress, observers=[drops])
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc

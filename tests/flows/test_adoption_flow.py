@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 from flowruns import applied, artifacts, use_models_ahead
 from helpers import apply_pending, query, schema_dump
+from prefect import flow
 
+from dbcore.backup.dump import backup_to_s3
 from dbcore.connection import Env, Target
+from dbcore.deploy.recovery import schema_snapshot
 from flows.migrate import migrate
+from flows.rollback import rollback_after_failed_apply
 
 LEGACY = """\
     def migrate(migrator, database, fake=False, **kwargs):
@@ -140,3 +144,31 @@ def test_post_checks_failing_on_the_copy_are_in_the_last_line_and_in_the_plan(
     plan = plan_of(state)
     assert "post-checks on the copy failed" in plan.split("### What stops this run")[1]
     assert schema_dump(db_url) == before
+
+
+def test_the_rollback_subflow_goes_straight_to_the_restore_for_an_empty_rollback(team, flow_env, db_url):
+    add(team, "002_enum.py", """\
+        def migrate(migrator, database, fake=False, **kwargs):
+            migrator.sql("CREATE TYPE mood AS ENUM ('ok', 'sad')")
+            migrator.sql("CREATE TABLE diary (id serial PRIMARY KEY, mood mood)")
+
+
+        def rollback(migrator, database, fake=False, **kwargs):
+            pass
+        """)
+    cfg = flow_env.model_copy(update={"migrations_dir": team})
+    target = Target(Env.LOCAL, db_url)
+    backup = backup_to_s3(target, cfg)
+    before = schema_snapshot(target)
+    apply_pending(target, cfg)
+
+    @flow
+    def after_a_failed_apply():
+        return rollback_after_failed_apply(
+            target=target, settings=cfg, names=["002_enum"], before=before, backup_key=backup.key,
+            require_approval=False, approval_timeout=60, run_id="fedcba654321")
+
+    how = after_a_failed_apply()
+    assert how.startswith(f"restoring backup {backup.key}")
+    assert schema_snapshot(target) == before  # the type and the table are gone with the restore
+    assert applied(db_url) == ["001_legacy"]

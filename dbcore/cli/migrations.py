@@ -182,7 +182,10 @@ def cmd_apply(ctx: Context) -> int:
     report = _lint_of(ctx, plan)
     if report.findings and not ctx.args.json:
         print(report.text(), file=sys.stderr)
-    if not report.ok:
+    if not report.ok and ctx.args.ignore_lint_errors:
+        print(f"dbmigrate: warning: --ignore-lint-errors: applying despite {report.summary()}",
+              file=sys.stderr)
+    elif not report.ok:
         raise LintStopped(f"lint: {report.summary()}, nothing was applied: {report.errors[0].text()} "
                           "(fix it, or allow it knowingly: docs/lint-rules.md)")
     return _run(ctx, plan)
@@ -242,6 +245,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             p.add_argument("--target", help="stop after this migration (name or number)")
             p.add_argument("--allow-destructive", action="store_true",
                            help="allow migrations that drop tables or columns (as the flow's flag)")
+            p.add_argument("--ignore-lint-errors", action="store_true",
+                           help="apply even with lint errors, printed first (e.g. a new development "
+                                "database built from a history other databases already ran)")
             p.set_defaults(handler=cmd_apply)
         else:
             p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")

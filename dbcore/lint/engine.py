@@ -211,7 +211,9 @@ def _pending_numbers(folder: Path, pending: list[Path], applied_names: Iterable[
         number = int(match.group(1))
         if len(numbered.get(number, ())) > 1:
             findings.append(_duplicate(path, number, numbered, max(numbered) + 1))
-        elif number != expected:
+            expected = max(expected, number + 1)  # the second of a pair is not out of order too
+            continue
+        if number != expected:
             why = (f"at or below {expected - 1:03d}, the highest applied, so it runs out of order"
                    if number < expected else f"leaving a gap after {expected - 1:03d}")
             findings.append(finding("DM007", str(path), 1,

@@ -18,15 +18,11 @@ from prefect.context import get_run_context
 from prefect.exceptions import ObjectAlreadyExists
 
 from dbcore.connection import Target
-from dbcore.errors import DbcoreError
+from dbcore.errors import DeployBusy
 
 #: a run whose process was killed holds the slot until its lease lapses: keep that short. A
 #: renewal that fails once does not end the run (the migration lock still keeps applies apart).
 LEASE_SECONDS = 60  # the shortest the server takes
-
-
-class DeployBusy(DbcoreError):
-    """Another deploy of the same database held the slot for longer than this run waits."""
 
 
 def slot_name(target: Target) -> str:

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from dbcore.connection import Env, resolve_env
 from dbcore.deploy import fleet as fleets
+from dbcore.deploy import policy
 from dbcore.deploy.fleet_report import FleetPlan, all_succeeded, final_line, not_started
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.settings import Settings, describe_invalid
@@ -57,19 +58,15 @@ def _nothing_changed(stage: str, detail: object) -> Failed:
 
 
 def _configure(env, targets, targets_variable, migrations_dir, backup, require_approval):
-    """Return (fleet, settings, env, approval needed?); raise ConfigError / ValidationError."""
+    """Return (fleet, settings, env, approval needed? by the live-target policy); raise ConfigError."""
     fleet = fleet_tasks.read_fleet(targets, targets_variable)
     settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
     resolved = resolve_env(settings, env)
-    live = resolved is not Env.LOCAL
-    if live and not backup:
-        raise ConfigError(f"{resolved} needs a backup before any migration: run without backup=False")
-    if live and require_approval is False:
-        raise ConfigError(f"{resolved} always needs an approval: run without require_approval=False")
+    needed = policy.approval_needed(resolved, backup=backup, require_approval=require_approval)
     if resolved is Env.PROXY and settings.proxy_local_port != 0:
         raise ConfigError("a fleet through the proxy opens a tunnel per database: set "
                           "MIGRATE_PROXY_LOCAL_PORT=0 so that each picks a free port")
-    return fleet, settings, resolved, live or bool(require_approval)
+    return fleet, settings, resolved, needed
 
 
 def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[Failed]]:

@@ -19,7 +19,7 @@ import time
 
 import zstandard
 
-from dbcore.backup.dump import Progress
+from dbcore.backup.dump import BytesProgress
 from dbcore.backup.pgtools import find_pg_tool, tool_error
 from dbcore.backup.pipes import BackgroundWriter
 from dbcore.backup.restore import create_database, inspect_target, pg_restore_command
@@ -38,7 +38,7 @@ class StreamRestore:
     caller drops the half-restored database.
     """
 
-    def __init__(self, into: Target, backup_env: str, progress: Progress | None = None):
+    def __init__(self, into: Target, backup_env: str, progress: BytesProgress | None = None):
         self.into, self.backup_env, self.progress = into, backup_env, progress
         self.size, self._digest = 0, hashlib.sha256()
         self._proc: subprocess.Popen | None = None
@@ -115,7 +115,7 @@ class ArchiveCheck(StreamRestore):
     included, and that they are the bytes uploaded (size and sha256, as for a restore).
     """
 
-    def __init__(self, server_major: int, progress: Progress | None = None):
+    def __init__(self, server_major: int, progress: BytesProgress | None = None):
         super().__init__(None, "", progress)
         self.server_major = server_major
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
 from dbcore.backup.restore import restore_backup, verify_backup
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Target, resolve_target
 
 
@@ -121,13 +121,6 @@ def cmd_prune(ctx: Context) -> int:
     return 0
 
 
-def _jobs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the backup sub-commands to ``dbmigrate``."""
     p = sub.add_parser("backup", parents=[common],
@@ -152,7 +145,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--force", action="store_true", help="overwrite a database that is not empty")
     p.add_argument("--allow-production", action="store_true",
                    help="allow restoring into a production database")
-    p.add_argument("--jobs", "-j", type=_jobs, default=None, help="pg_restore jobs (default: cores, at most 4)")
+    p.add_argument("--jobs", "-j", type=positive_int, default=None, help="pg_restore jobs (default: cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_restore)
 

@@ -46,6 +46,14 @@ class Context:
 Handler = Callable[[Context], int]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (``--count``, ``--jobs``)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options every sub-command accepts, before or after its name."""
     common = argparse.ArgumentParser(add_help=False)

@@ -7,7 +7,7 @@ import json
 import sys
 from functools import partial
 
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Env, connect
 from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import ConfigError
@@ -172,13 +172,6 @@ def cmd_rollback(ctx: Context) -> int:
     return _run(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the migration sub-commands to ``dbmigrate``."""
     p = sub.add_parser("status", parents=[common], help="list migrations: applied, pending, changed")
@@ -215,7 +208,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             p.add_argument("--target", help="stop after this migration (name or number)")
             p.set_defaults(handler=cmd_apply)
         else:
-            p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")
+            p.add_argument("--count", type=positive_int, default=1, help="how many (default 1)")
             p.set_defaults(handler=cmd_rollback)
         p.add_argument("--dry-run", action="store_true",
                        help="run inside a transaction that is rolled back; print the SQL "

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dbcore.backup.dump import database_size, list_backups
 from dbcore.connection import Env, Target, connect, resolve_target
-from dbcore.errors import ConfigError, DbcoreError
+from dbcore.errors import DbcoreError, FleetFileError, PlanNotApproved
 from dbcore.lint import engine as lint
 from dbcore.migrate.history import read_applied
 from dbcore.migrate.plan import Plan, plan_apply
@@ -40,14 +40,6 @@ DEFAULT_CONCURRENCY = 4
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOP_KEYS = {"canary", "concurrency", "databases"}
 _TARGET_KEYS = {"name", "url_env"}
-
-
-class FleetFileError(ConfigError):
-    """The targets file is not a valid fleet document."""
-
-
-class PlanNotApproved(DbcoreError):
-    """A database's plan differs from the one the fleet's approval covered."""
 
 
 @dataclass(frozen=True)

@@ -119,8 +119,7 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
-        dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
-        return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
+        return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
     def to_dict(self) -> dict:

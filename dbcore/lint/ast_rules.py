@@ -10,7 +10,6 @@ functions are read where they are called.
 from __future__ import annotations
 
 import ast
-import logging
 import re
 
 from dbcore.lint.report import Finding, finding
@@ -26,8 +25,6 @@ from dbcore.lint.syntax import (
     listed,
 )
 from dbcore.lint.values import Scope, table_of_class
-
-log = logging.getLogger(__name__)
 
 # migrator methods whose first argument is a model class (or a table name)
 MODEL_METHODS = {

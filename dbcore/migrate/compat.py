@@ -9,7 +9,6 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import peewee
@@ -18,16 +17,7 @@ from peewee_migrate.migrator import ORM as _ORM
 from peewee_migrate.migrator import SchemaMigrator
 from playhouse.migrate import Operation, make_index_name
 
-from dbcore.errors import MigrationFileError
-
-log = logging.getLogger(__name__)
-
-
-class UnknownModel(MigrationFileError, KeyError, ValueError):
-    """``migrator.orm[...]`` (or a table name passed to the migrator) names no model the history defines."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+from dbcore.errors import MigrationFileError, UnknownModel
 
 
 class ORM(_ORM):

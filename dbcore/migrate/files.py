@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import datetime
 import hashlib
-import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +17,6 @@ import peewee
 
 from dbcore.errors import ConfigError, MigrationFileError
 from dbcore.migrate.history import read_applied
-
-log = logging.getLogger(__name__)
 
 #: peewee-migrate's own file mask: three digits, an underscore, a name
 FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")

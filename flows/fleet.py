@@ -10,7 +10,7 @@ later wave; databases not started stay untouched. ``--deployment migrate/migrate
 runs them on a work pool's workers instead of in this process.
 
 Run it: ``python flows/fleet.py --env local --targets fleet.yaml``. No ``from __future__ import
-annotations`` here (FIELD_NOTES: Prefect reads the parameter annotations at run time).
+annotations`` here (Prefect reads the parameter annotations at run time).
 """
 
 import argparse

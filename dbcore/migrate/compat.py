@@ -1,6 +1,6 @@
 """The Migrator applied and replayed migrations get: peewee-migrate 2.x plus the 1.x API real projects wrote.
 
-peewee-migrate's API moved (FIELD_NOTES.md): 1.6 flushes the queued operations with a bare
+peewee-migrate's API moved between 1.x and 2.x: 1.6 flushes the queued operations with a bare
 ``migrator.run()``, 1.7-1.11 with ``migrator()``; 1.12 turned ``run(fn)`` into "queue a Python
 function"; 1.14 removed ``add_columns``/``drop_columns``/``drop_table``/``python``. A project's
 history holds files of every era, and each must still replay and apply. The supported surface

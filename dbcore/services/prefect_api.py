@@ -26,7 +26,7 @@ from dbcore.ports import free_port
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-#: `prefect server start` is healthy in 4-11 s here (FIELD_NOTES), slower on a fresh PREFECT_HOME
+#: `prefect server start` is healthy in 4-11 s here (measured on 2 cores), slower on a fresh PREFECT_HOME
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 

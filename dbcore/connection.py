@@ -156,7 +156,7 @@ def open_database(target: Target, application_name: str = "dbmigrate") -> peewee
         key, _, value = pair.partition("=")
         params[key] = unquote(value)
     params = {k: v for k, v in params.items() if v is not None}
-    return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)
+    return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)  # type: ignore[arg-type]
 
 
 def _unavailable(target: Target, exc: Exception) -> DatabaseUnavailable:

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,7 +29,6 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
@@ -47,6 +46,7 @@ from dbcore.services.local import ensure_local_cluster
 from dbcore.settings import describe_invalid
 from flows import notifications, tasks
 from flows.approval import ask_approval
+from flows.current import current_flow_run
 from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
 
@@ -72,20 +72,21 @@ class _Outcome:
 
     def problem(self) -> str:
         """Where it failed and why, e.g. "post-checks: ..."."""
-        return f"{self.failed_at}: {self.error if self.error is not None else self.checks.text()}"
+        why = self.error if self.error is not None else self.checks.text() if self.checks else "failed"
+        return f"{self.failed_at}: {why}"
 
 
 def _run_name() -> str:
     """Name runs after their environment, so the runs list reads as a deploy log."""
-    env = get_run_context().flow_run.parameters.get("env") or "auto"
+    env = current_flow_run().parameters.get("env") or "auto"
     return f"migrate-{env}"
 
 
-def _failed_at(stage: str, detail: object) -> Failed:
+def _failed_at(stage: str, detail: object) -> State:
     return Failed(message=f"failed at {stage}, nothing changed: {detail}")
 
 
-def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> Failed:
+def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> State:
     """A bug or an unexpected driver error: one line, and what we know of the database."""
     get_run_logger().exception("unexpected error at %s", stage)
     return Failed(message=f"failed at {stage} ({type(exc).__name__}: {error_line(exc, secret)}); "
@@ -109,7 +110,7 @@ def _stage(name: str, secret: Optional[str] = None):
 
 def _resolve(options: RunOptions) -> DeployRun:
     """Return this run: the one a terminal resolved already (with its head start), else resolved now."""
-    run_id = str(get_run_context().flow_run.id)
+    run_id = str(current_flow_run().id)
     run = handed_over(options) or DeployRun.resolve(options, start_local=ensure_local_cluster)
     get_run_logger().info("target %s (%s)", run.target.masked_url, run.target.env)
     return run.with_run_id(run_id)
@@ -331,11 +332,12 @@ def main(argv: Optional[list] = None) -> int:
     prepared = _head_start(options)
     try:
         with handing_over(prepared) if prepared else contextlib.nullcontext():
-            state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
-                            backup=args.backup, allow_destructive=args.allow_destructive,
-                            migrations_dir=args.migrations_dir, return_state=True)
+            ran = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
+                          backup=args.backup, allow_destructive=args.allow_destructive,
+                          migrations_dir=args.migrations_dir, return_state=True)
+        state = cast(State, ran)  # a sync flow: the state itself
     finally:
-        if prepared is not None:
+        if prepared is not None and prepared.head_start is not None:
             prepared.head_start.discard()
     print(f"migrate: {state.message or state.name}")
     return 0 if state.is_completed() else 1

@@ -69,7 +69,10 @@ def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: s
                         require_approval: bool, approval_timeout: int, run_id: str) -> str:
     """Bring the database back to its state before the apply; return how (raises RollbackFailed)."""
     logger = get_run_logger()
-    run, approved = _HANDED.get()
+    handed = _HANDED.get()
+    if handed is None:
+        raise RollbackFailed("the rollback subflow runs only from the migrate flow, which hands it the database")
+    run, approved = handed
     target, settings, before = run.target, run.settings, approved.schema_before
     try:
         undone = run_rollback_functions(target, settings, names, run_id)

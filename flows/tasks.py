@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, cast
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -32,6 +33,8 @@ from dbcore.errors import DbcoreError
 from dbcore.lint.report import LintReport
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, RunReport
+from dbcore.proxy import Tunnel
+from dbcore.proxy import open_tunnel as start_tunnel
 from dbcore.settings import Settings
 
 
@@ -48,11 +51,9 @@ def _retry_if_retryable(task, task_run, state) -> bool:
 
 @task(name="open-tunnel", retries=2, retry_delay_seconds=[3, 10],
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
-def open_tunnel(settings: Settings):
+def open_tunnel(settings: Settings) -> Tunnel:
     """Start the proxy tunnel and return it once it accepts connections (retried: it changes nothing)."""
-    from dbcore.proxy import open_tunnel as start
-
-    tunnel = start(settings)
+    tunnel = start_tunnel(settings)
     get_run_logger().info("tunnel %s listening on 127.0.0.1:%s", tunnel.program, tunnel.local_port)
     return tunnel
 
@@ -91,7 +92,7 @@ class _ProgressArtifact:
 
     def __init__(self, key: str, total_bytes: int, what: str):
         self.total, self.what, self.last = max(total_bytes, 1), what, 0.0
-        self.id = create_progress_artifact(0.0, key=key, description=what)
+        self.id = cast(UUID, create_progress_artifact(0.0, key=key, description=what))  # sync here
 
     def __call__(self, done: int) -> None:
         now = time.monotonic()

@@ -215,7 +215,7 @@ def backup_to_s3(
     try:
         _abort_dead_uploads(storage, claim, key.rsplit("/", 1)[0] + "/")
         upload.start()
-        put = upload.put if tee is None else (lambda chunk: (upload.put(chunk), tee.write(chunk)))
+        put = upload.put if tee is None else _both(upload.put, tee.write)
         size, sha256 = _dump_compressed(pg_dump, target, settings, put, progress)
         if tee is not None and (teed := tee.finish()) != (size, sha256):
             raise BackupCorrupt(f"{what}: the stream consumer saw {teed[0]} bytes (sha256 {teed[1]}), "
@@ -253,6 +253,14 @@ def backup_to_s3(
     return info
 
 
+def _both(first: Callable[[bytes], None], second: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """Return a callback handing each chunk to ``first``, then ``second``."""
+    def both(chunk: bytes) -> None:
+        first(chunk)
+        second(chunk)
+    return both
+
+
 def _dump_compressed(
     pg_dump: PgTool, target: Target, settings: Settings, put: Callable[[bytes], None],
     progress: BytesProgress | None,
@@ -276,6 +284,7 @@ def _dump_compressed(
 
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        assert proc.stdout is not None  # stdout=PIPE
         try:
             while data := proc.stdout.read(READ_SIZE):
                 read += len(data)

@@ -40,7 +40,7 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
         yield lambda done: bar.update(task, completed=done)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -128,6 +128,7 @@ class HeadStart:
         self._done.wait()
         if self.error is not None:
             raise self.error
+        assert self.result is not None  # finished without an error: it has its backup and copy
         return self.result
 
     def discard(self) -> None:

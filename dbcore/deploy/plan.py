@@ -19,7 +19,7 @@ from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.plan import Plan
 
 
-def size_text(n: int) -> str:
+def size_text(n: float) -> str:
     """Return a byte count as people read it (512 B, 1.5 MiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import peewee
 import psycopg2
@@ -97,7 +98,7 @@ class ScratchCopy:
     method: str  # "stream" (restored from the backup's stream), "template" or "restore"
     seconds: float
     leftovers: Leftovers = field(default_factory=Leftovers)
-    holder: object = None  # the claiming session
+    holder: Any = None  # the claiming session (a psycopg2 connection)
 
     def release(self) -> None:
         """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
@@ -114,7 +115,7 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, Any]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
     leftovers = drop_leftovers(server, target.dbname)

@@ -39,7 +39,7 @@ class RunOptions:
 
     def settings(self) -> Settings:
         """Return the settings from the environment, with the chosen migrations folder."""
-        return Settings(**({"migrations_dir": Path(self.migrations_dir)} if self.migrations_dir else {}))
+        return Settings(migrations_dir=Path(self.migrations_dir)) if self.migrations_dir else Settings()
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def statements_of(sql: str) -> Iterator[tuple[int, ast.Node]]:
     """Yield (line offset inside ``sql``, statement node); raise pglast's ParseError."""
     text = for_parser(sql)
     for raw in pglast.parse_sql(text):
-        yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
+        if raw.stmt is not None:  # every statement the parser returns has one
+            yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
 
 
 def dropped_tables(node: ast.Node) -> list[str]:

@@ -9,7 +9,7 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import peewee
 from peewee_migrate import Migrator as _PeeweeMigrateMigrator
@@ -75,7 +75,7 @@ class Migrator(_PeeweeMigrateMigrator):
         super().__init__(database)
         self._orm = ORM()
 
-    @property
+    @property  # type: ignore[override]  # an attribute in peewee-migrate; here it replays when first read
     def orm(self) -> ORM:
         if self._replay is not None:
             replay, self._replay = self._replay, None
@@ -96,7 +96,7 @@ class Migrator(_PeeweeMigrateMigrator):
     @property
     def database(self) -> peewee.Database:
         """The database the migrator runs on (1.x's ``migrator.database``)."""
-        return self.__database__
+        return cast(peewee.Database, self.__database__)  # never a Proxy here
 
     @property
     def ops(self) -> list:
@@ -157,7 +157,7 @@ class Migrator(_PeeweeMigrateMigrator):
 
     def add_columns(self, model, **fields: peewee.Field):
         """Add columns (the guide's and 1.x's name for ``add_fields``)."""
-        return self.add_fields(model, **fields)
+        return self.add_fields(model, **fields)  # type: ignore[arg-type]  # fields by name
 
     def change_columns(self, model, **fields: peewee.Field):
         return self.change_fields(model, **fields)
@@ -195,8 +195,8 @@ class Migrator(_PeeweeMigrateMigrator):
         """Column names for ``names``, each a field name, a column name (1.x files use both) or as is."""
         fields = model._meta.fields
         by_column = {f.column_name: f for f in fields.values()}
-        return [(fields.get(n) or by_column.get(n)).column_name if (n in fields or n in by_column)
-                else n for n in names]
+        return [field.column_name if (field := fields.get(n) or by_column.get(n)) is not None else n
+                for n in names]
 
     def add_index(self, model, *columns: str, unique: bool = False, **index_params):
         """Create an index on fields named by field or column name (``add_index("wiki", "sid", "slug")``)."""

@@ -78,7 +78,8 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
         targets = (node.targets if isinstance(node, ast.Assign)
                    else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Name) and t.id == "atomic" for t in targets):
-            return isinstance(node.value, ast.Constant) and node.value.value is False
+            value = getattr(node, "value", None)
+            return isinstance(value, ast.Constant) and value.value is False
     return False
 
 

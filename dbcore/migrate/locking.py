@@ -88,7 +88,7 @@ def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -
         yield
 
 
-def configure_session(db: peewee.PostgresqlDatabase, settings: Settings) -> None:
+def configure_session(db: peewee.Database, settings: Settings) -> None:
     """Set the timeouts of a migration session: short lock waits, bounded statements."""
     for name, value in (
         ("lock_timeout", settings.lock_timeout),

@@ -125,16 +125,17 @@ class PrefectApiServer:
 
     def stop(self) -> None:
         """Stop the server and everything it started (its process group): SIGTERM, then SIGKILL."""
-        if self.is_running():
+        pid = self.pid
+        if pid is not None and self.is_running():
             for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
                 try:
-                    os.killpg(self.pid, sig)
+                    os.killpg(pid, sig)
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + grace
-                while _alive(self.pid) and time.monotonic() < deadline:
+                while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                if not _alive(self.pid):
+                if not _alive(pid):
                     break
         self.pid = None
         if self.root.exists():

@@ -2,8 +2,8 @@
 
 resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup (the
 rehearsal's copy made meanwhile) -> rehearsal on the copy -> plan artifact -> [dry run stops] ->
-approval pause -> plan again (same fingerprint) -> preflight again -> apply (one transaction,
-lock) -> post-checks -> on failure the rollback subflow -> tunnel closed in every case.
+approval pause -> plan again (same fingerprint) -> preflight again -> apply (under the lock, phase
+by phase: docs/migrations.md) -> post-checks -> on failure the rollback subflow -> tunnel closed in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads

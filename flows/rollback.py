@@ -1,6 +1,6 @@
 """The rollback subflow: undo an apply whose post-checks failed.
 
-First the migrations' own rollback() functions, newest first, in one transaction, verified
+First the migrations' own rollback() functions, newest first, one transaction per phase, verified
 against the schema snapshot taken before the apply. If that fails, the backup taken before the
 apply is restored in place (with a second approval where the run needed one).
 
@@ -33,7 +33,7 @@ _HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("db
 
 @task(name="rollback-functions", cache_policy=NO_CACHE)
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
-    """Run the rollback() of ``names`` (newest first) in one transaction; return what was undone."""
+    """Run the rollback() of ``names`` (newest first), one transaction per phase; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
     return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
 

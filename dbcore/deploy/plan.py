@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
+from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
-from dbcore.migrate.plan import Plan
+from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.settings import Settings
 
 
 def size_text(n: float) -> str:
@@ -33,6 +36,17 @@ def _statement(captured: str) -> str:
     sql, _, params = captured.partition(" -- params: ")
     note = " -- with parameters (values not shown)" if params else ""
     return sql.rstrip(";") + ";" + note
+
+
+def plan_and_lint(target: Target, settings: Settings, *, allow_destructive: bool = False,
+                  upto: str | None = None) -> tuple[Plan, LintReport]:
+    """Return the pending migrations (up to ``upto``) and the lint over the ones that will run.
+
+    The one way the flow, the fleet and ``dbmigrate plan`` judge what is pending.
+    """
+    plan = plan_apply(target, settings, upto=upto)
+    return plan, lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
+                              allow_destructive=allow_destructive)
 
 
 def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:

@@ -15,6 +15,7 @@ import peewee
 from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.checks.drift import DriftReport
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
+from dbcore.deploy import plan as plans
 from dbcore.deploy import preflight as preflights
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
 from dbcore.deploy.recovery import schema_snapshot
@@ -24,11 +25,10 @@ from dbcore.deploy.scratch import RehearsalServer
 from dbcore.deploy.scratch import rehearsal_server as server_for
 from dbcore.deploy.touched import tables_of_plan
 from dbcore.errors import PlanChangedSinceApproval
-from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport
 from dbcore.migrate import retry
 from dbcore.migrate.history import ApprovalRecord
-from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply
+from dbcore.migrate.plan import Plan, ProgressEvent, RunReport
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,7 @@ Models = list[type[peewee.Model]]
 
 def plan_and_lint(run: DeployRun) -> tuple[Plan, LintReport]:
     """Return the pending migrations and the lint report over the ones that will run."""
-    plan = plan_apply(run.target, run.settings)
-    return plan, lint_pending(run.settings.migrations_dir, [m.path for m in plan.migrations],
-                              allow_destructive=run.options.allow_destructive)
+    return plans.plan_and_lint(run.target, run.settings, allow_destructive=run.options.allow_destructive)
 
 
 def rehearsal_server(run: DeployRun) -> RehearsalServer:

@@ -7,19 +7,16 @@ import json
 import sys
 from functools import partial
 
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Env, connect
-from dbcore.deploy.plan import DeployPlan
+from dbcore.deploy.plan import DeployPlan, plan_and_lint
 from dbcore.errors import ConfigError, LintStopped
-from dbcore.lint.engine import lint_pending
-from dbcore.lint.report import LintReport
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import (
     Plan,
     ProgressEvent,
     RunReport,
     left_behind,
-    plan_apply,
     plan_rollback,
     undone_by_nothing,
 )
@@ -127,8 +124,9 @@ def cmd_plan(ctx: Context) -> int:
     """Print what apply would do; --sql rehearses it in a rolled-back transaction."""
     if ctx.args.sql:
         _refuse_live_dry_run(ctx)
-    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
-    deploy = DeployPlan(str(ctx.target.env), plan, _lint_of(ctx, plan))
+    plan, lint_report = plan_and_lint(ctx.target, ctx.settings, upto=ctx.args.target,
+                                      allow_destructive=ctx.args.allow_destructive)
+    deploy = DeployPlan(str(ctx.target.env), plan, lint_report)
     if ctx.args.json and not ctx.args.sql:
         print(json.dumps(deploy.to_dict(), indent=2, default=str))
         return 0 if deploy.lint.ok else 1
@@ -170,16 +168,10 @@ def _run(ctx: Context, plan: Plan) -> int:
     return 0
 
 
-def _lint_of(ctx: Context, plan: Plan) -> LintReport:
-    """Return the lint of the plan's pending files: the flow's rules and allows (--allow-destructive)."""
-    return lint_pending(ctx.settings.migrations_dir, [m.path for m in plan.migrations],
-                        allow_destructive=ctx.args.allow_destructive, applied=plan.applied_before)
-
-
 def cmd_apply(ctx: Context) -> int:
     """Lint the pending migrations as the flow does, then apply them in one transaction under the lock."""
-    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
-    report = _lint_of(ctx, plan)
+    plan, report = plan_and_lint(ctx.target, ctx.settings, upto=ctx.args.target,
+                                 allow_destructive=ctx.args.allow_destructive)
     if report.findings and not ctx.args.json:
         print(report.text(), file=sys.stderr)
     if not report.ok and ctx.args.ignore_lint_errors:
@@ -198,13 +190,6 @@ def cmd_rollback(ctx: Context) -> int:
     if gaps:
         print(f"dbmigrate: warning: --force: {left_behind(gaps)}", file=sys.stderr)
     return _run(ctx, plan)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -250,7 +235,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                 "database built from a history other databases already ran)")
             p.set_defaults(handler=cmd_apply)
         else:
-            p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")
+            p.add_argument("--count", type=positive_int, default=1, help="how many (default 1)")
             p.add_argument("--force", action="store_true",
                            help="roll back even a migration whose rollback() is missing or empty: "
                                 "only its history row goes, what its migrate() made stays")

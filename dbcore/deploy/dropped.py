@@ -61,10 +61,12 @@ class DropCounter(RunObserver):
             if not isinstance(node, ast.AlterTableStmt) or node.objtype != ObjectType.OBJECT_TABLE:
                 continue
             relation = node.relation
-            names = [relation.schemaname, relation.relname] if relation.schemaname else [relation.relname]
+            if relation is None or not relation.relname:
+                continue
+            names = [n for n in (relation.schemaname, relation.relname) if n]
             qualified = ".".join(_quoted(n) for n in names)
-            for cmd in node.cmds:
-                if cmd.subtype == AlterTableType.AT_DropColumn:
+            for cmd in node.cmds or ():
+                if cmd.subtype == AlterTableType.AT_DropColumn and cmd.name:
                     self._count(statement, qualified, relation.relname, cmd.name)
 
     def _count(self, statement: Statement, qualified: str, table: str, column: str) -> None:

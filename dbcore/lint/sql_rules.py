@@ -10,7 +10,6 @@ of the same table are judged as they happen.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Iterator
 
@@ -27,8 +26,6 @@ from pglast.enums import (
 from pglast.parser import ParseError
 
 from dbcore.lint.report import Finding, finding
-
-log = logging.getLogger(__name__)
 
 # psycopg2 placeholders (%s, %(name)s) and the escaped %%: PostgreSQL's parser knows $1 and %
 _PLACEHOLDER = re.compile(r"%(%|s|\([^)]*\)s)")
@@ -72,7 +69,8 @@ def statements_of(sql: str) -> Iterator[tuple[int, ast.Node]]:
     """Yield (line offset inside ``sql``, statement node); raise pglast's ParseError."""
     text = for_parser(sql)
     for raw in pglast.parse_sql(text):
-        yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
+        if raw.stmt is not None:  # every statement the parser returns has one
+            yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
 
 
 def dropped_tables(node: ast.Node) -> list[str]:
@@ -193,12 +191,8 @@ def lint_sql(
 
 def _check(node: ast.Node, batch: SqlBatch):
     """Yield (rule, message, severity or None) for one statement, and record what it did."""
-    if isinstance(node, ast.TransactionStmt) and node.kind in _SAVEPOINTS:
-        return  # a savepoint lives and dies inside the batch transaction: it ends nothing
     if isinstance(node, ast.TransactionStmt):
-        yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
-                        "later failure can no longer undo what ran before: remove it (every "
-                        "migration already runs in the runner's transaction)"), None
+        yield from _check_transaction(node)
     elif isinstance(node, ast.CreateStmt):
         batch.create(node.relation.relname, if_not_exists=bool(node.if_not_exists))
     elif isinstance(node, ast.CreateTableAsStmt) and node.objtype in (ObjectType.OBJECT_TABLE,
@@ -223,6 +217,14 @@ def _check(node: ast.Node, batch: SqlBatch):
                             f"queries until it is redeployed: {RECIPES['DS105']}"), None
         if node.renameType != ObjectType.OBJECT_COLUMN:
             batch.rename(table, node.newname)
+
+
+def _check_transaction(node: ast.TransactionStmt):
+    if node.kind in _SAVEPOINTS:
+        return  # a savepoint lives and dies inside the batch transaction: it ends nothing
+    yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
+                    "later failure can no longer undo what ran before: remove it (every "
+                    "migration already runs in the runner's transaction)"), None
 
 
 def _check_drop(node: ast.DropStmt, batch: SqlBatch):

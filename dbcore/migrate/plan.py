@@ -85,6 +85,7 @@ class Plan:
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
+    dbname: str = ""  # the database's name, as the approver reads it
 
     @property
     def names(self) -> list[str]:
@@ -188,7 +189,7 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     pending = pending_files(files, applied, upto)
     for f in pending:
         load(f)  # fail now, naming the file, rather than after earlier ones ran
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname)
 
 
 def undone_by_nothing(plan: Plan) -> list[tuple[str, str]]:
@@ -235,7 +236,8 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
             f"{settings.migrations_dir}: restore it from version control")
     for name in chosen:
         load(by_name[name])  # fail now, naming the file, rather than after newer ones were undone
-    plan = Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
+    plan = Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen),
+                target.dbname)
     gaps = undone_by_nothing(plan)
     if gaps and not force:
         what = "; ".join(f"{n}.py has {'no' if why == 'missing' else 'an empty'} rollback() while its "

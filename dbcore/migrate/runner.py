@@ -236,7 +236,7 @@ def _send(run: _Run, phase: Phase, loaded: LoadedMigration) -> MigrationResult:
             loaded.migrate(run.migrator, run.db, fake=False)
         elif loaded.rollback is not None:  # none: a forced rollback of the history only
             loaded.rollback(run.migrator, run.db, fake=False)
-        run.migrator.flush()
+        run.migrator.flush()  # queued operations are sent now
     seconds = time.monotonic() - started
     return MigrationResult(loaded.file.name, seconds, tuple(statements), loaded.file.atomic,
                            tuple(run.recorder.lines))
@@ -317,7 +317,7 @@ def _rolled_back(db: peewee.Database) -> Iterator[None]:
         pass
 
 
-def _pgcode(exc: BaseException) -> str | None:
+def _pgcode(exc: BaseException | None) -> str | None:
     """Return the SQLSTATE behind a peewee/psycopg2 error, if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:

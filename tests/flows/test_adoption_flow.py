@@ -14,6 +14,10 @@ from prefect import flow
 from dbcore.backup.dump import backup_to_s3
 from dbcore.connection import Env, Target
 from dbcore.deploy.recovery import schema_snapshot
+from dbcore.deploy.run import DeployRun, RunOptions
+from dbcore.deploy.steps import ApprovedChange
+from dbcore.migrate.history import ApprovalRecord
+from dbcore.migrate.plan import plan_apply
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
 
@@ -164,9 +168,10 @@ def test_the_rollback_subflow_goes_straight_to_the_restore_for_an_empty_rollback
 
     @flow
     def after_a_failed_apply():
-        return rollback_after_failed_apply(
-            target=target, settings=cfg, names=["002_enum"], before=before, backup_key=backup.key,
-            require_approval=False, approval_timeout=60, run_id="fedcba654321")
+        run = DeployRun(target, cfg, "fedcba654321", RunOptions(approval_timeout=60))
+        approved = ApprovedChange(plan_apply(target, cfg), None, backup.key, None, before, None,
+                                  ApprovalRecord(None, None, "f" * 16))
+        return rollback_after_failed_apply(run, ["002_enum"], approved)
 
     how = after_a_failed_apply()
     assert how.startswith(f"restoring backup {backup.key}")

@@ -208,7 +208,7 @@ class DeployPlan:
                 out.append("")
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
-                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
+                out += [f"| {f.severity} | {f.rule} | `{f.file}:{f.line}` | {md_cell(f.message)} |"
                         for f in self.new_sql_findings]
                 out.append("")
             if r.checks:

@@ -1,0 +1,195 @@
+"""`dbmigrate suggest-indexes` on a workload of its own: queries recorded by pg_stat_statements on
+the private cluster, some that an index helps (a unique-ish email, a high-cardinality sku) and
+some that it cannot (a three-valued status, a tiny table, a column already indexed)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import psycopg2
+import pytest
+
+from dbcore.advise.report import markdown, text, write_migration
+from dbcore.advise.suggest import suggest_indexes
+from dbcore.cli.main import main
+from dbcore.connection import Env, Target
+from dbcore.deploy.scratch import rehearsal_server
+from dbcore.migrate.files import discover
+from dbcore.settings import Settings
+
+CUSTOMERS, ORDERS = 100_000, 200_000
+
+SCHEMA = f"""
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL, country text NOT NULL,
+                        created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers (id),
+                     status text NOT NULL, sku text NOT NULL, total numeric NOT NULL);
+CREATE INDEX orders_customer_id ON orders (customer_id);
+CREATE TABLE flags (id serial PRIMARY KEY, name text NOT NULL, enabled boolean NOT NULL);
+INSERT INTO customers (email, country)
+    SELECT 'user' || g || '@example.org', (ARRAY['fr', 'de', 'it'])[1 + g % 3]
+    FROM generate_series(1, {CUSTOMERS}) g;
+INSERT INTO orders (customer_id, status, sku, total)
+    SELECT 1 + g % {CUSTOMERS}, (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], 'SKU-' || (g * 7919) % 150000,
+           g % 500
+    FROM generate_series(1, {ORDERS}) g;
+INSERT INTO flags (name, enabled) SELECT 'flag' || g, g % 2 = 0 FROM generate_series(1, 12) g;
+ANALYZE;
+"""
+
+HELPED = {"customers (email)", "orders (sku)"}
+
+
+def _pgss_readable(url: str) -> bool:
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_statements")
+        return True
+    except psycopg2.Error:
+        return False
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def workload_url(pg_server_url):
+    """A database of 300k rows whose queries pg_stat_statements recorded (dropped afterwards)."""
+    name = f"advise_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(pg_server_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = pg_server_url.rsplit("/", 1)[0] + "/" + name
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SCHEMA)
+        if not _pgss_readable(url):
+            pytest.skip("pg_stat_statements is not loaded by this server (shared_preload_libraries)")
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
+                        "WHERE datname = current_database()), 0)")
+            rng = random.Random(7)
+            for _ in range(30):
+                cur.execute("SELECT * FROM customers WHERE email = %s",
+                            (f"user{rng.randint(1, CUSTOMERS)}@example.org",))
+                cur.execute("SELECT id, total FROM orders WHERE sku = %s",
+                            (f"SKU-{rng.randint(0, 149999)}",))
+                cur.execute("SELECT count(*) FROM customers WHERE country = %s", ("fr",))
+                cur.execute("SELECT * FROM orders WHERE status = %s", ("paid",))
+                cur.execute("SELECT * FROM orders WHERE customer_id = %s", (rng.randint(1, CUSTOMERS),))
+                cur.execute("SELECT enabled FROM flags WHERE name = %s", (f"flag{rng.randint(1, 12)}",))
+    finally:
+        conn.close()
+    yield url
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def _proposed(advice) -> set[str]:
+    return {p.candidate.definition.split(" ON ", 1)[1].replace('"', "") for p in advice.proposals}
+
+
+def test_proposes_the_helpful_indexes_and_none_of_the_others(workload_url, tmp_path):
+    target = Target(Env.LOCAL, workload_url)
+    settings = Settings(migrations_dir=tmp_path / "migrations", local_dir=tmp_path / ".local")
+    advice = suggest_indexes(target, settings, server=rehearsal_server(target, settings))
+    assert _proposed(advice) == HELPED
+    for p in advice.proposals:
+        assert p.helped and all(h.after <= h.before / 2 for h in p.helped)
+        assert all(h.share is not None and h.share > 0 for h in p.helped)
+        assert p.size_bytes > 0
+        assert "inserts" in p.writes
+    shown = text(advice, 0.5)
+    assert "orders (customer_id)" not in "\n".join(
+        line for line in shown.splitlines() if line[:1].isdigit())
+    assert "already indexed by orders (customer_id)" in shown
+    assert "-> " in markdown(advice, 0.5)
+    # the copy was dropped and the target is as it was: no index added, no scratch database left
+    assert _indexes(workload_url) == 4
+    conn = psycopg2.connect(workload_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+                    (target.dbname + "_rehearsal_%",))
+        assert cur.fetchone()[0] == 0
+    conn.close()
+
+
+def test_write_makes_a_concurrent_migration_the_runner_applies(workload_url, tmp_path, capsys):
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    code = main(["suggest-indexes", "--database-url", workload_url, "--migrations-dir",
+                 str(migrations), "--write", "--queries", str(_queries_file(tmp_path))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    [written] = discover(migrations)
+    source = written.path.read_text()
+    assert written.name.startswith("001_add_index_")
+    assert "atomic = False" in source and "CREATE INDEX CONCURRENTLY" in source
+    assert "DROP INDEX CONCURRENTLY IF EXISTS" in source.split("def rollback")[1]
+    assert "cost" in source.split('"""')[1]  # the proposal, in the docstring
+    assert main(["lint", str(written.path)]) == 0, capsys.readouterr().out
+    # it applies (each index built concurrently) and rolls back, on a copy of the workload
+    copy_url = _template_copy(workload_url)
+    assert main(["apply", "--database-url", copy_url, "--migrations-dir", str(migrations)]) == 0
+    assert _indexes(copy_url) == 6
+    assert main(["rollback", "--database-url", copy_url, "--migrations-dir", str(migrations)]) == 0
+    assert _indexes(copy_url) == 4
+    _drop(copy_url)
+
+
+def _template_copy(url: str) -> str:
+    name = f"advise_copy_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(url.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{url.rsplit("/", 1)[1]}"')
+    admin.close()
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop(url: str) -> None:
+    admin = psycopg2.connect(url.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    admin.close()
+
+
+def _indexes(url: str) -> int:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' "
+                        "AND tablename IN ('customers', 'orders', 'flags')")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _queries_file(tmp_path):
+    path = tmp_path / "slow.sql"
+    path.write_text("SELECT * FROM customers WHERE email = 'user5@example.org';\n"
+                    "SELECT * FROM flags WHERE name = 'flag3';\n")
+    return path
+
+
+def test_margin_can_refuse_every_proposal(workload_url, tmp_path):
+    target = Target(Env.LOCAL, workload_url)
+    settings = Settings(index_min_saving=99.99, local_dir=tmp_path / ".local")
+    advice = suggest_indexes(target, settings, server=rehearsal_server(target, settings))
+    assert not advice.proposals
+    with pytest.raises(Exception, match="no index to propose"):
+        write_migration(advice, tmp_path, 0.9999)
+
+
+def test_copy_url_of_the_target_itself_is_refused(workload_url, capsys):
+    code = main(["suggest-indexes", "--database-url", workload_url, "--copy-url", workload_url])
+    assert code == 2
+    assert "never on the live database" in capsys.readouterr().err

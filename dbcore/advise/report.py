@@ -33,7 +33,8 @@ def create_statement(p: Proposal, concurrently: bool = True) -> str:
 
 
 def _helped_lines(p: Proposal) -> list[str]:
-    return [f"{h.query.short(70)} [{h.query.source}; {_share(h.share)}{' of time' if h.share is not None else ''}]: cost "
+    return [f"{h.query.short(70)} [{h.query.source}; "
+            f"{_share(h.share)}{' of time' if h.share is not None else ''}]: cost "
             f"{h.before:,.0f} -> {h.after:,.0f} (-{100 * h.saving:.1f}%)" for h in p.helped]
 
 

@@ -156,8 +156,9 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
     if not deploy.ok:
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
-                                               "migration-plan artifact)"))
+        found = rehearsal.problem() if rehearsal is not None else None
+        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors"
+                                  f"{': ' + found if found else ''} (see the migration-plan artifact)"))
     if dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
@@ -222,7 +223,8 @@ def _apply_and_check(approved: _Approved, target: Target, settings: Settings, ru
     if not report.names:  # another run applied them while this one waited
         raise _RunEnds(Completed(message=report.note or "up to date"))
     try:
-        checked = tasks.post_checks(target, approved.models, approved.drift_before)
+        checked = tasks.post_checks(target, approved.models, approved.drift_before, settings,
+                                    approved.plan)
     except DbcoreError as exc:
         return report.names, f"post-checks: {exc}"
     if not checked.ok:

@@ -17,6 +17,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
 from dbcore.backup import dump as backup
+from dbcore.checks import data as data_checks
 from dbcore.checks import post as checks
 from dbcore.connection import Env, Target, server_version
 from dbcore.deploy import head_start, recovery, rehearsal, scratch, touched
@@ -231,9 +232,13 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)
-def post_checks(target: Target, models, before=None) -> checks.CheckReport:
-    """Return the drift and invalid-index checks of the live database (judged against ``before``)."""
-    return checks.run_post_checks(target, models, before=before)
+def post_checks(target: Target, models, before=None, settings: Settings | None = None,
+                plan: planning.Plan | None = None) -> checks.CheckReport:
+    """Return the drift, invalid-index and the team's data checks (of ``plan``'s migrations) of
+    the live database (drift judged against ``before``)."""
+    data = None if plan is None or settings is None else data_checks.DataChecks.of(
+        settings, [m.path for m in plan.migrations], rehearsal=False)
+    return checks.run_post_checks(target, models, before=before, data=data)
 
 
 @task(name="drift-before", cache_policy=NO_CACHE)

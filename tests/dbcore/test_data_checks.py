@@ -7,56 +7,13 @@ import sys
 import textwrap
 
 import pytest
+from data_check_helpers import add_failing_check, seed_projects
 from helpers import apply_pending, query
 
 from dbcore.checks.data import DataChecks, run_verify_command
 from dbcore.checks.post import run_post_checks
 from dbcore.deploy.rehearsal import rehearse_on_copy
 from dbcore.migrate.plan import plan_apply
-
-VERIFY_MIGRATION = '''\
-"""005: drafts lose their slug (a data migration with a bug the team's check catches)."""
-
-import peewee as pw
-
-
-class Project(pw.Model):
-    slug = pw.CharField(null=True)
-
-    class Meta:
-        table_name = "project"
-
-
-def migrate(migrator, database, *, fake=False):
-    migrator.sql("UPDATE project SET slug = NULL WHERE name LIKE %s", "draft%")
-
-
-def rollback(migrator, database, *, fake=False):
-    migrator.sql("UPDATE project SET slug = lower(name) || '-' || id WHERE slug IS NULL")
-'''
-
-VERIFY_FUNCTION = '''
-
-def verify(database):
-    """every project has a slug"""
-    return Project.select(Project.id).where(Project.slug.is_null())
-'''
-
-SQL_CHECK = "-- every project has a slug\nSELECT id, name FROM project WHERE slug IS NULL;\n"
-
-
-def add_failing_check(migrations_dir, kind: str) -> None:
-    """Add 005 (which empties the drafts' slugs) and a check of ``kind`` that catches it."""
-    (migrations_dir / "005_clear_draft_slugs.py").write_text(
-        VERIFY_MIGRATION + (VERIFY_FUNCTION if kind == "verify" else ""))
-    if kind == "sql":
-        (migrations_dir / "checks").mkdir(exist_ok=True)
-        (migrations_dir / "checks" / "project_slug_filled.sql").write_text(SQL_CHECK)
-
-
-def seed_projects(url: str) -> None:
-    query(url, "INSERT INTO project (name, slug, created_at, updated_at) SELECT n, n || '-s', now(), now() "
-               "FROM unnest(ARRAY['draft-secret-one', 'draft-secret-two', 'kept']) n")
 
 
 @pytest.fixture

@@ -1,14 +1,13 @@
-"""`dbmigrate suggest-indexes` on a workload of its own: queries recorded by pg_stat_statements on
-the private cluster, some that an index helps (a unique-ish email, a high-cardinality sku) and
-some that it cannot (a three-valued status, a tiny table, a column already indexed)."""
+"""`dbmigrate suggest-indexes` on a workload of its own (tests/advise_workload.py): the helpful
+indexes are proposed, each with its measured cost change, and none of the others."""
 
 from __future__ import annotations
 
-import random
 import uuid
 
 import psycopg2
 import pytest
+from advise_workload import HELPED, make_workload
 
 from dbcore.advise.report import markdown, text, write_migration
 from dbcore.advise.suggest import suggest_indexes
@@ -18,78 +17,10 @@ from dbcore.deploy.scratch import rehearsal_server
 from dbcore.migrate.files import discover
 from dbcore.settings import Settings
 
-CUSTOMERS, ORDERS = 100_000, 200_000
-
-SCHEMA = f"""
-CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL, country text NOT NULL,
-                        created_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers (id),
-                     status text NOT NULL, sku text NOT NULL, total numeric NOT NULL);
-CREATE INDEX orders_customer_id ON orders (customer_id);
-CREATE TABLE flags (id serial PRIMARY KEY, name text NOT NULL, enabled boolean NOT NULL);
-INSERT INTO customers (email, country)
-    SELECT 'user' || g || '@example.org', (ARRAY['fr', 'de', 'it'])[1 + g % 3]
-    FROM generate_series(1, {CUSTOMERS}) g;
-INSERT INTO orders (customer_id, status, sku, total)
-    SELECT 1 + g % {CUSTOMERS}, (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], 'SKU-' || (g * 7919) % 150000,
-           g % 500
-    FROM generate_series(1, {ORDERS}) g;
-INSERT INTO flags (name, enabled) SELECT 'flag' || g, g % 2 = 0 FROM generate_series(1, 12) g;
-ANALYZE;
-"""
-
-HELPED = {"customers (email)", "orders (sku)"}
-
-
-def _pgss_readable(url: str) -> bool:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_statements")
-        return True
-    except psycopg2.Error:
-        return False
-    finally:
-        conn.close()
-
 
 @pytest.fixture(scope="module")
 def workload_url(pg_server_url):
-    """A database of 300k rows whose queries pg_stat_statements recorded (dropped afterwards)."""
-    name = f"advise_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(pg_server_url)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    url = pg_server_url.rsplit("/", 1)[0] + "/" + name
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(SCHEMA)
-        if not _pgss_readable(url):
-            pytest.skip("pg_stat_statements is not loaded by this server (shared_preload_libraries)")
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
-                        "WHERE datname = current_database()), 0)")
-            rng = random.Random(7)
-            for _ in range(30):
-                cur.execute("SELECT * FROM customers WHERE email = %s",
-                            (f"user{rng.randint(1, CUSTOMERS)}@example.org",))
-                cur.execute("SELECT id, total FROM orders WHERE sku = %s",
-                            (f"SKU-{rng.randint(0, 149999)}",))
-                cur.execute("SELECT count(*) FROM customers WHERE country = %s", ("fr",))
-                cur.execute("SELECT * FROM orders WHERE status = %s", ("paid",))
-                cur.execute("SELECT * FROM orders WHERE customer_id = %s", (rng.randint(1, CUSTOMERS),))
-                cur.execute("SELECT enabled FROM flags WHERE name = %s", (f"flag{rng.randint(1, 12)}",))
-    finally:
-        conn.close()
-    yield url
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    yield from make_workload(pg_server_url)
 
 
 def _proposed(advice) -> set[str]:

@@ -25,7 +25,7 @@ INSERT INTO customers (email, country)
     FROM generate_series(1, {CUSTOMERS}) g;
 INSERT INTO orders (customer_id, status, sku, total)
     SELECT 1 + g % {CUSTOMERS}, (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], 'SKU-' || (g * 7919) % 150000,
-           g % 500
+           g % 20000
     FROM generate_series(1, {ORDERS}) g;
 INSERT INTO flags (name, enabled) SELECT 'flag' || g, g % 2 = 0 FROM generate_series(1, 12) g;
 ANALYZE;

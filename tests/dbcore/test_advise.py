@@ -124,3 +124,88 @@ def test_copy_url_of_the_target_itself_is_refused(workload_url, capsys):
     code = main(["suggest-indexes", "--database-url", workload_url, "--copy-url", workload_url])
     assert code == 2
     assert "never on the live database" in capsys.readouterr().err
+
+
+MODELS = '''\
+import peewee as pw
+
+
+class Customer(pw.Model):
+    email = pw.TextField()
+    country = pw.TextField()
+
+    class Meta:
+        table_name = "customers"
+
+
+class Order(pw.Model):
+    customer = pw.ForeignKeyField(Customer, column_name="customer_id")
+    status = pw.TextField()
+    sku = pw.TextField()
+    total = pw.DecimalField()
+
+    class Meta:
+        table_name = "orders"
+
+
+class Flag(pw.Model):
+    name = pw.TextField()
+    enabled = pw.BooleanField()
+
+    class Meta:
+        table_name = "flags"
+
+
+MODELS = [Customer, Order, Flag]
+'''
+
+APP = '''\
+from shop_models import Customer, Flag, Order
+
+
+def orders_of_amount(amount):
+    return Order.select().where(Order.total == amount)
+
+
+def customers_in(country):
+    return Customer.select().where((Customer.country == country) & (Customer.id > 0))
+
+
+def flags():
+    return Flag.select().order_by(Flag.name)
+
+
+def orders_with_customers():
+    return Order.select().join(Customer, on=(Order.customer == Customer.id))
+'''
+
+
+def test_the_apps_own_queries_are_read_statically(workload_url, tmp_path, monkeypatch):
+    (tmp_path / "shop_models.py").write_text(MODELS)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "shop.py").write_text(APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from dbcore.checks.post import load_models
+
+    target = Target(Env.LOCAL, workload_url)
+    settings = Settings(local_dir=tmp_path / ".local")
+    advice = suggest_indexes(target, settings, server=rehearsal_server(target, settings), app=app,
+                             models=load_models("shop_models:MODELS"))
+    assert _proposed(advice) == HELPED | {"orders (total)"}
+    [total] = [p for p in advice.proposals if p.candidate.columns == ("total",)]
+    assert [h.query.source for h in total.helped] == ["app: shop.py:5"]
+    assert total.helped[0].share is None  # the app's code has no timings
+    # the foreign key is read from the models, and is indexed already
+    assert any("orders (customer_id)" in s for s in advice.skipped_existing)
+
+
+def test_without_pg_stat_statements_it_says_what_to_give(db_url, capsys, tmp_path):
+    code = main(["suggest-indexes", "--database-url", db_url])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pg_stat_statements is not installed" in err and "--queries FILE" in err
+    bad = tmp_path / "bad.sql"
+    bad.write_text("SELEC oops")
+    assert main(["suggest-indexes", "--database-url", db_url, "--queries", str(bad)]) == 2
+    assert "is not SQL PostgreSQL can parse" in capsys.readouterr().err

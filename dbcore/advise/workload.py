@@ -72,10 +72,9 @@ def _worth_reading(sql: str) -> bool:
                                      "migration_audit", "hypopg")):
         return False
     try:
-        pglast.parse_sql(sql)
+        return len(pglast.parse_sql(sql)) == 1  # one statement: it is only ever EXPLAINed, alone
     except ParseError:
         return False
-    return True
 
 
 _STATEMENTS = """

@@ -23,6 +23,7 @@ import ast
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -43,6 +44,7 @@ from dbcore.settings import Settings
 log = logging.getLogger(__name__)
 
 CHECKS_FOLDER = "checks"
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 MAX_KEYS = 5
 
 
@@ -336,12 +338,13 @@ def run_verify_command(command: str, target: Target, timeout: float) -> CommandR
     report: smoke tests may print rows of the copy, which is production's data.
     """
     env = {**os.environ, "DATABASE_URL": target.url}
+    shown = _PASSWORD_IN_URL.sub(r"\1***@", command)  # the report names it, never a password in it
     started = time.monotonic()
     try:
         proc = subprocess.Popen(shlex.split(command), env=env, stdout=sys.stderr, stderr=sys.stderr,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
-        return CommandResult(command, 127, 0.0, f"cannot start it: {exc.strerror}")
+        return CommandResult(shown, 127, 0.0, f"cannot start it: {exc.strerror}")
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -351,4 +354,4 @@ def run_verify_command(command: str, target: Target, timeout: float) -> CommandR
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return CommandResult(command, code, round(time.monotonic() - started, 3))
+    return CommandResult(shown, code, round(time.monotonic() - started, 3))

@@ -110,8 +110,9 @@ def test_the_verify_command_gets_the_copy_and_a_time_limit(target, tmp_path):
     assert other.returncode == 3 and "failed (exit 3" in other.describe()
     slow = run_verify_command(f"{sys.executable} {script} sleep", target, 1)
     assert slow.returncode is None and "did not finish within its time limit" in slow.describe()
-    missing = run_verify_command("no-such-program-here", target, 5)
+    missing = run_verify_command("no-such-program-here postgres://app:hunter2@db/x", target, 5)
     assert not missing.ok and "cannot start it" in missing.describe()
+    assert "hunter2" not in missing.describe() and "app:***@db" in missing.describe()
 
 
 @pytest.mark.parametrize("kind", ["verify", "sql"])

@@ -13,7 +13,6 @@ import pytest
 CUSTOMERS, ORDERS = 100_000, 200_000
 
 SCHEMA = f"""
-CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL, country text NOT NULL,
                         created_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers (id),
@@ -34,15 +33,20 @@ ANALYZE;
 HELPED = {"customers (email)", "orders (sku)"}
 
 
-def _pgss_readable(url: str) -> bool:
+def _missing(url: str) -> str | None:
+    """Why this server cannot run the workload (None when it can)."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'hypopg'")
+            if cur.fetchone() is None:
+                return "HypoPG is not installed: run scripts/ensure-system-packages (postgresql-15-hypopg)"
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             cur.execute("SELECT count(*) FROM pg_stat_statements")
-        return True
+        return None
     except psycopg2.Error:
-        return False
+        return "pg_stat_statements is not loaded by this server (shared_preload_libraries)"
     finally:
         conn.close()
 
@@ -55,13 +59,17 @@ def make_workload(pg_server_url: str):
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     url = pg_server_url.rsplit("/", 1)[0] + "/" + name
+    missing = _missing(url)
+    if missing:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE "{name}"')
+        admin.close()
+        pytest.skip(missing)
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
             cur.execute(SCHEMA)
-        if not _pgss_readable(url):
-            pytest.skip("pg_stat_statements is not loaded by this server (shared_preload_libraries)")
         with conn.cursor() as cur:
             cur.execute("SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
                         "WHERE datname = current_database()), 0)")

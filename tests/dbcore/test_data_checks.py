@@ -145,3 +145,23 @@ def test_the_verify_command_runs_in_the_rehearsal(target, s3_settings, migration
     bad = cfg.model_copy(update={"verify_command": f"{sys.executable} -c 'import sys; sys.exit(5)'"})
     report = rehearse_on_copy(plan, target, bad, backup_to_s3(target, bad).key)
     assert not report.ok and "failed (exit 5" in report.problem()
+
+
+def test_the_lint_lets_verify_read_with_execute_sql(tmp_path):
+    from dbcore.lint.engine import lint_file
+
+    path = tmp_path / "001_reads.py"
+    path.write_text(textwrap.dedent('''\
+        def migrate(migrator, database, *, fake=False):
+            migrator.sql("UPDATE project SET slug = lower(name) WHERE slug IS NULL")
+
+        def rollback(migrator, database, *, fake=False):
+            migrator.sql("UPDATE project SET slug = NULL WHERE slug = lower(name)")
+
+        def verify(database):
+            return database.execute_sql("SELECT id FROM project WHERE slug IS NULL").fetchall()
+        '''))
+    assert [f.rule for f in lint_file(path)] == []  # DM001 is not about verify()
+    path.write_text(path.read_text().replace(
+        'migrator.sql("UPDATE', 'database.execute_sql("UPDATE', 1))  # in migrate(): flagged
+    assert [f.rule for f in lint_file(path)] == ["DM001"]

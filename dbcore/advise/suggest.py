@@ -16,11 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import peewee
+import psycopg2
 
 from dbcore.advise.prove import Advice, advise, prepare_copy, write_costs
 from dbcore.advise.workload import Workload, from_app, from_file, from_pg_stat_statements, merged
 from dbcore.backup.dump import list_backups
-from dbcore.connection import Env, Target
+from dbcore.connection import Env, Target, connect_raw
 from dbcore.deploy.rehearsal import ScratchCopy, restore_into_copy
 from dbcore.deploy.scratch import (
     RehearsalServer,
@@ -63,8 +64,24 @@ def read_workload(target: Target, *, queries_file: Path | None = None, app: Path
 
 
 def _same_database(a: Target, b: Target) -> bool:
+    """True when ``a`` and ``b`` are one database: the same address, or the same name on the same
+    cluster under another address (a tunnel, a second DNS name: its system identifier)."""
     pa, pb = urlsplit(a.url), urlsplit(b.url)
-    return (pa.hostname, pa.port or 5432, a.dbname) == (pb.hostname, pb.port or 5432, b.dbname)
+    if (pa.hostname, pa.port or 5432, a.dbname) == (pb.hostname, pb.port or 5432, b.dbname):
+        return True
+    return a.dbname == b.dbname and _cluster(a) is not None and _cluster(a) == _cluster(b)
+
+
+def _cluster(target: Target) -> int | None:
+    conn = connect_raw(target, "dbmigrate suggest-indexes")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT system_identifier FROM pg_control_system()")
+            return int(cur.fetchone()[0])
+    except psycopg2.Error:
+        return None  # cannot tell (a managed server may hide it)
+    finally:
+        conn.close()
 
 
 def make_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,

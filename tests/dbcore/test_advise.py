@@ -3,6 +3,7 @@ indexes are proposed, each with its measured cost change, and none of the others
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import psycopg2
@@ -124,6 +125,22 @@ def test_copy_url_of_the_target_itself_is_refused(workload_url, capsys):
     code = main(["suggest-indexes", "--database-url", workload_url, "--copy-url", workload_url])
     assert code == 2
     assert "never on the live database" in capsys.readouterr().err
+    # the same database under another address is still the target
+    other_address = workload_url.replace("127.0.0.1", "localhost")
+    assert main(["suggest-indexes", "--database-url", workload_url, "--copy-url", other_address]) == 2
+    assert "never on the live database" in capsys.readouterr().err
+
+
+def test_a_named_copy_is_used_as_it_is_and_json_is_printed(workload_url, capsys):
+    copy_url = _template_copy(workload_url)
+    try:
+        assert main(["suggest-indexes", "--database-url", workload_url, "--copy-url", copy_url,
+                     "--format", "json"]) == 0
+        proposals = json.loads(capsys.readouterr().out)
+        assert {p["index"].split(" ON ", 1)[1] for p in proposals} == HELPED
+        assert all(q["cost_after"] < q["cost_before"] / 2 for p in proposals for q in p["queries"])
+    finally:
+        _drop(copy_url)
 
 
 MODELS = '''\

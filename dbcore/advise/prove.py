@@ -231,8 +231,9 @@ def advise(workload: Workload, copy: Target, *, margin: float,
                     continue
                 existing = covered_by_existing(cand, indexes)
                 if existing:
-                    if cand.definition not in advice.skipped_existing:
-                        advice.skipped_existing.append(f"{cand.definition}: already indexed by {existing}")
+                    line = f"{cand.definition}: already indexed by {existing}"
+                    if line not in advice.skipped_existing:
+                        advice.skipped_existing.append(line)
                     continue
                 candidates.append(cand)
         advice.planned, advice.candidates = len(current), len(candidates)

@@ -226,3 +226,31 @@ def test_without_pg_stat_statements_it_says_what_to_give(db_url, capsys, tmp_pat
     bad.write_text("SELEC oops")
     assert main(["suggest-indexes", "--database-url", db_url, "--queries", str(bad)]) == 2
     assert "is not SQL PostgreSQL can parse" in capsys.readouterr().err
+
+
+def _state(url: str) -> tuple:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT (SELECT sum(total) FROM orders WHERE sku = 'SKU-42'), "
+                        "(SELECT count(*) FROM customers), to_regclass('nope') IS NULL")
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+def test_updates_and_deletes_are_planned_never_run(workload_url, tmp_path):
+    queries = tmp_path / "writes.sql"
+    queries.write_text("UPDATE orders SET total = 0 WHERE sku = 'SKU-42';\n"
+                       "DELETE FROM customers WHERE email = $1;\n"
+                       "CREATE TABLE nope (id int);\n")
+    before = _state(workload_url)
+    target = Target(Env.LOCAL, workload_url)
+    settings = Settings(local_dir=tmp_path / ".local")
+    advice = suggest_indexes(target, settings, server=rehearsal_server(target, settings),
+                             queries_file=queries)
+    by_index = {p.candidate.columns: {h.query.source for h in p.helped} for p in advice.proposals}
+    assert "writes.sql" in by_index[("sku",)] and "writes.sql" in by_index[("email",)]
+    assert any("1 statement(s) of writes.sql" in n for n in advice.notes)
+    assert not any("could not be planned" in n for n in advice.notes)
+    assert _state(workload_url) == before

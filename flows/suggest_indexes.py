@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,7 +28,7 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
 from dbcore.advise.prove import Advice
@@ -36,9 +36,10 @@ from dbcore.advise.report import markdown
 from dbcore.advise.suggest import suggest_indexes as propose
 from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
-from dbcore.deploy.scratch import RehearsalServer
+from dbcore.deploy.scratch import RehearsalServer, rehearsal_server
 from dbcore.errors import DbcoreError
 from dbcore.redact import error_line
+from dbcore.services.local import ensure_local_cluster
 from dbcore.settings import Settings, describe_invalid
 from flows import tasks
 
@@ -73,7 +74,7 @@ def suggest_indexes(
         with contextlib.ExitStack() as held:
             if target.env is Env.PROXY:
                 target = held.enter_context(tasks.open_tunnel(settings)).target_for(target)
-            server = tasks.rehearsal_server(target, settings)
+            server = rehearsal_server(target, settings, start_local=ensure_local_cluster)
             advice = proposals(target, settings, server, queries_file, app, margin)
     except ValidationError as exc:
         return Failed(message=f"failed, nothing changed: {describe_invalid(exc)}")
@@ -99,8 +100,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--app", help="the app's code (with MIGRATE_MODELS)")
     parser.add_argument("--min-saving", type=float, default=None, help="percent (default 50)")
     args = parser.parse_args(argv)
-    state = suggest_indexes(env=args.env, queries_file=args.queries_file, app=args.app,
-                            min_saving=args.min_saving, return_state=True)
+    ran = suggest_indexes(env=args.env, queries_file=args.queries_file, app=args.app,
+                          min_saving=args.min_saving, return_state=True)
+    state = cast(State, ran)  # a sync flow: the state itself
     print(f"suggest-indexes: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

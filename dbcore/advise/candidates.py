@@ -57,7 +57,7 @@ class _Scope:
 
 def parse(sql: str) -> list[ast.Node]:
     """Return the statements of ``sql``; raise pglast's ParseError."""
-    return [raw.stmt for raw in pglast.parse_sql(sql)]
+    return [raw.stmt for raw in pglast.parse_sql(sql) if raw.stmt is not None]
 
 
 def param_count(sql: str) -> int:
@@ -65,7 +65,7 @@ def param_count(sql: str) -> int:
     highest = 0
     for stmt in parse(sql):
         for node in _walk(stmt):
-            if isinstance(node, ast.ParamRef):
+            if isinstance(node, ast.ParamRef) and node.number:
                 highest = max(highest, node.number)
     return highest
 
@@ -73,7 +73,8 @@ def param_count(sql: str) -> int:
 def tables_of(sql: str) -> set[str]:
     """Return the names of the tables ``sql`` reads (without schema)."""
     try:
-        return {n.relname for stmt in parse(sql) for n in _walk(stmt) if isinstance(n, ast.RangeVar)}
+        return {n.relname for stmt in parse(sql) for n in _walk(stmt)
+                if isinstance(n, ast.RangeVar) and n.relname}
     except ParseError:
         return set()
 
@@ -89,8 +90,9 @@ def _walk(node) -> Iterator:
 
 
 def _collect_tables(node, scope: _Scope) -> None:
-    if isinstance(node, ast.RangeVar):
-        scope.aliases[node.alias.aliasname if node.alias else node.relname] = node.relname
+    if isinstance(node, ast.RangeVar) and node.relname:
+        alias = node.alias.aliasname if node.alias and node.alias.aliasname else node.relname
+        scope.aliases[alias] = node.relname
         scope.aliases.setdefault(node.relname, node.relname)
     elif isinstance(node, ast.JoinExpr):
         _collect_tables(node.larg, scope)
@@ -104,9 +106,11 @@ def _column(node, scope: _Scope, columns: dict[str, set[str]]) -> tuple[str, str
     """Return (table, column) of a plain column reference, or None."""
     if isinstance(node, ast.TypeCast):  # col::text
         node = node.arg
-    if not isinstance(node, ast.ColumnRef) or not all(isinstance(f, ast.String) for f in node.fields):
+    if not isinstance(node, ast.ColumnRef) or not all(isinstance(f, ast.String) for f in node.fields or ()):
         return None
-    parts = [f.sval for f in node.fields]
+    parts = [str(f.sval) for f in node.fields or ()]
+    if not parts:
+        return None
     if len(parts) >= 2:
         table = scope.aliases.get(parts[-2])
         return (table, parts[-1]) if table else None
@@ -130,33 +134,38 @@ def _add(bucket: dict[str, list[str]], table: str, column: str) -> None:
 def _predicates(node, scope: _Scope, columns: dict[str, set[str]]) -> None:
     if isinstance(node, ast.BoolExpr):
         if node.boolop == 0:  # AND: each side narrows; OR and NOT are not indexable as a whole
-            for arg in node.args:
+            for arg in node.args or ():
                 _predicates(arg, scope, columns)
-        return
-    if isinstance(node, ast.NullTest):
+    elif isinstance(node, ast.NullTest):
         col = _column(node.arg, scope, columns)
         if col:
             _add(scope.equal, *col)
-        return
-    if not isinstance(node, ast.A_Expr):
-        return
-    op = node.name[-1].sval if node.name else ""
+    elif isinstance(node, ast.A_Expr):
+        _comparison(node, scope, columns)
+
+
+def _comparison(node: ast.A_Expr, scope: _Scope, columns: dict[str, set[str]]) -> None:
+    """Place one ``a OP b``: a join (two tables' columns), an equality or a range on a value."""
+    op = str(node.name[-1].sval) if node.name else ""
     left, right = _column(node.lexpr, scope, columns), _column(node.rexpr, scope, columns)
-    if node.kind in (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_OP_ANY, A_Expr_Kind.AEXPR_IN):
-        if left and right and op == "=" and left[0] != right[0]:
+    if node.kind in (A_Expr_Kind.AEXPR_BETWEEN, A_Expr_Kind.AEXPR_BETWEEN_SYM):
+        if left and _is_value(node.rexpr):
+            _add(scope.ranged, *left)
+        return
+    if node.kind not in (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_OP_ANY, A_Expr_Kind.AEXPR_IN):
+        return
+    if left and right:
+        if op == "=" and left[0] != right[0]:
             _add(scope.joined, *left)
             _add(scope.joined, *right)
-        elif op == "=" and (left or right):
-            col, other = (left, node.rexpr) if left else (right, node.lexpr)
-            if _is_value(other):
-                _add(scope.equal, *col)
-        elif op in _RANGE_OPS and node.kind == A_Expr_Kind.AEXPR_OP and (left or right):
-            col, other = (left, node.rexpr) if left else (right, node.lexpr)
-            if _is_value(other):
-                _add(scope.ranged, *col)
-    elif node.kind in (A_Expr_Kind.AEXPR_BETWEEN, A_Expr_Kind.AEXPR_BETWEEN_SYM) and left:
-        if _is_value(node.rexpr):
-            _add(scope.ranged, *left)
+        return
+    col, other = (left, node.rexpr) if left else (right, node.lexpr)
+    if col is None or not _is_value(other):
+        return
+    if op == "=":
+        _add(scope.equal, *col)
+    elif op in _RANGE_OPS and node.kind == A_Expr_Kind.AEXPR_OP:
+        _add(scope.ranged, *col)
 
 
 def _scope_of(stmt, columns: dict[str, set[str]]) -> _Scope | None:
@@ -169,7 +178,7 @@ def _scope_of(stmt, columns: dict[str, set[str]]) -> _Scope | None:
         for join in _walk(stmt.fromClause):
             if isinstance(join, ast.JoinExpr) and join.quals is not None:
                 _predicates(join.quals, scope, columns)
-        for sort in stmt.sortClause or ():
+        for sort in stmt.sortClause or ():  # SortBy nodes
             col = _column(sort.node, scope, columns)
             if col:
                 scope.sort.append(col)
@@ -202,33 +211,37 @@ def candidates_of(sql: str, columns: dict[str, set[str]],
     except ParseError:
         return []
     found: list[Candidate] = []
-
-    def add(table: str, cols: list[str]) -> None:
-        cols = list(dict.fromkeys(cols))[:MAX_COLUMNS]
-        if cols and table in columns and all(c in columns[table] for c in cols):
-            cand = Candidate(table, tuple(cols))
-            if cand not in found:
-                found.append(cand)
-
     for stmt in statements:
         for node in _walk(stmt):
             scope = _scope_of(node, columns)
-            if scope is None:
-                continue
-            tables = set(scope.equal) | set(scope.ranged) | set(scope.joined) | {t for t, _ in scope.sort}
-            for table in sorted(tables):
-                equal = _order_by_distinct(scope.equal.get(table, []), table, distinct)
-                for col in equal:
-                    add(table, [col])
-                add(table, equal)
-                for col in scope.ranged.get(table, []):
-                    add(table, [col])
-                    add(table, [*equal, col])
-                for col in scope.joined.get(table, []):
-                    add(table, [col])
-                    if equal:
-                        add(table, [col, *equal])
-                sort = [c for t, c in scope.sort if t == table]
-                if sort and len(sort) == len(scope.sort):  # every sort key on this one table
-                    add(table, [*equal, *sort])
+            if scope is not None:
+                for cand in _of_scope(scope, columns, distinct):
+                    if cand not in found:
+                        found.append(cand)
     return found
+
+
+def _of_scope(scope: _Scope, columns: dict[str, set[str]],
+              distinct: dict[tuple[str, str], float]) -> Iterator[Candidate]:
+    """Yield the candidates of one SELECT / UPDATE / DELETE, table by table."""
+    def make(table: str, cols: list[str]) -> Iterator[Candidate]:
+        cols = list(dict.fromkeys(cols))[:MAX_COLUMNS]
+        if cols and table in columns and all(c in columns[table] for c in cols):
+            yield Candidate(table, tuple(cols))
+
+    tables = set(scope.equal) | set(scope.ranged) | set(scope.joined) | {t for t, _ in scope.sort}
+    for table in sorted(tables):
+        equal = _order_by_distinct(scope.equal.get(table, []), table, distinct)
+        for col in equal:
+            yield from make(table, [col])
+        yield from make(table, equal)
+        for col in scope.ranged.get(table, []):
+            yield from make(table, [col])
+            yield from make(table, [*equal, col])
+        for col in scope.joined.get(table, []):
+            yield from make(table, [col])
+            if equal:
+                yield from make(table, [col, *equal])
+        sort = [c for t, c in scope.sort if t == table]
+        if sort and len(sort) == len(scope.sort):  # every sort key on this one table
+            yield from make(table, [*equal, *sort])

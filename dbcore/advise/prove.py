@@ -202,6 +202,42 @@ def covered_by_existing(candidate: Candidate, indexes: Indexes) -> str | None:
     return None
 
 
+@dataclass
+class _Baseline:
+    """The workload as planned without new indexes: each query's cost, the queries of each table
+    and the candidates to try."""
+
+    current: dict[int, float] = field(default_factory=dict)  # query index -> cost now
+    by_table: dict[str, list[int]] = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _baseline(planner: _Planner, workload: Workload, copy: Target, advice: Advice) -> _Baseline:
+    columns, distinct, indexes = catalog(copy)
+    base = _Baseline()
+    for i, query in enumerate(workload.queries):
+        planned = planner.cost(query)
+        if planned is None:
+            continue
+        base.current[i] = planned[0]
+        for table in tables_of(query.sql):
+            base.by_table.setdefault(table, []).append(i)
+        for cand in candidates_of(query.sql, columns, distinct):
+            existing = covered_by_existing(cand, indexes)
+            if existing:
+                line = f"{cand.definition}: already indexed by {existing}"
+                if line not in advice.skipped_existing:
+                    advice.skipped_existing.append(line)
+            elif cand not in base.candidates:
+                base.candidates.append(cand)
+    advice.planned, advice.candidates = len(base.current), len(base.candidates)
+    if len(base.current) < len(workload.queries):
+        advice.notes.append(f"{len(workload.queries) - len(base.current)} of {len(workload.queries)} "
+                            "queries could not be planned on the copy (a table or a column it "
+                            "lacks, a parameter whose type cannot be told): skipped")
+    return base
+
+
 def advise(workload: Workload, copy: Target, *, margin: float,
            writes: dict[str, str] | None = None) -> Advice:
     """Return the indexes worth proposing for ``workload``, proven on ``copy`` (prepared already).
@@ -209,61 +245,40 @@ def advise(workload: Workload, copy: Target, *, margin: float,
     ``margin``: the fraction (0.5 = 50%) by which an index must lower a query's cost for that
     query to count as helped; an index that helps no query is never proposed.
     """
-    columns, distinct, indexes = catalog(copy)
     advice = Advice(queries=len(workload.queries))
     advice.notes += workload.notes
     planner = _Planner(copy)
     try:
         planner.cur.execute("SET default_transaction_read_only = on")
         planner.cur.execute("SET plan_cache_mode = force_generic_plan")
-        current: dict[int, float] = {}
-        by_table: dict[str, list[int]] = {}
-        candidates: list[Candidate] = []
-        for i, query in enumerate(workload.queries):
-            planned = planner.cost(query)
-            if planned is None:
-                continue
-            current[i] = planned[0]
-            for table in tables_of(query.sql):
-                by_table.setdefault(table, []).append(i)
-            for cand in candidates_of(query.sql, columns, distinct):
-                if cand in candidates:
-                    continue
-                existing = covered_by_existing(cand, indexes)
-                if existing:
-                    line = f"{cand.definition}: already indexed by {existing}"
-                    if line not in advice.skipped_existing:
-                        advice.skipped_existing.append(line)
-                    continue
-                candidates.append(cand)
-        advice.planned, advice.candidates = len(current), len(candidates)
-        if len(current) < len(workload.queries):
-            advice.notes.append(f"{len(workload.queries) - len(current)} of {len(workload.queries)} "
-                                "queries could not be planned on the copy (a table or a column it "
-                                "lacks, a parameter whose type cannot be told): skipped")
-        chosen: list[Candidate] = []
-        while True:
-            best: tuple[float, Candidate, list[Helped]] | None = None
-            for cand in candidates:
-                if cand in chosen:
-                    continue
-                helped = _measure(planner, workload, cand, by_table.get(cand.table, []), current,
-                                  margin)
-                benefit = sum(workload.weight(h.query) * h.saving for h in helped)
-                if helped and (best is None or benefit > best[0]):
-                    best = (benefit, cand, helped)
+        base = _baseline(planner, workload, copy, advice)
+        while True:  # greedy: keep the best, measure the rest again beside it
+            best = _best(planner, workload, base, margin,
+                         [c for c in base.candidates if c not in {p.candidate for p in advice.proposals}])
             if best is None:
                 break
-            _, cand, helped = best
+            cand, helped = best
             oid = planner.hypothetical(cand)  # kept: the next round is measured beside it
-            chosen.append(cand)
             for h in helped:
-                current[workload.queries.index(h.query)] = h.after
+                base.current[workload.queries.index(h.query)] = h.after
             advice.proposals.append(Proposal(cand, tuple(helped), planner.size(oid),
                                              (writes or {}).get(cand.table, "")))
     finally:
         planner.close()
     return advice
+
+
+def _best(planner: _Planner, workload: Workload, base: _Baseline, margin: float,
+          candidates: list[Candidate]) -> tuple[Candidate, list[Helped]] | None:
+    """Return the candidate saving the largest share of the workload's time, and what it helps."""
+    best: tuple[float, Candidate, list[Helped]] | None = None
+    for cand in candidates:
+        helped = _measure(planner, workload, cand, base.by_table.get(cand.table, []), base.current,
+                          margin)
+        benefit = sum(workload.weight(h.query) * h.saving for h in helped)
+        if helped and (best is None or benefit > best[0]):
+            best = (benefit, cand, helped)
+    return None if best is None else (best[1], best[2])
 
 
 def _measure(planner: _Planner, workload: Workload, cand: Candidate, indices: list[int],

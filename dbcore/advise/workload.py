@@ -178,9 +178,9 @@ class _PeeweeReader(pyast.NodeVisitor):
                 conds += [f"{c} > $1" for t, c in ranged if t == table]
                 self._add(f"SELECT * FROM {table} WHERE {' AND '.join(conds)}", node.lineno)
         elif kind == "order_by":
-            cols = [self._field(a.func.value if isinstance(a, pyast.Call)
-                                and isinstance(a.func, pyast.Attribute) else a) for a in node.args]
-            cols = [c for c in cols if c]
+            found = [self._field(a.func.value if isinstance(a, pyast.Call)
+                                 and isinstance(a.func, pyast.Attribute) else a) for a in node.args]
+            cols = [c for c in found if c is not None]
             if cols and len({t for t, _ in cols}) == 1:
                 table = cols[0][0]
                 self._add(f"SELECT * FROM {table} ORDER BY {', '.join(c for _, c in cols)} LIMIT 20",

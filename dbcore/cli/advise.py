@@ -10,7 +10,6 @@ from dbcore.advise.report import markdown, text, write_migration
 from dbcore.advise.suggest import suggest_indexes
 from dbcore.checks.post import load_models
 from dbcore.cli.context import Context
-from dbcore.connection import Env
 from dbcore.deploy.scratch import rehearsal_server
 
 
@@ -30,12 +29,9 @@ def cmd_suggest_indexes(ctx: Context) -> int:
     target = ctx.target
     server = None
     if not args.copy_url:
-        local = None
-        if target.env is Env.PROXY and settings.rehearsal_database_url is None:
-            from dbcore.services.local import ensure_local_cluster
+        from dbcore.services.local import ensure_local_cluster
 
-            local = ensure_local_cluster(settings)
-        server = rehearsal_server(target, settings, local)
+        server = rehearsal_server(target, settings, start_local=ensure_local_cluster)
     margin = (args.min_saving if args.min_saving is not None else settings.index_min_saving) / 100
     models = load_models(args.models or settings.models) if args.app else None
     advice = suggest_indexes(target, settings, server=server, copy_url=args.copy_url,

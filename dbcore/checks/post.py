@@ -1,4 +1,5 @@
-"""Post-checks of a database after migrations: drift against the models and invalid indexes.
+"""Post-checks of a database after migrations: drift against the models, invalid indexes, and
+the team's own data checks (dbcore/checks/data.py) when given.
 
 Every function here decides and returns data; the CLI prints it, the flow turns it into an
 artifact and decides whether to roll back. The database is read, never written.
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import peewee
 
+from dbcore.checks.data import DataCheckReport, DataChecks
 from dbcore.checks.drift import DEFAULT_IGNORED_TABLES, DriftReport, opened, schema_drift
 from dbcore.connection import Target
 from dbcore.errors import ConfigError
@@ -57,18 +59,30 @@ def check_no_invalid_indexes(db: peewee.Database | Target) -> list[InvalidIndex]
 
 @dataclass(frozen=True)
 class CheckReport:
-    """The post-checks of one database: schema drift and invalid indexes."""
+    """The post-checks of one database: schema drift, invalid indexes, the team's data checks."""
 
     drift: DriftReport
     invalid_indexes: tuple[InvalidIndex, ...] = ()
+    data: DataCheckReport | None = None
 
     @property
     def ok(self) -> bool:
-        return self.drift.ok and not self.invalid_indexes
+        return self.drift.ok and not self.invalid_indexes and (self.data is None or self.data.ok)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "drift": self.drift.to_dict(),
-                "invalid_indexes": [i.to_dict() for i in self.invalid_indexes]}
+                "invalid_indexes": [i.to_dict() for i in self.invalid_indexes],
+                "data": self.data.to_dict() if self.data else None}
+
+    def first_problem(self) -> str | None:
+        """Return one line naming the first thing that failed (None when all passed)."""
+        if self.data is not None and self.data.failures:
+            return self.data.failures[0]
+        if self.invalid_indexes:
+            return self.invalid_indexes[0].describe()
+        if not self.drift.ok:
+            return "the schema differs from the models"
+        return None
 
     def text(self) -> str:
         """Return the terminal rendering of both checks."""
@@ -78,6 +92,8 @@ class CheckReport:
             lines += [f"  {i.describe()}" for i in self.invalid_indexes]
         else:
             lines.append("no invalid indexes")
+        if self.data is not None:
+            lines.append(self.data.text())
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -89,6 +105,8 @@ class CheckReport:
             parts += [f"| {i.table} | {i.index} | `{i.definition}` |" for i in self.invalid_indexes]
         else:
             parts.append("### No invalid indexes")
+        if self.data is not None:
+            parts += ["", self.data.to_markdown()]
         return "\n".join(parts)
 
 
@@ -102,11 +120,13 @@ def run_post_checks(
     *,
     ignore_tables: Iterable[str] = DEFAULT_IGNORED_TABLES,
     before: DriftReport | None = None,
+    data: DataChecks | None = None,
 ) -> CheckReport:
     """Return the post-checks of a database (one connection for all); raise DatabaseUnavailable.
 
     ``models`` None: the schema is not compared (a note says so). ``before``: the drift found
     before the apply; differences already there are notes, only what the batch changed fails.
+    ``data``: the team's data checks to run too (a Target is needed for them).
     """
     with opened(db_or_target) as db:
         if models is None:
@@ -116,7 +136,10 @@ def run_post_checks(
         invalid = check_no_invalid_indexes(db)
     if before is not None:
         drift = drift.since(before)
-    return CheckReport(drift, tuple(invalid))
+    report = None
+    if data is not None and not data.empty and isinstance(db_or_target, Target):
+        report = data.run(db_or_target)
+    return CheckReport(drift, tuple(invalid), report)
 
 
 def drift_before(db_or_target: peewee.Database | Target,

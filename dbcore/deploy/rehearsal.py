@@ -24,6 +24,7 @@ from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
+from dbcore.checks.data import DataChecks
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, raw_session
 from dbcore.deploy.dropped import DropCounter, DroppedColumn
@@ -72,6 +73,10 @@ class RehearsalReport:
         """True when the copy passed its post-checks and its SQL has no lint error."""
         sql_errors = any(f.severity == "error" for f in self.sql_findings)
         return (self.checks is None or self.checks.ok) and not sql_errors
+
+    def problem(self) -> str | None:
+        """Return one line naming the first failed check of the copy (None when it passed)."""
+        return self.checks.first_problem() if self.checks is not None else None
 
     @property
     def apply_seconds(self) -> float:
@@ -272,7 +277,10 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models, before=before)
+        # the team's own checks of the data too: verify() of these migrations,
+        # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
+        data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
+        checks = run_post_checks(scratch, models, before=before, data=data)
         findings = lint_captured_sql(report.results, existing, allow_destructive,
                                      {m.name: m.path for m in plan.migrations})
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import peewee
 
 from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
+from dbcore.checks.data import DataChecks
 from dbcore.checks.drift import DriftReport
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.deploy import plan as plans
@@ -145,8 +146,10 @@ def apply(run: DeployRun, approved: ApprovedChange) -> RunReport:
 
 
 def post_checks(run: DeployRun, approved: ApprovedChange) -> CheckReport:
-    """Return the drift and invalid-index checks of the live database, judged against before the apply."""
-    return run_post_checks(run.target, approved.models, before=approved.drift_before)
+    """Return the drift and invalid-index checks of the live database, judged against before the
+    apply, and the team's data checks of the migrations applied (dbcore/checks/data.py)."""
+    data = DataChecks.of(run.settings, [m.path for m in approved.plan.migrations], rehearsal=False)
+    return run_post_checks(run.target, approved.models, before=approved.drift_before, data=data)
 
 
 def _log_applied(event: ProgressEvent) -> None:

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     rehearsal_database_url: SecretStr | None = None
     #: production: let the rehearsal copy be made on the target's own cluster
     rehearsal_on_target: bool = False
+    #: refuse a rehearsal server whose PostgreSQL major differs from the target's: which
+    #: statements rewrite or scan a table differs between majors
+    rehearsal_same_major: bool = False
+    #: seconds a table's writes may stay blocked, as measured on the rehearsal's copy, before a
+    #: live run stops (rule DL001; locally a warning)
+    lock_budget: float = Field(default=5.0, ge=0)
 
     # -- backups (S3-compatible storage; credentials come from boto3's own chain)
     s3_bucket: str = ""

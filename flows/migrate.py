@@ -123,7 +123,8 @@ def _through_tunnel(stack: contextlib.ExitStack, settings: Settings, target: Tar
 
 
 def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: bool,
-                    dry_run: bool, allow_destructive: bool) -> tuple[DeployPlan, list]:
+                    dry_run: bool, allow_destructive: bool,
+                    allow_long_locks: bool = False) -> tuple[DeployPlan, list]:
     """Check, plan and lint, back up, rehearse, publish the plan; return it and the models.
 
     Raises _RunEnds where the run ends before any approval: up to date, lint, rehearsal, dry run.
@@ -151,13 +152,13 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
             backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
         with _stage("rehearsal", secret):
             rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                       allow_destructive, copy)
+                                       allow_destructive, copy, allow_long_locks)
     deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
     if not deploy.ok:
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
-                                               "migration-plan artifact)"))
+        raise _RunEnds(_failed_at("rehearsal", deploy.problem or "the rehearsal on a copy found "
+                                               "errors (see the migration-plan artifact)"))
     if dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
@@ -204,7 +205,8 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
     with _stage("snapshot", secret):
         before = tasks.snapshot(target)
         drift = tasks.drift_before(target, models)
-    return _Approved(plan, models, backup_key, actor, before, drift, approval)
+    return _Approved(plan, models, backup_key, actor, before, drift,
+                     deploy.record_allowances(approval))
 
 
 def _apply_and_check(approved: _Approved, target: Target, settings: Settings, run_id: str
@@ -271,6 +273,7 @@ def migrate(
     migrations_dir: Optional[str] = None,
     database_url_env: Optional[str] = None,
     fleet_approval: Optional[FleetApproval] = None,
+    allow_long_locks: bool = False,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
@@ -287,7 +290,8 @@ def migrate(
                 target = _through_tunnel(held, settings, target)
             with _stage("plan", target.password):  # up to the apply, any end is "nothing changed"
                 deploy, models = _rehearsed_plan(target, settings, run_id, backup=backup,
-                                                 dry_run=dry_run, allow_destructive=allow_destructive)
+                                                 dry_run=dry_run, allow_destructive=allow_destructive,
+                                                 allow_long_locks=allow_long_locks)
                 approved = _approve(deploy, models, target, settings, approval_needed=approval_needed,
                                     allow_destructive=allow_destructive,
                                     timeout=approval_timeout_seconds, fleet_approval=fleet_approval)
@@ -339,13 +343,17 @@ def main(argv: Optional[list] = None) -> int:
                         help="local only: skip the backup and the rehearsal")
     parser.add_argument("--allow-destructive", action="store_true",
                         help="allow migrations that drop tables")
+    parser.add_argument("--allow-long-locks", action="store_true",
+                        help="go on when a table's writes stay blocked longer than "
+                             "MIGRATE_LOCK_BUDGET on the copy (recorded in the plan and the audit)")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
     head = _head_start(args)
     try:
         state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
                         backup=args.backup, allow_destructive=args.allow_destructive,
-                        migrations_dir=args.migrations_dir, return_state=True)
+                        migrations_dir=args.migrations_dir, allow_long_locks=args.allow_long_locks,
+                        return_state=True)
     finally:
         if head is not None:
             head.discard()

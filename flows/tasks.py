@@ -190,7 +190,8 @@ def take_backup(target: Target, settings: Settings, plan: planning.Plan,
 @task(name="rehearse-on-copy", cache_policy=NO_CACHE)
 def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_info: backup.BackupInfo,
              models, run_id: str, allow_destructive: bool,
-             copy: rehearsal.ScratchCopy | None = None) -> rehearsal.RehearsalReport:
+             copy: rehearsal.ScratchCopy | None = None,
+             allow_long_locks: bool = False) -> rehearsal.RehearsalReport:
     """Apply the plan on the copy (else on the backup restored now, where the rehearsal runs),
     check it, drop it."""
     meter = None if copy else _ProgressArtifact(
@@ -198,7 +199,8 @@ def rehearse(plan: planning.Plan, target: Target, settings: Settings, backup_inf
     report = rehearsal.rehearse_on_copy(plan, target, settings, backup_info.key, copy=copy,
                                         server=None if copy else rehearsal_server(target, settings),
                                         models=models, run_id=run_id,
-                                        allow_destructive=allow_destructive, restore_progress=meter)
+                                        allow_destructive=allow_destructive, restore_progress=meter,
+                                        allow_long_locks=allow_long_locks)
     if meter:
         meter.finish()
     return report

@@ -27,6 +27,9 @@ from psycopg2 import extensions
 
 from dbcore.connection import Target, connect_raw
 from dbcore.migrate.history import AUDIT_TABLE, HISTORY_TABLE
+from dbcore.migrate.plan import Plan, RunReport
+from dbcore.migrate.runner import execute
+from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +350,13 @@ def _rows_changed(sql: str, cursor) -> dict[str, int]:
     name = relation.relname if relation.schemaname in (None, "public") else (
         f"{relation.schemaname}.{relation.relname}")
     return {} if name in _OWN_TABLES else {name: count}
+
+
+def execute_measured(plan: Plan, target: Target, settings: Settings, **kwargs) -> tuple[RunReport, LockReport]:
+    """Run ``plan`` on ``target`` (a copy) as :func:`dbcore.migrate.runner.execute` does, measuring it.
+
+    Returns the run's report and what its statements did to the tables; raises what execute raises.
+    """
+    meter = LockMeter(target)
+    report = execute(plan, target, settings, observer=meter, **kwargs)
+    return report, meter.report()

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.deploy.verdict import LockVerdict, stop_message
 from dbcore.lint.report import LintReport, md_cell
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 
 
@@ -79,6 +81,24 @@ def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
     return lines + [""] if lines and markdown else lines
 
 
+def lock_lines(verdict: LockVerdict, enforced: bool, markdown: bool = True) -> list[str]:
+    """Return the lock verdict: where it was measured, one line per table, then the budget's word."""
+    lines = [verdict.headline() + ("." if markdown else ":")]
+    if markdown:
+        lines.append("")
+    lines += [("- " if markdown else "  ") + line for line in verdict.lines()]
+    if not verdict.tables:
+        lines.append(("- " if markdown else "  ") + "no table of the application is locked")
+    for b in verdict.breaches:
+        if b.allowed_by:
+            word = f"ALLOWED over the {b.budget:g} s budget by {b.allowed_by}"
+        else:
+            word = "STOPS THE RUN" if enforced else "WARNING (local: the budget only warns)"
+        lines.append(("- " if markdown else "  ") + f"{'**' if markdown else ''}{word}"
+                     f"{'**' if markdown else ''}: {b.text()}")
+    return lines
+
+
 @dataclass(frozen=True)
 class DeployPlan:
     """What will happen to a database if the run is approved."""
@@ -103,6 +123,24 @@ class DeployPlan:
     def ok(self) -> bool:
         """True when nothing found so far blocks the apply."""
         return self.lint.ok and (self.rehearsal is None or self.rehearsal.ok)
+
+    @property
+    def problem(self) -> str:
+        """Why the rehearsal stops the run, in one line ("" when it does not)."""
+        r = self.rehearsal
+        if r is not None and r.over_budget:
+            return stop_message(r.locks)
+        return ""
+
+    def record_allowances(self, approval: ApprovalRecord) -> ApprovalRecord:
+        """Return ``approval`` with the lock budget breaches that were allowed added to its comment (the audit)."""
+        r = self.rehearsal
+        allowed = [b for b in (r.locks.breaches if r and r.locks else ()) if b.allowed_by]
+        if not allowed:
+            return approval
+        note = "long locks allowed: " + ", ".join(
+            f"{b.verdict.table} {b.verdict.seconds:.1f} s (by {b.allowed_by})" for b in allowed)
+        return replace(approval, comment=f"{approval.comment}; {note}" if approval.comment else note)
 
     @property
     def fingerprint(self) -> str:
@@ -136,8 +174,12 @@ class DeployPlan:
         """Return the plan as a markdown document (the approval artifact)."""
         # code spans, not bare text: the UI's markdown would turn a URL into a link
         backup = f"`{self.backup.key}`" if self.backup else "**none**"
-        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", "",
-               "### Migrations", ""]
+        out = [self.summary(), ""]
+        if self.rehearsal and self.rehearsal.locks:
+            out += ["### What the live application will feel", ""]
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced) + [""]
+        out += [f"- database: `{self.plan.database}`", f"- backup: {backup}", "",
+                "### Migrations", ""]
         rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
         out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
         for number, (atomic, group) in enumerate(self.plan.phases, 1):
@@ -182,6 +224,8 @@ class DeployPlan:
     def text(self) -> str:
         """Return the plan for a terminal."""
         out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
+        if self.rehearsal and self.rehearsal.locks:
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced, markdown=False)
         for atomic, group in self.plan.phases:
             kind = "one transaction" if atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in group]

@@ -25,6 +25,7 @@ from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
+from dbcore.deploy.locks import execute_measured
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -37,11 +38,18 @@ from dbcore.deploy.scratch import (
     rehearsal_server,
     scratch_name,
 )
-from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
+from dbcore.deploy.verdict import LockVerdict, judge
+from dbcore.errors import (
+    BackupCorrupt,
+    DbcoreError,
+    RehearsalFailed,
+    RehearsalMajorMismatch,
+    RestoreFailed,
+    RestoreRefused,
+)
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
-from dbcore.migrate.runner import execute
 from dbcore.redact import error_line, redact
 from dbcore.settings import Settings
 
@@ -61,12 +69,19 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    locks: LockVerdict | None = None  # what each table's lock will do to the live application
+    budget_enforced: bool = False  # a live target: a table over the lock budget stops the run
+
+    @property
+    def over_budget(self) -> bool:
+        """True when a table's writes stay blocked longer than the budget, unallowed, on a live target."""
+        return bool(self.budget_enforced and self.locks and self.locks.stopping)
 
     @property
     def ok(self) -> bool:
-        """True when the copy passed its post-checks and its SQL has no lint error."""
+        """True when the copy passed its post-checks, its SQL has no lint error and no lock breaks the budget."""
         sql_errors = any(f.severity == "error" for f in self.sql_findings)
-        return (self.checks is None or self.checks.ok) and not sql_errors
+        return (self.checks is None or self.checks.ok) and not sql_errors and not self.over_budget
 
     @property
     def apply_seconds(self) -> float:
@@ -81,6 +96,8 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "locks": self.locks.to_dict() if self.locks else None,
+            "budget_enforced": self.budget_enforced,
         }
 
 
@@ -191,6 +208,16 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
                        leftovers, holder)
 
 
+def check_major(rehearsal_major: int, target_major: int, settings: Settings) -> None:
+    """Refuse a rehearsal server of another major when MIGRATE_REHEARSAL_SAME_MAJOR is set."""
+    if settings.rehearsal_same_major and rehearsal_major != target_major:
+        raise RehearsalMajorMismatch(
+            f"the rehearsal server runs PostgreSQL {rehearsal_major} and the target runs "
+            f"{target_major}, and MIGRATE_REHEARSAL_SAME_MAJOR=1 requires the same major: point "
+            f"MIGRATE_REHEARSAL_DATABASE_URL at a PostgreSQL {target_major} server "
+            "(docs/lock-verdict.md), or unset MIGRATE_REHEARSAL_SAME_MAJOR")
+
+
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
                       allow_destructive: bool = False) -> list[Finding]:
     """Return the SQL lint findings on what each migration really sent.
@@ -229,12 +256,16 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                      copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
-                     restore_progress: BytesProgress | None = None) -> RehearsalReport:
-    """Apply ``plan`` on a scratch copy of ``target``, check it, drop it.
+                     restore_progress: BytesProgress | None = None, allow_long_locks: bool = False,
+                     target_major: int | None = None) -> RehearsalReport:
+    """Apply ``plan`` on a scratch copy of ``target``, measuring every lock, check it, drop it.
 
     ``copy`` is the one :func:`backup_into_copy` made; without it, ``backup_key`` is restored
-    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). Returns the
-    report; raises RehearsalFailed (the copy is always dropped).
+    into a new one on ``server`` (default: :func:`rehearsal_server` of the target).
+    ``target_major`` is the live server's PostgreSQL major (read from ``target`` when None).
+    Returns the report, with the lock verdict judged against MIGRATE_LOCK_BUDGET; raises
+    RehearsalFailed (RehearsalMajorMismatch for another major when the same is required; the
+    copy is always dropped).
     """
     run_id = run_id or uuid.uuid4().hex
     if copy is None:
@@ -244,17 +275,24 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
+        target_major = target_major or _server_major(target)
+        check_major(_server_major(scratch), target_major, settings)
         try:
-            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress)
+            report, measured = execute_measured(plan, scratch, settings, run_id=run_id,
+                                                actor="rehearsal", progress=progress)
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
+        verdict = judge(measured, budget=settings.lock_budget,
+                        files={m.name: m.path for m in plan.migrations},
+                        allow_long_locks=allow_long_locks, target_major=target_major,
+                        server=copy.server.where)
         checks = run_post_checks(scratch, models, before=before)
         findings = lint_captured_sql(report.results, existing, allow_destructive)
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers)
+                                 method=copy.method, leftovers=copy.leftovers, locks=verdict,
+                                 budget_enforced=target.env is not Env.LOCAL)
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

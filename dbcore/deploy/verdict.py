@@ -76,7 +76,8 @@ class TableVerdict:
 
     def line(self, major_note: str = "") -> str:
         """One line: ``table (size): LOCK, what is blocked ~N s, from when to when (why)``."""
-        size = f" ({size_text(self.size.bytes)}, ~{self.size.rows:,} rows)" if self.size else ""
+        rows = f", ~{self.size.rows:,} rows" if self.size and self.size.rows else ""
+        size = f" ({size_text(self.size.bytes)}{rows})" if self.size else ""
         until = ("to the commit of the batch" if self.in_transaction
                  else "to the end of that statement (atomic = False, no transaction)")
         note = f"; {major_note}" if major_note else ""
@@ -195,7 +196,7 @@ def _table_verdict(table: str, mode: str, blocks: str, taker: StatementMeasure,
     slowest = max(window, key=lambda s: s.seconds)
     cause = heaviest
     seconds = max(0.0, end - taker.started)
-    if slowest is not heaviest and slowest.seconds > heaviest.seconds and slowest.seconds > 0.1:
+    if slowest is not heaviest and slowest.seconds > max(2 * heaviest.seconds, 0.01):
         why += (f"; held to the commit while {slowest.migration} `{short_sql(slowest.sql, 50)}` "
                 f"runs, {slowest.seconds:.1f} s")
         cause = slowest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Protocol
 
 import peewee
 import psycopg2
@@ -57,14 +58,25 @@ class _SqlRecorder:
     process (a rehearsal and an apply, or tests in threads) never see each other's SQL.
     """
 
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, observer: StatementObserver | None = None) -> None:
         self.statements: list[str] | None = None
+        self.migration = ""
         original = db.execute_sql
 
         def execute_sql(sql, params=None, *args, **kwargs):
-            if self.statements is not None:
-                self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
-            return original(sql, params, *args, **kwargs)
+            if self.statements is None:
+                return original(sql, params, *args, **kwargs)
+            self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
+            if observer is None:
+                return original(sql, params, *args, **kwargs)
+            observer.before(sql, self.migration)
+            try:
+                cursor = original(sql, params, *args, **kwargs)
+            except BaseException:
+                observer.failed()
+                raise
+            observer.after(cursor)
+            return cursor
 
         db.execute_sql = execute_sql
 
@@ -98,6 +110,16 @@ def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str])
            f"each, then run again" if invalid else "check what it did, then run again")
     raise NonAtomicFailed(f"migration {m.name}.py (atomic = False, runs in autocommit) {what}; "
                           f"{kept}{fix}", committed=committed) from error
+
+
+class StatementObserver(Protocol):
+    """Told about each statement a migration sends (the rehearsal's lock measuring)."""
+
+    def attach(self, db: peewee.Database) -> None: ...
+    def before(self, sql: str, migration: str) -> None: ...
+    def after(self, cursor) -> None: ...
+    def failed(self) -> None: ...
+    def transaction_ended(self) -> None: ...
 
 
 class _DryRunRollback(Exception):
@@ -156,6 +178,7 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
              action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
+    recorder.migration = name
     with recorder as statements:
         if action == "apply":
             loaded.migrate(migrator, db, fake=False)
@@ -175,10 +198,12 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
             run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
-            approval: ApprovalRecord | None = None) -> RunReport:
+            approval: ApprovalRecord | None = None,
+            observer: StatementObserver | None = None) -> RunReport:
     """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
 
-    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
+    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row;
+    ``observer`` is told about each statement of the migrations and each COMMIT. Raises
     MigrationFailed (or a subclass) carrying what was committed; PlanOutdated when the history or
     a file changed since the plan was made.
     """
@@ -189,14 +214,16 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
     with migration_lock(target, settings, f"{plan.action} by {actor}"):
         db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
         try:
+            if observer is not None:
+                observer.attach(db)
             return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                                   approval)
+                                   approval, observer)
         finally:
             db.close()
 
 
 def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                    approval) -> RunReport:
+                    approval, observer=None) -> RunReport:
     # Under the lock the history is final: a plan made before it may be stale.
     files, applied = read_state(target, settings, db)
     if tuple(applied) != plan.applied_before:
@@ -213,7 +240,7 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                 f"migration {m.path.name} changed on disk since the plan was made: "
                 "plan again and review it")
     configure_session(db, settings)
-    recorder = _SqlRecorder(db)
+    recorder = _SqlRecorder(db, observer)
     loaded = {m.name: load(m) for m in plan.migrations}
     router = FileRouter(db, settings.migrations_dir)
     results: list[MigrationResult] = []
@@ -276,6 +303,8 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
                                     f"; the database is NOT as before: remove the transaction "
                                     f"control from {m.name}.py, then roll back or restore by hand",
                                     committed=committed + [m.name])
+                    if observer is not None:
+                        observer.transaction_ended()
                 else:
                     if migrator is None:
                         with db.atomic():

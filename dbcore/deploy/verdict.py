@@ -10,17 +10,16 @@ line, or the run is given ``--allow-long-locks``); locally it is a warning.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from dbcore.deploy.locks import BLOCKS, LockReport, StatementMeasure, TableSize, mode_name, strength
+from dbcore.lint.engine import allow_markers
 from dbcore.lint.sql_rules import RECIPES, SqlBatch
 
 #: the budget's rule code: `# dbmigrate: allow DL001` on the line of the migrator call
 BUDGET_RULE = "DL001"
-_ALLOW = re.compile(r"#\s*dbmigrate:\s*allow\s+((?:[A-Z]{2}\d{3}[\s,]*)+)")
 #: what blocks, from worst to none: the order a table's line is chosen by
 _RANK = {"reads and writes": 3, "writes": 2, "rows": 1, "neither": 0}
 _GENERIC_FIX = ("split the migration so that the slow statement runs in a deploy of its own, "
@@ -250,23 +249,11 @@ def safe_form(v: TableVerdict) -> str:
 
 
 def allowed_lines(path: Path) -> dict[int, set[str]]:
-    """Return {line: rules} of the ``# dbmigrate: allow RULE`` markers in a migration file.
-
-    A marker alone on its line allows the line below it too, as the lint reads them.
-    """
-    out: dict[int, set[str]] = {}
+    """Return {line: rules} of the ``# dbmigrate: allow RULE`` markers in a migration file (as the lint reads them)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return allow_markers(path.read_text(encoding="utf-8"))
     except OSError:
-        return out
-    for number, line in enumerate(text.splitlines(), 1):
-        match = _ALLOW.search(line)
-        if match:
-            rules = set(re.findall(r"[A-Z]{2}\d{3}", match.group(1)))
-            out.setdefault(number, set()).update(rules)
-            if line.lstrip().startswith("#"):
-                out.setdefault(number + 1, set()).update(rules)
-    return out
+        return {}
 
 
 def judge(report: LockReport, *, budget: float, files: dict[str, Path],

@@ -103,20 +103,28 @@ def lint_source(source: str, filename: str, *, allow_destructive: bool = False) 
     return sorted(_apply_markers(findings, source), key=sort_key)
 
 
-def _apply_markers(findings: list[Finding], source: str) -> list[Finding]:
-    """Drop what a line allows with ``# dbmigrate: allow RULE`` (on it or on the line above).
+def allow_markers(source: str) -> dict[int, set[str]]:
+    """Return {line: rule ids} of the ``# dbmigrate: allow RULE`` markers of a file's source.
 
-    A drop (DM003) stays listed, as a warning, so that the approver still sees it.
+    A marker alone on its line allows the line below it too.
     """
-    lines = source.splitlines()
     allowed: dict[int, set[str]] = defaultdict(set)
-    for number, text in enumerate(lines, start=1):
+    for number, text in enumerate(source.splitlines(), start=1):
         match = _ALLOW_MARKER.search(text)
         if match:
             rules = set(re.findall(r"[A-Z]{2}\d{3}", match.group(1)))
             allowed[number] |= rules
             if text.lstrip().startswith("#"):  # a comment line allows the statement below it
                 allowed[number + 1] |= rules
+    return allowed
+
+
+def _apply_markers(findings: list[Finding], source: str) -> list[Finding]:
+    """Drop what a line allows with ``# dbmigrate: allow RULE`` (on it or on the line above).
+
+    A drop (DM003) stays listed, as a warning, so that the approver still sees it.
+    """
+    allowed = allow_markers(source)
     kept = []
     for item in findings:
         if item.rule in _FILE_RULES or item.rule not in allowed.get(item.line, ()):

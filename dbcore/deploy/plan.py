@@ -15,19 +15,10 @@ from pathlib import Path
 from dbcore.backup.dump import BackupInfo
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
-from dbcore.deploy.verdict import LockVerdict, stop_message
+from dbcore.deploy.verdict import LockVerdict, size_text, stop_message
 from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
-
-
-def size_text(n: int) -> str:
-    """Return a byte count as people read it (512 B, 1.5 MiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _statement(captured: str) -> str:

@@ -27,11 +27,11 @@ _GENERIC_FIX = ("split the migration so that the slow statement runs in a deploy
 
 
 def size_text(n: int) -> str:
-    """Return a byte count as people read it (512 B, 1.5 GB)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    """Return a byte count as people read it (512 B, 1.5 MiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+        n /= 1024
     return f"{n} B"
 
 

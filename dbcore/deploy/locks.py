@@ -27,7 +27,8 @@ from psycopg2 import extensions
 
 from dbcore.connection import Target, connect_raw
 from dbcore.migrate.history import AUDIT_TABLE, HISTORY_TABLE
-from dbcore.migrate.plan import Plan, RunReport
+from dbcore.migrate.observe import RunObserver, Statement
+from dbcore.migrate.plan import Phase, Plan, RunReport
 from dbcore.migrate.runner import execute
 from dbcore.settings import Settings
 
@@ -173,12 +174,13 @@ class _Sampler:
         return self.seen
 
 
-class LockMeter:
-    """Measures every statement sent on one connection; ``report()`` returns what it saw.
+class LockMeter(RunObserver):
+    """Measures every statement a run's migrations send; ``report()`` returns what it saw.
 
-    The runner calls :meth:`before` and :meth:`after` around each statement (``migration`` names
-    the migration running, empty for the tool's own bookkeeping) and :meth:`transaction_ended`
-    after each COMMIT. ``target`` is where the second connection goes (the same database).
+    A :class:`~dbcore.migrate.observe.RunObserver`: pass it to the runner's ``execute``. It can
+    also be driven by hand (:meth:`attach`, then :meth:`before` and :meth:`after` around each
+    statement and :meth:`transaction_ended` after each COMMIT). ``target`` is where the second
+    connection goes (the same database).
     """
 
     def __init__(self, target: Target) -> None:
@@ -196,6 +198,23 @@ class LockMeter:
         self._pending: tuple | None = None
         self._sizes: dict[str, int] = {}  # the tables locked: name -> oid
         self.sizes: dict[str, TableSize] = {}
+
+    # -- the runner's seam
+    def phase_started(self, phase: Phase, db) -> None:
+        if self._conn is None:
+            self.attach(db)
+
+    def statement_started(self, statement: Statement) -> None:
+        self.before(statement.sql, statement.migration)
+
+    def statement_done(self, statement: Statement, cursor, error: BaseException | None) -> None:
+        if error is None:
+            self.after(cursor)
+        else:
+            self.failed()
+
+    def phase_done(self, phase: Phase, results) -> None:
+        self.transaction_ended()
 
     # -- the connection
     def attach(self, conn) -> None:
@@ -358,5 +377,5 @@ def execute_measured(plan: Plan, target: Target, settings: Settings, **kwargs) -
     Returns the run's report and what its statements did to the tables; raises what execute raises.
     """
     meter = LockMeter(target)
-    report = execute(plan, target, settings, observer=meter, **kwargs)
+    report = execute(plan, target, settings, observers=[meter], **kwargs)
     return report, meter.report()

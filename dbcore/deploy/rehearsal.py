@@ -218,6 +218,13 @@ def check_major(rehearsal_major: int, target_major: int, settings: Settings) -> 
             "(docs/lock-verdict.md), or unset MIGRATE_REHEARSAL_SAME_MAJOR")
 
 
+def call_sites(results) -> dict[tuple[str, int], int]:
+    """Return {(migration, statement number): line of the migrator call that queued it}, where the
+    runner recorded it (``MigrationResult.lines``); empty otherwise (allows are then read per file)."""
+    return {(r.name, number): line for r in results
+            for number, line in enumerate(getattr(r, "lines", ()) or (), 1) if line}
+
+
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
                       allow_destructive: bool = False) -> list[Finding]:
     """Return the SQL lint findings on what each migration really sent.
@@ -285,6 +292,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                                   f"touched: {exc}") from exc
         verdict = judge(measured, budget=settings.lock_budget,
                         files={m.name: m.path for m in plan.migrations},
+                        call_sites=call_sites(report.results),
                         allow_long_locks=allow_long_locks, target_major=target_major,
                         server=copy.server.where)
         checks = run_post_checks(scratch, models, before=before)

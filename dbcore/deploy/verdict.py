@@ -10,7 +10,7 @@ line, or the run is given ``--allow-long-locks``); locally it is a warning.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -119,7 +119,6 @@ class LockVerdict:
     target_major: int = 0
     server: str = ""
     statements: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def other_major(self) -> bool:

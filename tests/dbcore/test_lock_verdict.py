@@ -184,6 +184,10 @@ def test_an_allow_marker_or_the_flag_lets_a_breach_through(copy_target, settings
     allowed = judge(report, budget=0.0, files=files)
     assert allowed.breaches and allowed.stopping == ()
     assert allowed.breaches[0].allowed_by == "001_bigint.py:2"
+    # where the runner recorded each statement's migrator call, only a marker on that line counts
+    assert judge(report, budget=0.0, files=files, call_sites={("001_bigint", 1): 2}).stopping == ()
+    elsewhere = judge(report, budget=0.0, files=files, call_sites={("001_bigint", 1): 5})
+    assert elsewhere.stopping and elsewhere.stopping[0].verdict.table == "document"
     unmarked = judge(report, budget=0.0, files={})
     assert unmarked.stopping and "safe form (DS103)" in unmarked.stopping[0].text()
     flagged = judge(report, budget=0.0, files={}, allow_long_locks=True)

@@ -148,6 +148,9 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
+        locks = self.rehearsal.locks if self.rehearsal else None
+        if locks and locks.other_major:
+            verdict += f" (on PostgreSQL {locks.rehearsal_major}, production runs {locks.target_major})"
         dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
         return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")

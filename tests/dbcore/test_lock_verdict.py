@@ -246,12 +246,15 @@ def test_a_production_rehearsal_over_the_budget_stops_the_run_with_nothing_chang
     assert schema_dump(target.url) == before
 
 
-def test_locally_the_budget_only_warns(copy_target, s3_settings):
+def test_locally_the_budget_only_warns_and_another_major_is_stated(copy_target, s3_settings):
     cfg = s3_settings.model_copy(update={"lock_budget": 0.0})
     _write(cfg.migrations_dir, "001_bigint", "ALTER TABLE document ALTER COLUMN n TYPE bigint")
     plan = plan_apply(copy_target, cfg)
     backup = backup_to_s3(copy_target, cfg)
-    report = rehearse_on_copy(plan, copy_target, cfg, backup.key)
+    report = rehearse_on_copy(plan, copy_target, cfg, backup.key, target_major=16)
     deploy = DeployPlan("local", plan, lint_pending(cfg.migrations_dir, []), backup, report)
     assert deploy.ok and report.locks.stopping
     assert "WARNING (local: the budget only warns)" in deploy.text()
+    # a rehearsal on another major than the target's is stated at the top of the plan
+    assert "(on PostgreSQL 15, production runs 16)" in deploy.summary()
+    assert "measured on 15, production runs 16" in deploy.to_markdown()

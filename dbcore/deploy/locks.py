@@ -107,7 +107,7 @@ class StatementMeasure:
     number: int  # 1-based, among the statements the migration sent
     sql: str
     phase: int
-    started: float  # seconds since the measuring began
+    started: float  # seconds since the measuring began, the meter's own queries left out
     seconds: float
     locks: dict[str, str] = field(default_factory=dict)
     rewritten: tuple[str, ...] = ()
@@ -191,6 +191,7 @@ class LockMeter(RunObserver):
         self._pid = 0
         self._major = 0
         self._t0 = time.monotonic()
+        self._spent = 0.0  # seconds of the meter's own queries: left out of every window
         self._phase = 0
         self._phase_open = False
         self._known: set[int] | None = None  # the relations before the first statement
@@ -252,8 +253,13 @@ class LockMeter(RunObserver):
             return held
 
     # -- around each statement
+    def _now(self) -> float:
+        """Seconds since the start, without the time the meter's own queries took."""
+        return time.monotonic() - self._t0 - self._spent
+
     def before(self, sql: str, migration: str = "") -> None:
         """Take the readings a statement is compared with, just before it is sent."""
+        entered = time.monotonic()
         in_transaction = self._in_transaction()
         if self._phase_open and not in_transaction:  # the runner committed without telling
             self.transaction_ended()
@@ -266,6 +272,7 @@ class LockMeter(RunObserver):
         locks = self._locks() if in_transaction else {}
         sampler = None if in_transaction else _Sampler(self.target, self._pid)
         number = self._counts[migration] = self._counts.get(migration, 0) + 1
+        self._spent += time.monotonic() - entered
         self._pending = (sql, migration, number, relations, locks, sampler, in_transaction,
                          time.monotonic())
 
@@ -274,7 +281,8 @@ class LockMeter(RunObserver):
         if self._pending is None:
             return
         sql, migration, number, before, locks_before, sampler, in_transaction, started = self._pending
-        seconds = time.monotonic() - started
+        entered = time.monotonic()
+        seconds = entered - started
         self._pending = None
         sampled = sampler.stop() if sampler is not None else {}
         after = self._relations()
@@ -306,11 +314,12 @@ class LockMeter(RunObserver):
         scanned = {t: after[oid].scanned - r.scanned for oid, r in before.items()
                    if (t := table_of(oid)) and oid in after and after[oid].scanned > r.scanned}
         rows = _rows_changed(sql, cursor)
-        if not in_transaction:
-            self.phase_ends[self._phase] = time.monotonic() - self._t0
         self._read_sizes()
+        self._spent += time.monotonic() - entered
+        if not in_transaction:
+            self.phase_ends[self._phase] = self._now()
         self.statements.append(StatementMeasure(
-            migration, number, sql, self._phase, round(started - self._t0, 4), round(seconds, 4),
+            migration, number, sql, self._phase, round(self._now() - seconds, 4), round(seconds, 4),
             locks, tuple(rewritten), scanned, tuple(indexed), rows, in_transaction,
             sampled=not in_transaction))
 
@@ -343,7 +352,7 @@ class LockMeter(RunObserver):
     def transaction_ended(self) -> None:
         """Mark the end of the open transaction (call it right after its COMMIT)."""
         if self._phase_open:
-            self.phase_ends[self._phase] = time.monotonic() - self._t0
+            self.phase_ends[self._phase] = self._now()
             self._phase_open = False
 
     def report(self) -> LockReport:

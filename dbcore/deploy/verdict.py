@@ -63,6 +63,7 @@ class TableVerdict:
     cause_migration: str = ""
     cause_statement: int = 0
     cause_sql: str = ""
+    cause_elsewhere: bool = False  # that statement works on another table: this one just waits
 
     @property
     def blocks_writes(self) -> bool:
@@ -101,7 +102,8 @@ class BudgetBreach:
         v = self.verdict
         taken = (f"locked by {v.migration}.py statement {v.statement} `{short_sql(v.sql, 50)}`, "
                  if (v.migration, v.statement) != (v.cause_migration, v.cause_statement) else "")
-        return (f"{v.table}: writes blocked ~{v.seconds:.1f} s on the copy, over the lock budget "
+        blocked = "writes blocked" if v.blocks != "rows" else v.blocks_text()
+        return (f"{v.table}: {blocked} ~{v.seconds:.1f} s on the copy, over the lock budget "
                 f"of {self.budget:g} s ({BUDGET_RULE}), {taken}by {v.cause_migration}.py statement "
                 f"{v.cause_statement} `{short_sql(v.cause_sql, 60)}`: {safe_form(v)}; or allow it with "
                 f"`# dbmigrate: allow {BUDGET_RULE}` on that migrator call's line, or "
@@ -170,10 +172,10 @@ def _what_it_did(s: StatementMeasure, table: str, size: TableSize | None) -> tup
         return "rewrite", f"`{sql}` rewrites the table{of}, {s.seconds:.1f} s"
     if table in s.indexed:
         return "scan", f"`{sql}` builds an index over the table{of}, {s.seconds:.1f} s"
+    if s.rows.get(table):  # before the scan: an UPDATE's own scan validates nothing
+        return "none", f"`{sql}` changes {s.rows[table]:,} rows, {s.seconds:.1f} s"
     if s.scanned.get(table):
         return "scan", f"`{sql}` reads the whole table{of} to validate, {s.seconds:.1f} s"
-    if s.rows.get(table):
-        return "none", f"`{sql}` changes {s.rows[table]:,} rows, {s.seconds:.1f} s"
     return "none", f"`{sql}` changes only the catalog, {s.seconds:.2f} s"
 
 
@@ -201,7 +203,7 @@ def _table_verdict(table: str, mode: str, blocks: str, taker: StatementMeasure,
     rows = sum(s.rows.get(table, 0) for s in window)
     return TableVerdict(table, mode, blocks, round(seconds, 3), reading, why, taker.migration,
                         taker.number, taker.sql, taker.started, taker.phase, taker.in_transaction,
-                        rows, size, cause.migration, cause.number, cause.sql)
+                        rows, size, cause.migration, cause.number, cause.sql, cause is not heaviest)
 
 
 def table_verdicts(report: LockReport) -> list[TableVerdict]:
@@ -231,7 +233,7 @@ def table_verdicts(report: LockReport) -> list[TableVerdict]:
 
 def safe_form(v: TableVerdict) -> str:
     """Return the safe way to write the statement that blocks ``v``'s table (the lint's recipes)."""
-    if v.cause_migration and v.cause_migration != v.migration:
+    if v.cause_elsewhere:
         return (f"safe form: move {v.migration} to a deploy of its own, apart from "
                 f"{v.cause_migration} (one transaction holds every lock to its commit)")
     sql = v.cause_sql or v.sql

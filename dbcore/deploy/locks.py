@@ -26,6 +26,7 @@ from pglast import ast
 from psycopg2 import extensions
 
 from dbcore.connection import Target, connect_raw
+from dbcore.errors import DatabaseUnavailable
 from dbcore.migrate.history import AUDIT_TABLE, HISTORY_TABLE
 from dbcore.migrate.observe import RunObserver, Statement
 from dbcore.migrate.plan import Phase, Plan, RunReport
@@ -252,6 +253,14 @@ class LockMeter(RunObserver):
                     held[oid] = mode
             return held
 
+    def _sampler(self) -> _Sampler | None:
+        """Start the second connection's sampling; None (and a warning) when it cannot connect."""
+        try:
+            return _Sampler(self.target, self._pid)
+        except DatabaseUnavailable as exc:  # the measuring must never stop a rehearsal
+            log.warning("locks of a statement outside a transaction not sampled: %s", exc)
+            return None
+
     # -- around each statement
     def _now(self) -> float:
         """Seconds since the start, without the time the meter's own queries took."""
@@ -270,7 +279,7 @@ class LockMeter(RunObserver):
         if self._known is None:
             self._known = set(relations)
         locks = self._locks() if in_transaction else {}
-        sampler = None if in_transaction else _Sampler(self.target, self._pid)
+        sampler = None if in_transaction else self._sampler()
         number = self._counts[migration] = self._counts.get(migration, 0) + 1
         self._spent += time.monotonic() - entered
         self._pending = (sql, migration, number, relations, locks, sampler, in_transaction,

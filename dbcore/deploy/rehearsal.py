@@ -132,9 +132,12 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str,
+                settings: Settings) -> tuple[Target, Leftovers, object]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
+    if settings.rehearsal_same_major:  # before any copy is made: it would be measured on the wrong major
+        check_major(_server_major(server.admin), _server_major(target), settings)
     leftovers = drop_leftovers(server, target.dbname)
     scratch = server.scratch(scratch_name(target.dbname, run_id))
     if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
@@ -162,7 +165,7 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
     backup. Returns the stored backup and the claimed copy; raises BackupFailed for the backup,
     RehearsalFailed for the copy (then no backup is stored either, and the copy is dropped).
     """
-    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    scratch, leftovers, holder = _start_copy(target, server, run_id, settings)
     started = time.monotonic()
     try:
         if (template and server.on_target and target.env is Env.LOCAL
@@ -194,7 +197,7 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
 def restore_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,
                       backup_key: str, progress: BytesProgress | None = None) -> ScratchCopy:
     """Make the rehearsal's copy on ``server`` by restoring ``backup_key``; raise RehearsalFailed."""
-    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    scratch, leftovers, holder = _start_copy(target, server, run_id, settings)
     started = time.monotonic()
     try:
         create_database(server, scratch.dbname)

@@ -117,6 +117,7 @@ class StatementMeasure:
     rows: dict[str, int] = field(default_factory=dict)
     in_transaction: bool = True
     sampled: bool = False  # the locks were seen by the second connection while it ran
+    line: int | None = None  # the line of the migrator call that queued it, where the runner knows
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ class LockMeter(RunObserver):
         self._known: set[int] | None = None  # the relations before the first statement
         self._counts: dict[str, int] = {}
         self._pending: tuple | None = None
+        self._line: int | None = None
         self._sizes: dict[str, int] = {}  # the tables locked: name -> oid
         self.sizes: dict[str, TableSize] = {}
 
@@ -207,7 +209,7 @@ class LockMeter(RunObserver):
             self.attach(db)
 
     def statement_started(self, statement: Statement) -> None:
-        self.before(statement.sql, statement.migration)
+        self.before(statement.sql, statement.migration, statement.line)
 
     def statement_done(self, statement: Statement, cursor, error: BaseException | None) -> None:
         if error is None:
@@ -266,7 +268,7 @@ class LockMeter(RunObserver):
         """Seconds since the start, without the time the meter's own queries took."""
         return time.monotonic() - self._t0 - self._spent
 
-    def before(self, sql: str, migration: str = "") -> None:
+    def before(self, sql: str, migration: str = "", line: int | None = None) -> None:
         """Take the readings a statement is compared with, just before it is sent."""
         entered = time.monotonic()
         in_transaction = self._in_transaction()
@@ -282,6 +284,7 @@ class LockMeter(RunObserver):
         sampler = None if in_transaction else self._sampler()
         number = self._counts[migration] = self._counts.get(migration, 0) + 1
         self._spent += time.monotonic() - entered
+        self._line = line
         self._pending = (sql, migration, number, relations, locks, sampler, in_transaction,
                          time.monotonic())
 
@@ -330,7 +333,7 @@ class LockMeter(RunObserver):
         self.statements.append(StatementMeasure(
             migration, number, sql, self._phase, round(self._now() - seconds, 4), round(seconds, 4),
             locks, tuple(rewritten), scanned, tuple(indexed), rows, in_transaction,
-            sampled=not in_transaction))
+            sampled=not in_transaction, line=self._line))
 
     @staticmethod
     def _by_table(locks: dict[int, str], table_of) -> dict[str, str]:

@@ -263,9 +263,12 @@ def judge(report: LockReport, *, budget: float, files: dict[str, Path],
     """Return the verdict of ``report``: every table's line, and the tables over ``budget``.
 
     ``files`` maps a migration's name to its file (to read its allow markers); ``call_sites``
-    maps (migration, statement number) to the line of the migrator call that queued it, where
-    known: then only a marker on that line allows the breach, else one anywhere in the file.
+    maps (migration, statement number) to the line of the migrator call that queued it (default:
+    the lines the runner recorded): then only a marker on that line allows the breach, else one
+    anywhere in the file.
     """
+    if call_sites is None:
+        call_sites = {(s.migration, s.number): s.line for s in report.statements if s.line}
     tables = table_verdicts(report)
     breaches = []
     for v in tables:

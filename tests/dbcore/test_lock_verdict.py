@@ -225,8 +225,9 @@ def test_a_production_rehearsal_over_the_budget_stops_the_run_with_nothing_chang
     report = rehearse_on_copy(plan, target, cfg, backup.key)
     deploy = DeployPlan("production", plan, lint_pending(cfg.migrations_dir, []), backup, report)
     assert not deploy.ok and report.over_budget
-    assert deploy.problem.startswith("document: writes blocked ~")
-    assert "001_bigint.py statement 1" in deploy.problem and "safe form (DS103)" in deploy.problem
+    stop = deploy.stop_reason()
+    assert stop.startswith("document: writes blocked ~")
+    assert "001_bigint.py statement 1" in stop and "safe form (DS103)" in stop
     markdown = deploy.to_markdown()
     assert markdown.index("### What the live application will feel") < markdown.index("### Migrations")
     assert "STOPS THE RUN" in markdown and "PostgreSQL 15" in markdown

@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pglast
 from pglast import ast
@@ -189,7 +190,7 @@ class LockMeter(RunObserver):
         self.target = target
         self.statements: list[StatementMeasure] = []
         self.phase_ends: dict[int, float] = {}
-        self._conn = None
+        self._conn: Any = None  # the psycopg2 connection measured on
         self._pid = 0
         self._major = 0
         self._t0 = time.monotonic()

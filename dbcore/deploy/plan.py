@@ -140,7 +140,7 @@ class DeployPlan:
                 problems = [line.strip() for line in self.rehearsal.checks.text().splitlines()
                             if line.strip() and line.strip() != "no invalid indexes"]
                 out.append("post-checks on the copy failed: " + "; ".join(problems))
-            if self.rehearsal.over_budget:
+            if self.rehearsal.over_budget and self.rehearsal.locks is not None:
                 out += [b.text() for b in self.rehearsal.locks.stopping]
         return out
 

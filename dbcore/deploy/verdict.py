@@ -26,7 +26,7 @@ _GENERIC_FIX = ("split the migration so that the slow statement runs in a deploy
                 "off-peak, or in an atomic = False migration")
 
 
-def size_text(n: int) -> str:
+def size_text(n: float) -> str:
     """Return a byte count as people read it (512 B, 1.5 MiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

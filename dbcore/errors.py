@@ -68,6 +68,14 @@ class PlanOutdated(DbcoreError):
     """The database's migration history changed between planning and applying."""
 
 
+class LintStopped(DbcoreError):
+    """The pending migrations have lint errors: nothing was run."""
+
+
+class RollbackRefused(DbcoreError):
+    """A migration to roll back has a missing or empty rollback() while its migrate() changed the schema."""
+
+
 class NothingToRollback(DbcoreError):
     """Rollback was asked for more migrations than are applied."""
 

@@ -40,7 +40,9 @@ from dbcore.deploy.plan import DeployPlan
 from dbcore.deploy.run import DeployRun, RunOptions, handed_over, handing_over
 from dbcore.deploy.steps import ApprovedChange, Models
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed, PlanChangedSinceApproval
+from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
+from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
 from dbcore.services.local import ensure_local_cluster
 from dbcore.settings import describe_invalid
@@ -136,9 +138,7 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:
-        create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
-                                 description="Lint errors stopped the run")
-        raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+        _stopped_at_lint(run, plan, lint_report)
     backup_info = rehearsal = checked_before = None
     if run.options.backup:
         with _stage("configuration", run.secret):
@@ -148,19 +148,38 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
         with _stage("backup", run.secret):
             # the rehearsal's copy is made on that server while the backup uploads
             backup_info, copy = tasks.take_backup(run, plan, server)
-        with _stage("rehearsal", run.secret):
-            rehearsal = tasks.rehearse(run, plan, backup_info, models, copy)
+        try:
+            with _stage("rehearsal", run.secret):
+                rehearsal = tasks.rehearse(run, plan, backup_info, models, copy)
+        except _RunEnds as ended:  # the migrations failed on the copy: the plan says why too
+            _publish_failed_rehearsal(DeployPlan(str(run.target.env), plan, lint_report, backup_info,
+                                                 None, checked_before), ended.state.message or "")
+            raise
     deploy = DeployPlan(str(run.target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
-    if not deploy.ok:
-        found = rehearsal.problem() if rehearsal is not None else None
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors"
-                                  f"{': ' + found if found else ''} (see the migration-plan artifact)"))
+    if not deploy.ok:  # the last line names the first thing that stops it
+        raise _RunEnds(_failed_at("rehearsal", deploy.stop_reason()))
     if run.options.dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
     return deploy, models
+
+
+def _stopped_at_lint(run: DeployRun, plan: Plan, lint_report: LintReport) -> None:
+    """End the run at lint: the findings in the log, both artifacts, the first error in the last line."""
+    create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
+                             description="Lint errors stopped the run")
+    create_markdown_artifact(DeployPlan(str(run.target.env), plan, lint_report).to_markdown(),
+                             key="migration-plan", description="Lint errors stopped the run")
+    get_run_logger().error("lint stopped the run:\n%s", lint_report.text())
+    raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+
+
+def _publish_failed_rehearsal(deploy: DeployPlan, why: str) -> None:
+    """The migration-plan artifact of a run whose migrations failed on the copy, saying why."""
+    create_markdown_artifact(f"{deploy.to_markdown()}\n\n### Rehearsal on a copy failed\n\n{md_cell(why)}",
+                             key="migration-plan", description=why[:200])
 
 
 def _decide(run: DeployRun, deploy: DeployPlan, fleet_approval: Optional[FleetApproval]

@@ -151,16 +151,55 @@ def drift_before(db_or_target: peewee.Database | Target,
         return schema_drift(db, models)
 
 
+#: the forms MIGRATE_MODELS accepts, for every error about it
+MODELS_FORMS = ("give module:NAME (NAME a list or tuple of peewee models, or a function returning "
+                "one) or a bare module (the models defined in it that have a table)")
+
+
 def load_models(spec: str | None) -> list[type[peewee.Model]] | None:
-    """Return the models named by ``module:attribute`` (None when ``spec`` is empty); raise ConfigError."""
+    """Return the models named by MIGRATE_MODELS (None when ``spec`` is empty); raise ConfigError.
+
+    ``module:NAME``: NAME is a list or tuple of models, or a callable returning one. A bare
+    ``module``: the Model subclasses defined in it that have a table (imported ones and bases
+    other models of the module derive from are not).
+    """
     if not spec:
         return None
-    module_name, _, attr = spec.partition(":")
+    module_name, colon, attr = spec.strip().partition(":")
+    if not module_name or (colon and not attr):
+        raise ConfigError(f"MIGRATE_MODELS={spec!r} is not a model reference: {MODELS_FORMS}")
     try:
-        models = getattr(importlib.import_module(module_name), attr or "MODELS")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load models {spec!r} ({exc}): "
-                          "pass --models module:LIST or set MIGRATE_MODELS") from exc
-    if not all(isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
-        raise ConfigError(f"{spec} is not a list of peewee models: pass --models module:LIST or set MIGRATE_MODELS")
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the app's own import error, named in one line
+        raise ConfigError(f"MIGRATE_MODELS={spec!r}: cannot import {module_name} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                          "install the application's dependencies in this environment and put its "
+                          "folder on PYTHONPATH (docs/adoption.md)") from None
+    if not colon:
+        return _models_defined_in(module, spec)
+    if not hasattr(module, attr):
+        raise ConfigError(f"MIGRATE_MODELS={spec!r}: {module_name} has no {attr}: {MODELS_FORMS}")
+    models = getattr(module, attr)
+    if callable(models) and not isinstance(models, type):
+        try:
+            models = models()
+        except Exception as exc:  # noqa: BLE001 - the app's function failed: one line, named
+            raise ConfigError(f"MIGRATE_MODELS={spec!r}: {attr}() raised {type(exc).__name__}: "
+                              f"{exc}: {MODELS_FORMS}") from None
+    if not isinstance(models, (list, tuple)) or not all(
+            isinstance(m, type) and issubclass(m, peewee.Model) for m in models):
+        raise ConfigError(f"MIGRATE_MODELS={spec!r} is a {type(models).__name__}, not a list of "
+                          f"peewee models: {MODELS_FORMS}")
     return list(models)
+
+
+def _models_defined_in(module, spec: str) -> list[type[peewee.Model]]:
+    """Return the Model subclasses ``module`` defines, less the bases its other models derive from."""
+    defined = [m for m in vars(module).values() if isinstance(m, type) and issubclass(m, peewee.Model)
+               and m.__module__ == module.__name__]
+    bases = {b for m in defined for b in m.__mro__[1:]}
+    models = [m for m in defined if m not in bases]
+    if not models:
+        raise ConfigError(f"MIGRATE_MODELS={spec!r}: {module.__name__} defines no peewee model "
+                          f"with a table: {MODELS_FORMS}")
+    return models

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import peewee
@@ -26,6 +27,7 @@ from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.data import DataChecks
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, raw_session
+from dbcore.deploy.dropped import DropCounter, DroppedColumn
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -39,6 +41,7 @@ from dbcore.deploy.scratch import (
     scratch_name,
 )
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
+from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
@@ -62,6 +65,8 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the columns the plan drops, with the non-null values each held on the copy
+    dropped_columns: tuple[DroppedColumn, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -86,6 +91,7 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "dropped_columns": [d.to_dict() for d in self.dropped_columns],
         }
 
 
@@ -194,11 +200,16 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
-                      allow_destructive: bool = False) -> list[Finding]:
-    """Return the SQL lint findings on what each migration really sent.
+                      allow_destructive: bool = False,
+                      files: dict[str, Path] | None = None) -> list[Finding]:
+    """Return the SQL lint findings on what each migration really sent, judged as the static lint judges.
 
     The migrations of one transaction share one batch: a constraint added NOT VALID in one and
-    validated in the next is still one transaction's lock.
+    validated in the next is still one transaction's lock. Each finding carries the file and the
+    line of the migrator call that queued the statement, so that the file's own allows apply
+    (``allow_destructive = True``, a line's ``# dbmigrate: allow RULE``) as well as the run's
+    ``allow_destructive``. Statements the product sends itself (the history it reads, peewee's
+    introspection, a savepoint) have no line in the file and are not judged.
     """
     findings: list[Finding] = []
     batch: SqlBatch | None = None
@@ -207,10 +218,25 @@ def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set
             batch = SqlBatch(existing_tables=existing_tables, allow_destructive=allow_destructive,
                              in_transaction=r.atomic,
                              new_tables=batch.created if batch is not None else ())
-        batch.source = f"{r.name}.py (rehearsal)"
-        for line, captured in enumerate(r.sql, 1):
-            findings += batch.check(captured.split(" -- params: ")[0], line)
+        path = (files or {}).get(r.name)
+        source = _source_of(path)
+        batch.source = str(path) if path else f"{r.name}.py"
+        batch.allow_destructive = allow_destructive or declares_allow_destructive(source)
+        lines = r.lines or (None,) * len(r.sql)
+        found: list[Finding] = []
+        for number, (captured, line) in enumerate(zip(r.sql, lines), 1):
+            if line is None and r.lines:
+                continue  # the product's own statement
+            found += batch.check(captured.split(" -- params: ")[0], line or number)
+        findings += apply_allow_markers(found, source)
     return findings
+
+
+def _source_of(path: Path | None) -> str:
+    try:
+        return path.read_text(encoding="utf-8") if path else ""
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _existing_tables(target: Target) -> set[str]:
@@ -244,9 +270,10 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
+        drops = DropCounter()
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress)
+                             progress=progress, observers=[drops])
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
@@ -254,10 +281,12 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
         data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
         checks = run_post_checks(scratch, models, before=before, data=data)
-        findings = lint_captured_sql(report.results, existing, allow_destructive)
+        findings = lint_captured_sql(report.results, existing, allow_destructive,
+                                     {m.name: m.path for m in plan.migrations})
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers)
+                                 method=copy.method, leftovers=copy.leftovers,
+                                 dropped_columns=tuple(drops.dropped))
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

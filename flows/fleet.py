@@ -29,7 +29,6 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
     use_local_api()
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.states import Completed, Failed
 from pydantic import ValidationError
@@ -41,6 +40,7 @@ from dbcore.errors import ConfigError, DbcoreError
 from dbcore.settings import Settings, describe_invalid
 from flows import fleet_tasks, tasks
 from flows.approval import ask_approval
+from flows.scrub import create_markdown_artifact, create_table_artifact
 
 EnvName = Literal["local", "proxy", "production"]
 #: the global concurrency limit every database's run holds a slot of

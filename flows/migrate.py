@@ -28,7 +28,6 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
     use_local_api()
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
@@ -47,6 +46,7 @@ from flows import notifications, tasks
 from flows.approval import ask_approval
 from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
+from flows.scrub import create_markdown_artifact, scrub
 
 EnvName = Literal["local", "proxy", "production"]
 
@@ -79,14 +79,14 @@ def _run_name() -> str:
 
 
 def _failed_at(stage: str, detail: object) -> Failed:
-    return Failed(message=f"failed at {stage}, nothing changed: {detail}")
+    return Failed(message=scrub(f"failed at {stage}, nothing changed: {detail}"))
 
 
 def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> Failed:
     """A bug or an unexpected driver error: one line, and what we know of the database."""
     get_run_logger().exception("unexpected error at %s", stage)
-    return Failed(message=f"failed at {stage} ({type(exc).__name__}: {error_line(exc, secret)}); "
-                          f"{what_changed}")
+    return Failed(message=scrub(f"failed at {stage} ({type(exc).__name__}: "
+                                f"{error_line(exc, secret)}); {what_changed}"))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ the calling flow hands them over in-process, keyed by run id.
 import hashlib
 from typing import Optional
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from dbcore.connection import Target
@@ -22,6 +22,7 @@ from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
+from flows.scrub import task
 
 _HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 

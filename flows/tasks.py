@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
@@ -28,6 +28,7 @@ from dbcore.migrate import plan as planning
 from dbcore.migrate import retry
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.settings import Settings
+from flows.scrub import task
 
 #: backups begun in this process before the flow started (flows/migrate.py main()); a task
 #: takes one over only for the very plan it was begun for (dbcore/deploy/head_start.py)

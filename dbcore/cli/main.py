@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dbcore.cli.context import EXIT_FAILED, EXIT_USAGE, Context, common_options
 from dbcore.errors import ConfigError, DbcoreError
-from dbcore.redact import error_line, redact
+from dbcore.redact import error_line, install_log_scrubber, redact
 from dbcore.settings import Settings, describe_invalid
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    install_log_scrubber()  # a --verbose traceback holds what the error holds
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

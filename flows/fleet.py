@@ -38,7 +38,7 @@ from dbcore.deploy import fleet as fleets
 from dbcore.deploy.fleet_report import FleetPlan, all_succeeded, final_line, not_started
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.settings import Settings, describe_invalid
-from flows import fleet_tasks, tasks
+from flows import fleet_check, fleet_tasks, tasks
 from flows.approval import ask_approval
 from flows.scrub import create_markdown_artifact, create_table_artifact
 
@@ -115,7 +115,8 @@ def _run_waves(plan: FleetPlan, targets_of: dict, approver: str, settings: Setti
         for member in wave:
             part = next(p for p in plan.databases if p.name == member.name)
             approval = fleets.FleetApproval(fleet_fingerprint=plan.fingerprint, database=member.name,
-                                            plan_fingerprint=part.fingerprint, approver=approver)
+                                            plan_fingerprint=part.fingerprint, approver=approver,
+                                            fleet_run_id=str(get_run_context().flow_run.id))
             parameters = fleet_tasks.member_parameters(member, env_name, approval=approval, **common)
             pending = [name for name, _ in part.migrations]
             futures.append(fleet_tasks.migrate_database.submit(
@@ -183,6 +184,8 @@ def migrate_fleet(
         if not plan.pending:
             return Completed(message=f"all {len(plans)} databases up to date")
         approver = settings.actor or ""
+        # what the approval will cover, kept where each database's run checks it
+        fleet_check.record_parts(plan.fingerprint, fleets.fleet_parts(list(plans)))
         if approval_needed:
             approver, refusal = _ask(plan, approval_timeout_seconds)
             if refusal is not None:

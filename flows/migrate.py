@@ -42,7 +42,7 @@ from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
 from dbcore.settings import Settings, describe_invalid
-from flows import notifications, tasks
+from flows import fleet_check, notifications, tasks
 from flows.approval import ask_approval
 from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
@@ -279,6 +279,9 @@ def migrate(
         with _stage("configuration"):
             settings, target, approval_needed = _configure(env, migrations_dir, backup,
                                                            require_approval, database_url_env)
+            # a fleet approval counts only as Prefect's record of the fleet run bears it out
+            fleet_approval = fleet_check.verified(fleet_approval, database_url_env,
+                                                  policy.is_live(target.env))
         with contextlib.ExitStack() as held:
             if policy.is_live(target.env):  # locally, the migration lock keeps applies apart
                 with _stage("waiting for another deploy"):

@@ -91,3 +91,73 @@ def tables_of_plan(paths: Iterable[Path], captured: Iterable[str] | None = None)
         if found is not None:
             return found
     return tables_in_files(paths)
+
+
+_CREATES = {"create_model", "create_table"}
+_DROPS = {"remove_model", "drop_table"}
+
+
+def _class_table(node: ast.ClassDef) -> str:
+    """The table of a model class: its ``Meta.table_name``, else peewee's default."""
+    for item in node.body:
+        if isinstance(item, ast.ClassDef) and item.name == "Meta":
+            for assign in item.body:
+                if isinstance(assign, ast.Assign) and _is_str(assign.value) and any(
+                        isinstance(t, ast.Name) and t.id == "table_name" for t in assign.targets):
+                    return assign.value.value
+    return _default_table_name(node.name)
+
+
+def _sql_tables(text: str) -> tuple[set[str], set[str]]:
+    """The tables a literal SQL text creates and drops (what pglast can read of it)."""
+    created: set[str] = set()
+    dropped: set[str] = set()
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(_PLACEHOLDER.sub("NULL", text).replace("%%", "%")))
+    except pg_parser.ParseError:
+        return created, dropped
+    for raw in tree.get("stmts", []):
+        stmt = raw.get("stmt", {})
+        if "CreateStmt" in stmt:
+            created.add(stmt["CreateStmt"]["relation"]["relname"])
+        elif "DropStmt" in stmt and stmt["DropStmt"].get("removeType") == "OBJECT_TABLE":
+            for names in stmt["DropStmt"].get("objects", []):
+                items = names.get("List", {}).get("items", [])
+                if items:
+                    dropped.add(items[-1].get("String", {}).get("sval", ""))
+    return created, dropped
+
+
+def tables_created_by_files(paths: Iterable[Path]) -> set[str]:
+    """Return the tables the migration files create and that a later one of them does not drop.
+
+    Read from each file's ``migrate()`` (``@migrator.create_model`` classes, ``create_model(X)``,
+    literal ``CREATE TABLE`` SQL); what the code does not spell out literally is not counted.
+    """
+    tables: set[str] = set()
+    for path in paths:
+        try:
+            tree = ast.parse(Path(path).read_bytes(), str(path))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        classes = {n.name: _class_table(n) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        forward = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "migrate"]
+        for node in (inner for f in forward for inner in ast.walk(f)):  # not rollback()'s drops
+            if isinstance(node, ast.ClassDef) and any(
+                    (isinstance(d, ast.Attribute) and d.attr in _CREATES) or
+                    (isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in _CREATES)
+                    for d in node.decorator_list):
+                tables.add(classes[node.name])
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                first, attr = node.args[0], node.func.attr
+                name = (first.value if _is_str(first) else
+                        classes.get(first.id, _default_table_name(first.id)) if isinstance(first, ast.Name)
+                        else None)
+                if attr in _CREATES and isinstance(first, ast.Name):
+                    tables.add(name)
+                elif attr in _DROPS and name:
+                    tables.discard(name)
+                elif attr == "sql" and _is_str(first):
+                    created, dropped = _sql_tables(first.value)
+                    tables = (tables | created) - dropped
+    return {t for t in tables if t and _IDENTIFIER.fullmatch(t)}

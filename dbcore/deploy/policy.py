@@ -70,9 +70,10 @@ def require_actor(env: Env, actor: str | None, doing: str = "applying to") -> No
     (recorded in migration_audit) is the approval. Raises LivePolicyRefused.
     """
     if is_live(env) and not (actor or "").strip():
+        what = "the plan printed" if doing in ("applying to", "rolling back") else "what it does"
         raise LivePolicyRefused(
             f"{doing} the {env} database needs an approval: pass --actor YOUR_NAME (you approve "
-            "what it prints, recorded in migration_audit), or run the flow and approve in Prefect")
+            f"{what}, recorded in migration_audit), or run the flow and approve in Prefect")
 
 
 def require_named_approver(env: Env, approver: str | None) -> None:

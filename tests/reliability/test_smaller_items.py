@@ -1,0 +1,43 @@
+"""The smaller promises of issue 16: each bad case ends in one line that names the problem and
+the fix, or in the obvious behaviour."""
+
+from __future__ import annotations
+
+from helpers import schema_dump
+
+from dbcore.cli.main import main as dbmigrate
+
+
+def test_a_migration_file_that_is_not_utf8_is_one_line_naming_it(db_url, migrations_dir, monkeypatch,
+                                                                   capfd):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("MIGRATE_MIGRATIONS_DIR", str(migrations_dir))
+    (migrations_dir / "005_latin1.py").write_bytes(
+        b"# caf\xe9\ndef migrate(migrator, database, *, fake=False):\n    pass\n")
+    before = schema_dump(db_url)
+    assert dbmigrate(["apply"]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err.splitlines()[-1] == ("dbmigrate: error: migration 005_latin1.py is not UTF-8 text "
+                                    "(byte 0xe9 at line 1): save it as UTF-8; nothing was applied")
+    assert "Traceback" not in err and schema_dump(db_url) == before
+    assert dbmigrate(["status"]) == 0  # status still lists it, broken
+    assert "005_latin1  BROKEN: migration 005_latin1.py is not UTF-8" in capfd.readouterr().out
+
+
+def test_approve_list_shows_a_fleet_run_waiting_for_its_approval(prefect_api):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Paused
+
+    from flows.approve import list_paused
+
+    @flow(name="migrate-fleet")
+    def fleet_look_alike() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(fleet_look_alike, name="migrate-fleet-production",
+                                     state=Paused(pause_key="plan-f1ee7-attempt-1-abc"))
+    lines = [line for line in list_paused() if str(run.id) in line]
+    assert lines and "migrate-fleet-production  target a fleet (see its plan)" in lines[0]
+    assert "plan f1ee7" in lines[0]

@@ -90,6 +90,12 @@ class Target:
         return url_password(self.url)
 
     @property
+    def server(self) -> str:
+        """HOST:PORT of the server (no user, no password), for messages."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname or 'local socket'}:{parts.port or 5432}"
+
+    @property
     def dbname(self) -> str:
         return urlsplit(self.url).path.lstrip("/") or "postgres"
 

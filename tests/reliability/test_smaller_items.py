@@ -41,3 +41,20 @@ def test_approve_list_shows_a_fleet_run_waiting_for_its_approval(prefect_api):
     lines = [line for line in list_paused() if str(run.id) in line]
     assert lines and "migrate-fleet-production  target a fleet (see its plan)" in lines[0]
     assert "plan f1ee7" in lines[0]
+
+
+def test_a_server_going_away_mid_apply_names_the_server_not_the_migration(
+        db_url, migrations_dir, monkeypatch, capfd):
+    """The server ends the session mid-apply (as a shutdown does: SQLSTATE 57P01): the error says
+    the connection to the server was lost, not "fix migrate()"."""
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("MIGRATE_MIGRATIONS_DIR", str(migrations_dir))
+    (migrations_dir / "005_server_goes_away.py").write_text(
+        "def migrate(migrator, database, *, fake=False):\n"
+        "    migrator.sql('SELECT pg_terminate_backend(pg_backend_pid())')\n\n"
+        "def rollback(migrator, database, *, fake=False):\n    pass\n")
+    assert dbmigrate(["apply"]) == 1
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    server = db_url.split("@")[1].split("/")[0]
+    assert f"the connection to the database server {server} was lost" in line, line
+    assert "fix migrate()" not in line and "check that the server is running" in line

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     #: production: let the rehearsal copy be made on the target's own cluster
     rehearsal_on_target: bool = False
 
+    # -- fleets (flows/fleet.py)
+    #: the most databases one fleet run takes: each is planned one after the other before the
+    #: approval, and each becomes a flow run; a larger fleet is split into several targets files
+    fleet_max_databases: int = Field(default=500, ge=1)
+
     # -- backups (S3-compatible storage; credentials come from boto3's own chain)
     s3_bucket: str = ""
     s3_prefix: str = "backups"

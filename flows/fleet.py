@@ -60,6 +60,7 @@ def _configure(env, targets, targets_variable, migrations_dir, backup, require_a
     """Return (fleet, settings, env, approval needed?); raise ConfigError / ValidationError."""
     fleet = fleet_tasks.read_fleet(targets, targets_variable)
     settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
+    fleets.check_size(fleet, settings.fleet_max_databases, targets or f"Prefect Variable {targets_variable}")
     resolved = resolve_env(settings, env)
     live = resolved is not Env.LOCAL
     if live and not backup:
@@ -164,7 +165,11 @@ def migrate_fleet(
         if resolved is Env.PROXY:
             tunnel = stack.enter_context(tasks.open_tunnel(settings))
             members = [(m, tunnel.target_for(t)) for m, t in members]
-        plans = [fleet_tasks.plan_database(m, t, settings, allow_destructive) for m, t in members]
+        plans = []
+        for number, (m, t) in enumerate(members, 1):
+            plans.append(fleet_tasks.plan_database(m, t, settings, allow_destructive))
+            if number % 25 == 0 and number < len(members):
+                logger.info("planned %s of %s databases", number, len(members))
         pending = {p.name: [name for name, _ in p.migrations] for p in plans}
         fleet_tasks.set_concurrency_limit(concurrency_limit, fleet.concurrency)
         rehearsals = []

@@ -140,6 +140,15 @@ def load_fleet(text: str, where: str = "targets") -> Fleet:
     return Fleet(canary, _count(doc, "concurrency", DEFAULT_CONCURRENCY, 1, where), databases)
 
 
+def check_size(fleet: Fleet, limit: int, where: str = "targets") -> None:
+    """Refuse a fleet of more than ``limit`` databases (FleetFileError): split it into several files."""
+    if len(fleet.databases) > limit:
+        raise FleetFileError(
+            f"{where} names {len(fleet.databases)} databases, more than the {limit} one fleet run "
+            "takes (each is planned before the approval and runs as its own flow run): split it "
+            "into several targets files, or raise MIGRATE_FLEET_MAX_DATABASES")
+
+
 def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

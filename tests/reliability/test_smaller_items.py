@@ -58,3 +58,18 @@ def test_a_server_going_away_mid_apply_names_the_server_not_the_migration(
     server = db_url.split("@")[1].split("/")[0]
     assert f"the connection to the database server {server} was lost" in line, line
     assert "fix migrate()" not in line and "check that the server is running" in line
+
+
+def test_a_ten_thousand_database_targets_file_is_refused_before_anything_is_planned(
+        flow_env, tmp_path):
+    from flows.fleet import migrate_fleet
+
+    targets = tmp_path / "fleet.yaml"
+    targets.write_text("databases:\n" + "".join(
+        f"  - {{name: tenant-{i}, url_env: TENANT_{i}_URL}}\n" for i in range(10_000)))
+    state = migrate_fleet(env="local", targets=str(targets), return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        f"failed at configuration, nothing changed: {targets} names 10000 databases, more than the "
+        "500 one fleet run takes (each is planned before the approval and runs as its own flow "
+        "run): split it into several targets files, or raise MIGRATE_FLEET_MAX_DATABASES")

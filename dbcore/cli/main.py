@@ -111,4 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dbmigrate: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or an error nobody foresaw: one scrubbed line, not a raw traceback
+        if args.verbose:
+            log.exception("%s", type(exc).__name__)
+        print(f"dbmigrate: error: unexpected {type(exc).__name__}: {error_line(exc)} (run again "
+              "with --verbose for the traceback, and report it)", file=sys.stderr)
+        return EXIT_FAILED
 

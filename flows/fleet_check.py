@@ -12,19 +12,19 @@ from typing import Optional
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.context import get_run_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import ValidationError
 
 from dbcore.deploy import fleet as fleets
 from flows.approval import Approval
+from flows.current import current_flow_run
 
 PARTS_KEY = "fleet-parts-{fingerprint}"
 
 
 def record_parts(fingerprint: str, parts: list) -> None:
     """Store the fleet plan's parts on the current (fleet) run, for its databases' runs to check."""
-    run_id = get_run_context().flow_run.id
+    run_id = current_flow_run().id
     with get_client(sync_client=True) as client:
         try:
             client.create_flow_run_input(run_id, PARTS_KEY.format(fingerprint=fingerprint),
@@ -52,7 +52,7 @@ def _approvers(client, run_id: UUID, fingerprint: str) -> tuple[str, ...]:
 
 def fleet_run_record(approval: fleets.FleetApproval) -> fleets.FleetRunRecord:
     """Return what Prefect's API holds about the fleet run ``approval`` names and about this run."""
-    me = get_run_context().flow_run
+    me = current_flow_run()
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(me.deployment_id).name if me.deployment_id else None
         try:

@@ -47,7 +47,7 @@ _INVALID_INDEXES = """
 """
 
 
-def check_no_invalid_indexes(db: peewee.Database) -> list[InvalidIndex]:
+def check_no_invalid_indexes(db: peewee.Database | Target) -> list[InvalidIndex]:
     """Return every invalid index of the database (empty when all are usable)."""
     # peewee's introspection has no indisvalid: this one needs the catalog
     with opened(db) as database:

@@ -7,11 +7,10 @@ import json
 import sys
 from functools import partial
 
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Env, connect
-from dbcore.deploy.plan import DeployPlan
+from dbcore.deploy.plan import DeployPlan, plan_and_lint
 from dbcore.errors import ConfigError
-from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
 from dbcore.migrate.retry import apply_retrying
@@ -118,9 +117,8 @@ def cmd_plan(ctx: Context) -> int:
     """Print what apply would do; --sql rehearses it in a rolled-back transaction."""
     if ctx.args.sql:
         _refuse_live_dry_run(ctx)
-    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
-    deploy = DeployPlan(str(ctx.target.env), plan,
-                        lint_pending(ctx.settings.migrations_dir, [m.path for m in plan.migrations]))
+    plan, lint_report = plan_and_lint(ctx.target, ctx.settings, upto=ctx.args.target)
+    deploy = DeployPlan(str(ctx.target.env), plan, lint_report)
     if ctx.args.json and not ctx.args.sql:
         print(json.dumps(deploy.to_dict(), indent=2, default=str))
         return 0 if deploy.lint.ok else 1
@@ -163,20 +161,13 @@ def _run(ctx: Context, plan: Plan) -> int:
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock."""
+    """Apply pending migrations under the migration lock, one transaction per phase (docs/migrations.md)."""
     return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target))
 
 
 def cmd_rollback(ctx: Context) -> int:
-    """Roll back the newest N applied migrations in one transaction."""
+    """Roll back the newest N applied migrations, one transaction per phase."""
     return _run(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count))
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -216,7 +207,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             p.add_argument("--target", help="stop after this migration (name or number)")
             p.set_defaults(handler=cmd_apply)
         else:
-            p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")
+            p.add_argument("--count", type=positive_int, default=1, help="how many (default 1)")
             p.set_defaults(handler=cmd_rollback)
         p.add_argument("--dry-run", action="store_true",
                        help="run inside a transaction that is rolled back; print the SQL "

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
+from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
-from dbcore.migrate.plan import Plan
+from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.settings import Settings
 
 
-def size_text(n: int) -> str:
+def size_text(n: float) -> str:
     """Return a byte count as people read it (512 B, 1.5 MiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -33,6 +36,17 @@ def _statement(captured: str) -> str:
     sql, _, params = captured.partition(" -- params: ")
     note = " -- with parameters (values not shown)" if params else ""
     return sql.rstrip(";") + ";" + note
+
+
+def plan_and_lint(target: Target, settings: Settings, *, allow_destructive: bool = False,
+                  upto: str | None = None) -> tuple[Plan, LintReport]:
+    """Return the pending migrations (up to ``upto``) and the lint over the ones that will run.
+
+    The one way the flow, the fleet and ``dbmigrate plan`` judge what is pending.
+    """
+    plan = plan_apply(target, settings, upto=upto)
+    return plan, lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
+                              allow_destructive=allow_destructive)
 
 
 def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
@@ -119,8 +133,7 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
-        dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
-        return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
+        return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
     def to_dict(self) -> dict:

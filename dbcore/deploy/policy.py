@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Callable
 from urllib.parse import quote
 
-from dbcore.backup.dump import S3_ERRORS, BackupInfo, Progress, backup_to_s3
+from dbcore.backup.dump import S3_ERRORS, BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.restore import RestoreReport, inspect_target, restore_backup, verify_backup
 from dbcore.backup.storage import head, open_storage, replace_metadata
 from dbcore.connection import Env, Target, connect, connect_raw
@@ -154,7 +154,7 @@ class GuardedRestore:
 
 def restore_guarded(key: str, into: Target, settings: Settings, *, actor: str | None,
                     force: bool = False, allow_production: bool = False, jobs: int | None = None,
-                    progress: Progress | None = None, run_id: str | None = None) -> GuardedRestore:
+                    progress: BytesProgress | None = None, run_id: str | None = None) -> GuardedRestore:
     """Restore ``key`` into ``into`` as the policy says; return what happened.
 
     Locally: a plain restore (``force`` overwrites a database that is not empty). On a live

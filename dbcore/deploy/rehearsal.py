@@ -14,17 +14,17 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import peewee
 import psycopg2
 
-from dbcore.backup.dump import BackupInfo, backup_to_s3
-from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, raw_session
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -98,7 +98,7 @@ class ScratchCopy:
     method: str  # "stream" (restored from the backup's stream), "template" or "restore"
     seconds: float
     leftovers: Leftovers = field(default_factory=Leftovers)
-    holder: object = None  # the claiming session
+    holder: Any = None  # the claiming session (a psycopg2 connection)
 
     def release(self) -> None:
         """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
@@ -115,7 +115,7 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, Any]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
     leftovers = drop_leftovers(server, target.dbname)
@@ -126,11 +126,8 @@ def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[T
 
 
 def _server_major(target: Target) -> int:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
-    try:
+    with raw_session(target, "dbmigrate rehearsal") as conn:
         return server_major(conn)
-    finally:
-        conn.close()
 
 
 def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
@@ -212,17 +209,15 @@ def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set
 
 
 def _existing_tables(target: Target) -> set[str]:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
-                        "('pg_catalog', 'information_schema')")
-            return {row[0] for row in cur.fetchall()}
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"cannot read the tables of the copy: "
-                              f"{redact(str(exc).strip(), target.password)}") from None
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate rehearsal") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
+                            "('pg_catalog', 'information_schema')")
+                return {row[0] for row in cur.fetchall()}
+        except psycopg2.Error as exc:
+            raise RehearsalFailed(f"cannot read the tables of the copy: "
+                                  f"{redact(str(exc).strip(), target.password)}") from None
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,

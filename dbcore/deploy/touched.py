@@ -61,26 +61,27 @@ def tables_in_files(paths: Iterable[Path]) -> set[str] | None:
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and node.bases:
                 tables.add(_default_table_name(node.name))
-            elif isinstance(node, ast.Assign) and _is_str(node.value) and any(
+            elif isinstance(node, ast.Assign) and (name := _string(node.value)) and any(
                     isinstance(t, ast.Name) and t.id == "table_name" for t in node.targets):
-                tables.add(node.value.value)
-            elif isinstance(node, ast.Subscript) and _is_str(node.slice) and \
+                tables.add(name)
+            elif isinstance(node, ast.Subscript) and (name := _string(node.slice)) and \
                     isinstance(node.value, ast.Attribute) and node.value.attr == "orm":
-                tables.add(_default_table_name(node.slice.value))
+                tables.add(_default_table_name(name))
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                literal = bool(node.args) and _is_str(node.args[0])
+                literal = _string(node.args[0]) if node.args else None
                 if node.func.attr == "sql":
-                    found = tables_in_sql([node.args[0].value]) if literal else None
+                    found = tables_in_sql([literal]) if literal is not None else None
                     if found is None:
                         return None
                     tables |= found
-                elif literal:  # migrator.add_index("table", ...), migrator.drop_table("x")
-                    tables.add(node.args[0].value)
+                elif literal is not None:  # migrator.add_index("table", ...), migrator.drop_table("x")
+                    tables.add(literal)
     return {t for t in tables if _IDENTIFIER.fullmatch(t)}
 
 
-def _is_str(node: ast.AST) -> bool:
-    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+def _string(node: ast.AST) -> str | None:
+    """Return the string ``node`` is a literal of, or None."""
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def tables_of_plan(paths: Iterable[Path], captured: Iterable[str] | None = None) -> set[str] | None:
@@ -102,9 +103,9 @@ def _class_table(node: ast.ClassDef) -> str:
     for item in node.body:
         if isinstance(item, ast.ClassDef) and item.name == "Meta":
             for assign in item.body:
-                if isinstance(assign, ast.Assign) and _is_str(assign.value) and any(
+                if isinstance(assign, ast.Assign) and (name := _string(assign.value)) and any(
                         isinstance(t, ast.Name) and t.id == "table_name" for t in assign.targets):
-                    return assign.value.value
+                    return name
     return _default_table_name(node.name)
 
 
@@ -128,6 +129,12 @@ def _sql_tables(text: str) -> tuple[set[str], set[str]]:
     return created, dropped
 
 
+def _creates(decorator: ast.expr) -> bool:
+    """Whether a class decorator is ``@migrator.create_model`` (or ``create_table``), called or not."""
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(target, ast.Attribute) and target.attr in _CREATES
+
+
 def tables_created_by_files(paths: Iterable[Path]) -> set[str]:
     """Return the tables the migration files create and that a later one of them does not drop.
 
@@ -143,21 +150,18 @@ def tables_created_by_files(paths: Iterable[Path]) -> set[str]:
         classes = {n.name: _class_table(n) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
         forward = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "migrate"]
         for node in (inner for f in forward for inner in ast.walk(f)):  # not rollback()'s drops
-            if isinstance(node, ast.ClassDef) and any(
-                    (isinstance(d, ast.Attribute) and d.attr in _CREATES) or
-                    (isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in _CREATES)
-                    for d in node.decorator_list):
+            if isinstance(node, ast.ClassDef) and any(_creates(d) for d in node.decorator_list):
                 tables.add(classes[node.name])
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
                 first, attr = node.args[0], node.func.attr
-                name = (first.value if _is_str(first) else
-                        classes.get(first.id, _default_table_name(first.id)) if isinstance(first, ast.Name)
-                        else None)
-                if attr in _CREATES and isinstance(first, ast.Name):
-                    tables.add(name)
-                elif attr in _DROPS and name:
-                    tables.discard(name)
-                elif attr == "sql" and _is_str(first):
-                    created, dropped = _sql_tables(first.value)
+                literal = _string(first)
+                model = (classes.get(first.id, _default_table_name(first.id))
+                         if isinstance(first, ast.Name) else None)
+                if attr in _CREATES and model:
+                    tables.add(model)
+                elif attr in _DROPS and (literal or model):
+                    tables.discard(literal or model or "")
+                elif attr == "sql" and literal is not None:
+                    created, dropped = _sql_tables(literal)
                     tables = (tables | created) - dropped
     return {t for t in tables if t and _IDENTIFIER.fullmatch(t)}

@@ -10,8 +10,8 @@ functions are read where they are called.
 from __future__ import annotations
 
 import ast
-import logging
 import re
+from collections.abc import Iterable
 
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import RECIPES, SqlBatch
@@ -26,8 +26,6 @@ from dbcore.lint.syntax import (
     listed,
 )
 from dbcore.lint.values import Scope, table_of_class
-
-log = logging.getLogger(__name__)
 
 # migrator methods whose first argument is a model class (or a table name)
 MODEL_METHODS = {
@@ -81,15 +79,15 @@ class ModuleLint:
         for node in self.tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else \
                 [node.target] if isinstance(node, ast.AnnAssign) else []
-            if (any(isinstance(t, ast.Name) and t.id == name for t in targets)
-                    and isinstance(node.value, ast.Constant)):
-                return node.value.value
+            value = getattr(node, "value", None)
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets) and isinstance(value, ast.Constant):
+                return value.value
         return None
 
     def add(self, rule: str, line: int, message: str, severity=None) -> None:
         self.findings.append(finding(rule, self.file, line, message, severity))
 
-    def batch(self, droppable: set[str] = frozenset()) -> SqlBatch:
+    def batch(self, droppable: Iterable[str] = frozenset()) -> SqlBatch:
         return SqlBatch(droppable_tables=droppable, allow_destructive=self.allowed,
                         in_transaction=self.in_transaction, source=self.file)
 
@@ -195,8 +193,8 @@ class ModuleLint:
 
     # -- migrate(), rollback() and their helpers ------------------------------------------------
 
-    def _read(self, fn: ast.FunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
-              where: str, stack: list[ast.FunctionDef]) -> None:
+    def _read(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
+              where: str, stack: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> None:
         self.read.add(id(fn))
         migrator = aliases(fn, migrator)
         # `pw_migrate create --auto` writes `@migrator.create_model class File(pw.Model): ...`:
@@ -217,15 +215,17 @@ class ModuleLint:
                 self._helper_call(fn, call, scope, migrator, batch, where, stack)
 
     def _helper_call(self, fn, call: ast.Call, scope: Scope, migrator: set[str], batch: SqlBatch,
-                     where: str, stack: list[ast.FunctionDef]) -> None:
+                     where: str, stack: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> None:
         """Read a helper function where it is called, its migrator parameters as the migrator."""
+        assert isinstance(call.func, ast.Name)  # _read calls it for a call of a plain name
         helper = scope.function_named(call.func.id)
         if helper is None or helper in stack or len(stack) >= _MAX_HELPER_DEPTH:
             return
         params = [a.arg for a in helper.args.posonlyargs + helper.args.args]
         passed = {params[i] for i, arg in enumerate(call.args[:len(params)])
                   if isinstance(arg, ast.Name) and arg.id in migrator}
-        passed |= {k.arg for k in call.keywords if isinstance(k.value, ast.Name) and k.value.id in migrator}
+        passed |= {k.arg for k in call.keywords
+                   if k.arg is not None and isinstance(k.value, ast.Name) and k.value.id in migrator}
         nested = helper.name in scope.functions and scope is not self.module_scope
         closure = (migrator - set(params)) if nested else set()
         if passed | closure:
@@ -233,6 +233,7 @@ class ModuleLint:
             self._read(helper, inner, passed | closure, batch, where, stack + [helper])
 
     def _migrator_call(self, where: str, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
+        assert isinstance(call.func, ast.Attribute)  # migrator.METHOD(...)
         method = call.func.attr
         first = call.args[0] if call.args else keyword(call, "model")
         table = None
@@ -315,7 +316,7 @@ class ModuleLint:
             fields = scope.value(kw.value, call)
             if isinstance(fields, ast.Dict) and all(isinstance(k, ast.Constant) for k in fields.keys):
                 for key, value in zip(fields.keys, fields.values):
-                    yield str(key.value), scope.value(value, call), value.lineno
+                    yield str(getattr(key, "value", "")), scope.value(value, call), value.lineno
             else:
                 yield f"**{ast.unparse(kw.value)}", None, kw.value.lineno
 

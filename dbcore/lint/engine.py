@@ -10,7 +10,6 @@ Rule ids, severities and the safe recipes are documented in docs/lint-rules.md.
 from __future__ import annotations
 
 import ast
-import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,7 +23,6 @@ from dbcore.migrate.files import FILE_RE
 __all__ = ["RULES", "Finding", "LintReport", "lint_file", "lint_paths", "lint_pending",
            "lint_source", "lint_sql", "check_names"]
 
-log = logging.getLogger(__name__)
 
 _LEADING_NUMBER = re.compile(r"^(\d+)[_-]?(.*?)(\.py)?$")
 #: a line's own allow: `# dbmigrate: allow DS104` (several ids: separated by commas or spaces)

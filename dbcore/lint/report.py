@@ -6,11 +6,8 @@ both return the same ``Finding`` and the flow can put them in one artifact.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import Literal
-
-log = logging.getLogger(__name__)
 
 #: "note": something worth knowing that judges nothing (a finding in an applied file)
 Severity = Literal["error", "warning", "note"]

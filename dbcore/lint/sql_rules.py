@@ -10,7 +10,6 @@ of the same table are judged as they happen.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Iterator
 
@@ -20,8 +19,6 @@ from pglast.enums import AlterTableType, ConstrType, DropBehavior, NullTestType,
 from pglast.parser import ParseError
 
 from dbcore.lint.report import Finding, finding
-
-log = logging.getLogger(__name__)
 
 # psycopg2 placeholders (%s, %(name)s) and the escaped %%: PostgreSQL's parser knows $1 and %
 _PLACEHOLDER = re.compile(r"%(%|s|\([^)]*\)s)")
@@ -62,7 +59,8 @@ def statements_of(sql: str) -> Iterator[tuple[int, ast.Node]]:
     """Yield (line offset inside ``sql``, statement node); raise pglast's ParseError."""
     text = for_parser(sql)
     for raw in pglast.parse_sql(text):
-        yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
+        if raw.stmt is not None:  # every statement the parser returns has one
+            yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
 
 
 def dropped_tables(node: ast.Node) -> list[str]:

@@ -1,6 +1,6 @@
 """The Migrator applied and replayed migrations get: peewee-migrate 2.x plus the 1.x API real projects wrote.
 
-peewee-migrate's API moved (FIELD_NOTES.md): 1.6 flushes the queued operations with a bare
+peewee-migrate's API moved between 1.x and 2.x: 1.6 flushes the queued operations with a bare
 ``migrator.run()``, 1.7-1.11 with ``migrator()``; 1.12 turned ``run(fn)`` into "queue a Python
 function"; 1.14 removed ``add_columns``/``drop_columns``/``drop_table``/``python``. A project's
 history holds files of every era, and each must still replay and apply. The supported surface
@@ -9,8 +9,7 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
+from typing import Callable, cast
 
 import peewee
 from peewee_migrate import Migrator as _PeeweeMigrateMigrator
@@ -18,16 +17,7 @@ from peewee_migrate.migrator import ORM as _ORM
 from peewee_migrate.migrator import SchemaMigrator
 from playhouse.migrate import Operation, make_index_name
 
-from dbcore.errors import MigrationFileError
-
-log = logging.getLogger(__name__)
-
-
-class UnknownModel(MigrationFileError, KeyError, ValueError):
-    """``migrator.orm[...]`` (or a table name passed to the migrator) names no model the history defines."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+from dbcore.errors import MigrationFileError, UnknownModel
 
 
 class ORM(_ORM):
@@ -85,7 +75,7 @@ class Migrator(_PeeweeMigrateMigrator):
         super().__init__(database)
         self._orm = ORM()
 
-    @property
+    @property  # type: ignore[override]  # an attribute in peewee-migrate; here it replays when first read
     def orm(self) -> ORM:
         if self._replay is not None:
             replay, self._replay = self._replay, None
@@ -106,7 +96,7 @@ class Migrator(_PeeweeMigrateMigrator):
     @property
     def database(self) -> peewee.Database:
         """The database the migrator runs on (1.x's ``migrator.database``)."""
-        return self.__database__
+        return cast(peewee.Database, self.__database__)  # never a Proxy here
 
     @property
     def ops(self) -> list:
@@ -167,7 +157,7 @@ class Migrator(_PeeweeMigrateMigrator):
 
     def add_columns(self, model, **fields: peewee.Field):
         """Add columns (the guide's and 1.x's name for ``add_fields``)."""
-        return self.add_fields(model, **fields)
+        return self.add_fields(model, **fields)  # type: ignore[arg-type]  # fields by name
 
     def change_columns(self, model, **fields: peewee.Field):
         return self.change_fields(model, **fields)
@@ -205,8 +195,8 @@ class Migrator(_PeeweeMigrateMigrator):
         """Column names for ``names``, each a field name, a column name (1.x files use both) or as is."""
         fields = model._meta.fields
         by_column = {f.column_name: f for f in fields.values()}
-        return [(fields.get(n) or by_column.get(n)).column_name if (n in fields or n in by_column)
-                else n for n in names]
+        return [field.column_name if (field := fields.get(n) or by_column.get(n)) is not None else n
+                for n in names]
 
     def add_index(self, model, *columns: str, unique: bool = False, **index_params):
         """Create an index on fields named by field or column name (``add_index("wiki", "sid", "slug")``)."""

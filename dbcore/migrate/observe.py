@@ -93,7 +93,7 @@ class SqlRecorder:
         self.observer = observer
         self._on: tuple[list[str], str, Phase] | None = None
         self._original = db.execute_sql
-        db.execute_sql = self._execute_sql
+        db.execute_sql = self._execute_sql  # type: ignore[method-assign]  # on this object only
 
     def _execute_sql(self, sql, params=None, *args, **kwargs):
         if self._on is None:

@@ -78,6 +78,7 @@ class Plan:
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
+    dbname: str = ""  # the database's name, as the approver reads it
 
     @property
     def names(self) -> list[str]:
@@ -178,7 +179,7 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     pending = pending_files(files, applied, upto)
     for f in pending:
         load(f)  # fail now, naming the file, rather than after earlier ones ran
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname)
 
 
 def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
@@ -207,4 +208,5 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
         if load(by_name[name]).rollback is None:
             raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
                                      "or restore the database from its backup")
-    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
+    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen),
+                target.dbname)

@@ -234,8 +234,9 @@ def _send(run: _Run, phase: Phase, loaded: LoadedMigration) -> MigrationResult:
         if run.plan.action == "apply":
             loaded.migrate(run.migrator, run.db, fake=False)
         else:
+            assert loaded.rollback is not None  # plan_rollback refused a file without one
             loaded.rollback(run.migrator, run.db, fake=False)
-        run.migrator.flush()
+        run.migrator.flush()  # queued operations are sent now
     seconds = time.monotonic() - started
     return MigrationResult(loaded.file.name, seconds, tuple(statements), loaded.file.atomic)
 
@@ -315,7 +316,7 @@ def _rolled_back(db: peewee.Database) -> Iterator[None]:
         pass
 
 
-def _pgcode(exc: BaseException) -> str | None:
+def _pgcode(exc: BaseException | None) -> str | None:
     """Return the SQLSTATE behind a peewee/psycopg2 error, if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -7,7 +7,6 @@ user through ``runuser`` and the data folder is handed to that user.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import shutil
 import subprocess
@@ -17,8 +16,6 @@ from pathlib import Path
 from dbcore.backup.pgtools import major_of_path
 from dbcore.errors import ConfigError
 from dbcore.ports import free_port
-
-log = logging.getLogger(__name__)
 
 SERVER_USER = "postgres"
 

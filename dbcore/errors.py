@@ -68,6 +68,14 @@ class PlanOutdated(DbcoreError):
     """The database's migration history changed between planning and applying."""
 
 
+class LintStopped(DbcoreError):
+    """The pending migrations have lint errors: nothing was run."""
+
+
+class RollbackRefused(DbcoreError):
+    """A migration to roll back has a missing or empty rollback() while its migrate() changed the schema."""
+
+
 class NothingToRollback(DbcoreError):
     """Rollback was asked for more migrations than are applied."""
 
@@ -78,6 +86,10 @@ class PreflightFailed(DbcoreError):
 
 class RehearsalFailed(DbcoreError):
     """The plan failed on the scratch copy: the live database was not touched."""
+
+
+class RehearsalMajorMismatch(RehearsalFailed):
+    """The rehearsal server runs another PostgreSQL major than the target, and the same was required."""
 
 
 class RollbackFailed(DbcoreError):

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     rehearsal_database_url: SecretStr | None = None
     #: production: let the rehearsal copy be made on the target's own cluster
     rehearsal_on_target: bool = False
+    #: refuse a rehearsal server whose PostgreSQL major differs from the target's: which
+    #: statements rewrite or scan a table differs between majors
+    rehearsal_same_major: bool = False
+    #: seconds a table's writes may stay blocked, as measured on the rehearsal's copy, before a
+    #: live run stops (rule DL001; locally a warning)
+    lock_budget: float = Field(default=5.0, ge=0)
+
+    # -- index proposals and the team's own data checks (dbcore/advise/, dbcore/checks/data.py)
+    #: `dbmigrate suggest-indexes`: an index is proposed only if it lowers some query's planned
+    #: cost by at least this many percent (HypoPG on a copy)
+    index_min_saving: float = Field(default=50.0, gt=0, lt=100)
+    #: a command of the team's (its smoke tests) run against the rehearsal's migrated copy, with
+    #: DATABASE_URL set to the copy; empty: none. Split like a shell line, run without a shell
+    verify_command: str = ""
+    #: seconds the verify command may run before the rehearsal stops it and fails
+    verify_timeout: float = Field(default=600.0, gt=0)
 
     # -- fleets (flows/fleet.py)
     #: the most databases one fleet run takes: each is planned one after the other before the

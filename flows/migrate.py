@@ -39,7 +39,9 @@ from dbcore.deploy.plan import DeployPlan
 from dbcore.deploy.run import DeployRun, RunOptions, handed_over, handing_over
 from dbcore.deploy.steps import ApprovedChange, Models
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed, PlanChangedSinceApproval
+from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
+from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
 from dbcore.services.local import ensure_local_cluster
 from dbcore.settings import describe_invalid
@@ -136,9 +138,7 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:
-        create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
-                                 description="Lint errors stopped the run")
-        raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+        _stopped_at_lint(run, plan, lint_report)
     backup_info = rehearsal = checked_before = None
     if run.options.backup:
         with _stage("configuration", run.secret):
@@ -148,18 +148,38 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
         with _stage("backup", run.secret):
             # the rehearsal's copy is made on that server while the backup uploads
             backup_info, copy = tasks.take_backup(run, plan, server)
-        with _stage("rehearsal", run.secret):
-            rehearsal = tasks.rehearse(run, plan, backup_info, models, copy)
+        try:
+            with _stage("rehearsal", run.secret):
+                rehearsal = tasks.rehearse(run, plan, backup_info, models, copy)
+        except _RunEnds as ended:  # the migrations failed on the copy: the plan says why too
+            _publish_failed_rehearsal(DeployPlan(str(run.target.env), plan, lint_report, backup_info,
+                                                 None, checked_before), ended.state.message or "")
+            raise
     deploy = DeployPlan(str(run.target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
-    if not deploy.ok:
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
-                                               "migration-plan artifact)"))
+    if not deploy.ok:  # the last line names the first thing that stops it
+        raise _RunEnds(_failed_at("rehearsal", deploy.stop_reason()))
     if run.options.dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
     return deploy, models
+
+
+def _stopped_at_lint(run: DeployRun, plan: Plan, lint_report: LintReport) -> None:
+    """End the run at lint: the findings in the log, both artifacts, the first error in the last line."""
+    create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
+                             description="Lint errors stopped the run")
+    create_markdown_artifact(DeployPlan(str(run.target.env), plan, lint_report).to_markdown(),
+                             key="migration-plan", description="Lint errors stopped the run")
+    get_run_logger().error("lint stopped the run:\n%s", lint_report.text())
+    raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+
+
+def _publish_failed_rehearsal(deploy: DeployPlan, why: str) -> None:
+    """The migration-plan artifact of a run whose migrations failed on the copy, saying why."""
+    create_markdown_artifact(f"{deploy.to_markdown()}\n\n### Rehearsal on a copy failed\n\n{md_cell(why)}",
+                             key="migration-plan", description=why[:200])
 
 
 def _decide(run: DeployRun, deploy: DeployPlan, fleet_approval: Optional[FleetApproval]
@@ -268,11 +288,13 @@ def migrate(
     migrations_dir: Optional[str] = None,
     database_url_env: Optional[str] = None,
     fleet_approval: Optional[FleetApproval] = None,
+    allow_long_locks: bool = False,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
     options = RunOptions(env, dry_run, backup, allow_destructive, require_approval,
-                         approval_timeout_seconds, migrations_dir, database_url_env)
+                         approval_timeout_seconds, migrations_dir, database_url_env,
+                         allow_long_locks=allow_long_locks)
     try:
         with _stage("configuration"):
             run = _resolve(options)
@@ -327,16 +349,21 @@ def main(argv: Optional[list] = None) -> int:
                         help="local only: skip the backup and the rehearsal")
     parser.add_argument("--allow-destructive", action="store_true",
                         help="allow migrations that drop tables")
+    parser.add_argument("--allow-long-locks", action="store_true",
+                        help="go on when a table's writes stay blocked longer than "
+                             "MIGRATE_LOCK_BUDGET on the copy (recorded in the plan and the audit)")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
     options = RunOptions(args.env, args.dry_run, args.backup, args.allow_destructive,
-                         args.require_approval, migrations_dir=args.migrations_dir)
+                         args.require_approval, migrations_dir=args.migrations_dir,
+                         allow_long_locks=args.allow_long_locks)
     prepared = _head_start(options)
     try:
         with handing_over(prepared) if prepared else contextlib.nullcontext():
             ran = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
                           backup=args.backup, allow_destructive=args.allow_destructive,
-                          migrations_dir=args.migrations_dir, return_state=True)
+                          migrations_dir=args.migrations_dir,
+                          allow_long_locks=args.allow_long_locks, return_state=True)
         state = cast(State, ran)  # a sync flow: the state itself
     finally:
         if prepared is not None and prepared.head_start is not None:

@@ -21,7 +21,7 @@ from dbcore.connection import Target
 from dbcore.deploy import recovery
 from dbcore.deploy.run import DeployRun
 from dbcore.deploy.steps import ApprovedChange
-from dbcore.errors import DbcoreError, RollbackFailed
+from dbcore.errors import DbcoreError, RollbackFailed, RollbackRefused
 from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
@@ -82,6 +82,8 @@ def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: s
             return f"rollback functions ({', '.join(undone)})"
         logger.error("after the rollback functions the schema differs from before the apply:\n%s",
                      "\n".join(diff))
+    except RollbackRefused as exc:  # nothing ran: a rollback() that undoes nothing
+        logger.error("%s: going straight to the restore of the backup", exc)
     except DbcoreError as exc:
         logger.error("rollback functions failed: %s", exc)
     if not backup_key:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import peewee
 
 from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
+from dbcore.checks.data import DataChecks
 from dbcore.checks.drift import DriftReport
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.deploy import plan as plans
@@ -99,7 +100,8 @@ def rehearse(run: DeployRun, plan: Plan, backup_info: BackupInfo, models: Models
     return rehearse_on_copy(plan, run.target, run.settings, backup_info.key, copy=copy,
                             server=None if copy else rehearsal_server(run), models=models,
                             run_id=run.run_id, allow_destructive=run.options.allow_destructive,
-                            restore_progress=restore_progress)
+                            restore_progress=restore_progress,
+                            allow_long_locks=run.options.allow_long_locks)
 
 
 def plan_again(run: DeployRun, deploy: DeployPlan) -> Plan | None:
@@ -133,9 +135,13 @@ class ApprovedChange:
 
 def snapshot_before(run: DeployRun, deploy: DeployPlan, models: Models | None, actor: str | None,
                     approval: ApprovalRecord) -> ApprovedChange:
-    """Take the schema snapshot and the drift of the live database right before the apply."""
+    """Take the schema snapshot and the drift of the live database right before the apply.
+
+    The lock budget breaches that were allowed go into the approval's comment: the audit rows.
+    """
     return ApprovedChange(deploy.plan, models, deploy.backup.key if deploy.backup else None, actor,
-                          schema_snapshot(run.target), drift_before(run.target, models), approval)
+                          schema_snapshot(run.target), drift_before(run.target, models),
+                          deploy.record_allowances(approval))
 
 
 def apply(run: DeployRun, approved: ApprovedChange) -> RunReport:
@@ -145,8 +151,10 @@ def apply(run: DeployRun, approved: ApprovedChange) -> RunReport:
 
 
 def post_checks(run: DeployRun, approved: ApprovedChange) -> CheckReport:
-    """Return the drift and invalid-index checks of the live database, judged against before the apply."""
-    return run_post_checks(run.target, approved.models, before=approved.drift_before)
+    """Return the drift and invalid-index checks of the live database, judged against before the
+    apply, and the team's data checks of the migrations applied (dbcore/checks/data.py)."""
+    data = DataChecks.of(run.settings, [m.path for m in approved.plan.migrations], rehearsal=False)
+    return run_post_checks(run.target, approved.models, before=approved.drift_before, data=data)
 
 
 def _log_applied(event: ProgressEvent) -> None:

@@ -18,6 +18,22 @@ def is_trivial(body: list[ast.stmt]) -> bool:
                or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body)
 
 
+def rollback_gap(source: str) -> str | None:
+    """Return why a migration's rollback() cannot undo it: "missing" or "empty" while migrate()
+    does something; None when it has one (or migrate() does nothing, or the file does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    migrate, rollback = functions.get("migrate"), functions.get("rollback")
+    if migrate is None or is_trivial(migrate.body):
+        return None
+    if rollback is None:
+        return "missing"
+    return "empty" if is_trivial(rollback.body) else None
+
+
 def position(node: ast.AST) -> tuple[int, int]:
     return (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))
 

@@ -9,6 +9,10 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Callable, cast
 
 import peewee
@@ -18,6 +22,45 @@ from peewee_migrate.migrator import SchemaMigrator
 from playhouse.migrate import Operation, make_index_name
 
 from dbcore.errors import MigrationFileError, UnknownModel
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where in a migration file a statement comes from: the line of the migrator call that queued it."""
+
+    file: str
+    line: int
+
+
+def site_in(path: str | None, frame) -> CallSite | None:
+    """Return the innermost line of file ``path`` on the stack from ``frame`` outwards (None if absent)."""
+    while path and frame is not None:
+        if frame.f_code.co_filename == path:
+            return CallSite(path, frame.f_lineno)
+        frame = frame.f_back
+    return None
+
+
+class _Queue(list):
+    """The migrator's queued operations, each with the call site in the running migration that queued it.
+
+    Operations run later, at the flush (after migrate() returned, or at a 1.x ``migrator.run()``):
+    the line that queued one is only known now.
+    """
+
+    def __init__(self, owner: Migrator, ops=()):
+        super().__init__(ops)
+        self.owner = owner
+        self.sites: list[CallSite | None] = list(getattr(ops, "sites", [None] * len(self)))
+
+    def append(self, op) -> None:
+        super().append(op)
+        self.sites.append(site_in(self.owner.running_file, sys._getframe(1)))
+
+    def extend(self, ops) -> None:
+        ops = list(ops)
+        super().extend(ops)
+        self.sites.extend([site_in(self.owner.running_file, sys._getframe(1))] * len(ops))
 
 
 class ORM(_ORM):
@@ -69,6 +112,12 @@ class Migrator(_PeeweeMigrateMigrator):
 
     #: True while applied files replay: flushes drop the queued operations instead of running them
     replaying = False
+    #: the migration file running now (its path, as compiled): where call sites are looked for
+    running_file: str | None = None
+    #: the call site of the queued operation being flushed
+    flushing: CallSite | None = None
+    #: while replaying: the columns each table of the database has now (None: not known)
+    actual_columns: dict[str, set[str]] | None = None
 
     def __init__(self, database: peewee.Database, *, replay: Callable[[Migrator], None] | None = None):
         self._replay = replay
@@ -79,7 +128,12 @@ class Migrator(_PeeweeMigrateMigrator):
     def orm(self) -> ORM:
         if self._replay is not None:
             replay, self._replay = self._replay, None
-            replay(self)
+            # what the replay reads (the history) is the product's, not the running migration's
+            running, self.running_file = self.running_file, None
+            try:
+                replay(self)
+            finally:
+                self.running_file = running
         return self._orm
 
     @orm.setter
@@ -106,6 +160,33 @@ class Migrator(_PeeweeMigrateMigrator):
     def migrator(self):
         return self.__migrator__
 
+    # peewee-migrate's plain list becomes a queue that also keeps each operation's call site
+    @property  # type: ignore[override]
+    def __ops__(self) -> _Queue:
+        return self._queue
+
+    @__ops__.setter
+    def __ops__(self, ops) -> None:
+        self._queue = ops if isinstance(ops, _Queue) else _Queue(self, ops)
+
+    @contextlib.contextmanager
+    def running(self, path) -> Iterator[None]:
+        """Record call sites in migration file ``path`` while its migrate() or rollback() runs."""
+        before, self.running_file = self.running_file, str(path)
+        try:
+            yield
+        finally:
+            self.running_file, self.flushing = before, None
+
+    def call_site(self) -> CallSite | None:
+        """Return the line of the running migration a statement sent now comes from.
+
+        During a flush, the call that queued the operation; otherwise the migration's own line on
+        the stack (``database.execute_sql``, a savepoint it opened). None: the product's own
+        statement (history, introspection), not the migration's.
+        """
+        return self.flushing or site_in(self.running_file, sys._getframe(1))
+
     def rebind(self, database: peewee.Database) -> None:
         """Run on ``database`` from now on: the schema migrator and every model of :attr:`orm`."""
         self.__database__ = database
@@ -121,11 +202,15 @@ class Migrator(_PeeweeMigrateMigrator):
         if self.replaying:
             return
         # Migrator.__call__ would wrap these in its own atomic(): the runner decides the transaction.
-        for op in ops:
-            if isinstance(op, Operation):
-                op.run()
-            else:
-                op()
+        try:
+            for op, site in zip(ops, ops.sites):
+                self.flushing = site
+                if isinstance(op, Operation):
+                    op.run()
+                else:
+                    op()
+        finally:
+            self.flushing = None
 
     def drop_queued(self) -> None:
         """Forget the queued operations without running them."""
@@ -166,10 +251,18 @@ class Migrator(_PeeweeMigrateMigrator):
         return self.rename_field(model, old_name, new_name)
 
     def drop_columns(self, model, *names, cascade: bool = True):
-        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too."""
-        flat = [n for name in names for n in ([name] if isinstance(name, str) else name)]
+        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too.
+
+        A list is read two ways (docs/migrations.md): peewee-migrate takes it as one name no field
+        has and drops nothing; a pending file (the lint's DM012 made it explicit) drops each column.
+        Replaying an applied file, the database says which reading ran: a listed column it still
+        has was not dropped, so the replayed model keeps it.
+        """
         model = self.__get_model__(model)
         meta = model._meta
+        still_there = (self.actual_columns or {}).get(meta.table_name, set()) if self.replaying else set()
+        flat = [n for name in names for n in ([name] if isinstance(name, str) else
+                                              [x for x in name if x not in still_there])]
         known = {f.name for f in meta.fields.values()} | {f.column_name for f in meta.fields.values()}
         by_column = {f.column_name: f.name for f in meta.fields.values()}
         fields = [by_column.get(n, n) for n in flat if n in known]

@@ -66,6 +66,7 @@ class FileRouter(Router):
         stand_in = ReplayDatabase(f"replay of {self.database.database}", server_version=version)
         replaying = Migrator(stand_in)
         replaying.replaying = True
+        replaying.actual_columns = self._columns_now()
         names = list(self.done)
         self.replayed = replay(replaying, names, self._read_for_replay, guarded=[self._database])
         orm = replaying.orm
@@ -77,6 +78,20 @@ class FileRouter(Router):
     def _database(self) -> peewee.Database:
         """The target database (peewee-migrate types it as a Database or a Proxy; here it is a Database)."""
         return cast(peewee.Database, self.database)
+
+    def _columns_now(self) -> dict[str, set[str]]:
+        """Return the columns of each table the database has now (read before the replay guards it).
+
+        Read through a cursor of its own, not ``execute_sql``: the product's read, not a statement
+        of the migration being run.
+        """
+        cursor = self.database.cursor()
+        cursor.execute("SELECT table_name, column_name FROM information_schema.columns "
+                       "WHERE table_schema = current_schema()")
+        columns: dict[str, set[str]] = {}
+        for table, column in cursor.fetchall():
+            columns.setdefault(table, set()).add(column)
+        return columns
 
     def _read_for_replay(self, name: str):
         loaded = load(self._file(name))

@@ -38,6 +38,11 @@ def find_pg_bindir(program: str = "initdb") -> Path:
     )
 
 
+def preloadable(library: str) -> bool:
+    """Return True when the server's lib folder holds ``library`` (contrib may be absent)."""
+    return (find_pg_bindir("postgres").parent / "lib" / f"{library}.so").exists()
+
+
 def _as_server_user(cmd: list[str]) -> list[str]:
     if os.geteuid() == 0:
         return ["runuser", "-u", SERVER_USER, "--", *cmd]
@@ -132,6 +137,8 @@ class PostgresCluster:
         if not self.port:
             self.port = free_port()
         options = f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1"
+        if preloadable("pg_stat_statements"):  # the queries `dbmigrate suggest-indexes` reads
+            options += " -c shared_preload_libraries=pg_stat_statements"
         if fast:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         try:

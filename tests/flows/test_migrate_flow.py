@@ -7,7 +7,14 @@ import subprocess
 import textwrap
 
 import pytest
-from flowruns import applied, artifacts, final_state, run_in_background, wait_for_pause
+from flowruns import (
+    applied,
+    artifacts,
+    final_state,
+    run_in_background,
+    use_models_ahead,
+    wait_for_pause,
+)
 from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump
 from prefect import flow
 from prefect.flow_runs import resume_flow_run
@@ -76,23 +83,7 @@ def test_failed_post_checks_roll_back_by_the_rollback_functions(flow_env, db_url
                                                                 tmp_path):
     apply_pending(Target(Env.LOCAL, db_url), flow_env, upto="003")
     before = schema_dump(db_url)
-    # Models that disagree with what 004 builds (a difference the batch introduced: one that was
-    # there before the apply would only be a note): the post-checks must fail.
-    (tmp_path / "models_ahead.py").write_text(textwrap.dedent("""\
-        import peewee as pw
-        from dbcore.models import Document, Project, SourceDir
-
-        class SourceDirAhead(SourceDir):
-            language = pw.CharField(max_length=5)  # 004 adds it as varchar(2)
-
-            class Meta:
-                table_name = "sourcedir"
-                indexes = ((("project", "path", "language"), True),)
-
-        MODELS = [Project, SourceDirAhead, Document]
-        """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")
+    use_models_ahead(monkeypatch, tmp_path)  # the post-checks must fail
     state = migrate(backup=False, return_state=True)
     assert state.is_failed()
     assert state.message.startswith("failed after apply at post-checks")

@@ -153,6 +153,10 @@ class FleetFileError(ConfigError):
     """The targets file is not a valid fleet document."""
 
 
+class FleetApprovalRefused(DbcoreError):
+    """A run was handed a fleet approval that Prefect's record of the fleet run does not bear out."""
+
+
 class PlanNotApproved(DbcoreError):
     """A database's plan differs from the one the fleet's approval covered."""
 

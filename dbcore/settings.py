@@ -15,7 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dbcore.errors import ConfigError
-from dbcore.redact import url_password
+from dbcore.redact import url_password, webhook_secrets
 
 #: where `make run` keeps the embedded PostgreSQL cluster and S3 server (ignored by git)
 DEFAULT_LOCAL_DIR = Path(".local")
@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     #: seconds the verify command may run before the rehearsal stops it and fails
     verify_timeout: float = Field(default=600.0, gt=0)
 
+    # -- fleets (flows/fleet.py)
+    #: the most databases one fleet run takes: each is planned one after the other before the
+    #: approval, and each becomes a flow run; a larger fleet is split into several targets files
+    fleet_max_databases: int = Field(default=500, ge=1)
+
     # -- backups (S3-compatible storage; credentials come from boto3's own chain)
     s3_bucket: str = ""
     s3_prefix: str = "backups"
@@ -145,9 +150,13 @@ class Settings(BaseSettings):
         return url_password(self.database_url.get_secret_value()) if self.database_url else None
 
     def secrets(self) -> list[str]:
-        """Return every password the settings hold (DATABASE_URL, the rehearsal server), to scrub."""
+        """Return every secret the settings hold (the passwords of DATABASE_URL and the rehearsal
+        server, the webhook's token), to scrub; the environment's own are scrubbed anyway."""
         urls = [u.get_secret_value() for u in (self.database_url, self.rehearsal_database_url) if u]
-        return [p for p in map(url_password, urls) if p]
+        found = [p for p in map(url_password, urls) if p]
+        if self.notify_url:
+            found += webhook_secrets(self.notify_url.get_secret_value())
+        return found
 
 
 def describe_invalid(exc: ValidationError) -> str:

@@ -14,7 +14,7 @@ import hashlib
 from contextvars import ContextVar
 from typing import Optional
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from dbcore.connection import Target
@@ -26,6 +26,7 @@ from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
+from flows.scrub import task
 
 #: the run and its approved change, handed to the subflow started in the same thread
 _HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("dbmigrate_rollback", default=None)

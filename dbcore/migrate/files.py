@@ -100,9 +100,14 @@ def discover(migrations_dir: Path) -> list[MigrationFile]:
     files = []
     for path in sorted(migrations_dir.iterdir()):
         if FILE_RE.match(path.name):
-            source = path.read_text(encoding="utf-8")
             # A broken file is recorded, not raised: `status` and `new` must still work;
             # planning it (load) refuses.
+            try:
+                source = read_source(path)
+            except MigrationFileError as exc:
+                files.append(MigrationFile(name=path.stem, path=path, atomic=True, error=str(exc),
+                                           sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+                continue
             try:
                 atomic, error = not _declares_non_atomic(source, path), None
             except MigrationFileError as exc:
@@ -114,9 +119,21 @@ def discover(migrations_dir: Path) -> list[MigrationFile]:
     return files
 
 
+def read_source(path: Path) -> str:
+    """Return a migration file's text; raise MigrationFileError (one line) when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data[:exc.start].count(b"\n") + 1
+        raise MigrationFileError(
+            f"migration {path.name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}): "
+            "save it as UTF-8; nothing was applied") from None
+
+
 def load(file: MigrationFile) -> LoadedMigration:
     """Compile and execute a migration file's module; raise MigrationFileError naming the file."""
-    source = file.path.read_text(encoding="utf-8")
+    source = read_source(file.path)
     try:
         # Compiled under its real file name, so that tracebacks and errors point at it.
         code = compile(source, str(file.path), "exec", dont_inherit=True)

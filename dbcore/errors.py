@@ -33,6 +33,10 @@ class MigrationFileError(DbcoreError):
     """A migration file cannot be read or compiled (syntax error, missing file, bad name)."""
 
 
+class MigrationExited(DbcoreError):
+    """Migration code called sys.exit(): a failure, never a quiet end."""
+
+
 class MigrationFailed(DbcoreError):
     """A migration raised while running; its batch was rolled back."""
 

@@ -13,9 +13,9 @@ from dbcore.deploy.plan import DeployPlan
 from dbcore.errors import ConfigError
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.files import new_migration, status
+from dbcore.migrate.isolated import execute_isolated as execute  # migration code in a child
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
 from dbcore.migrate.retry import apply_retrying
-from dbcore.migrate.runner import execute
 
 
 def _print_progress(event: ProgressEvent) -> None:

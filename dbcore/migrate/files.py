@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import peewee
 
-from dbcore.errors import ConfigError, MigrationFileError
+from dbcore.errors import ConfigError, MigrationExited, MigrationFileError
 from dbcore.migrate.history import read_applied
+from dbcore.sandbox import ChildEnded, child_env, emit, run_in_child
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,21 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
     return False
 
 
+def has_rollback(file: MigrationFile) -> bool:
+    """Return True when the module defines (or imports) ``rollback`` at top level (read by AST, not run)."""
+    tree = ast.parse(file.path.read_text(encoding="utf-8"), filename=str(file.path))
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "rollback":
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "rollback"
+                                                for t in node.targets):
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                (a.asname or a.name) == "rollback" for a in node.names):
+            return True
+    return False
+
+
 def _syntax_message(path: Path, exc: SyntaxError) -> str:
     return (f"migration {path.name} has a syntax error at line {exc.lineno}: {exc.msg}: "
             "fix the file; nothing was applied")
@@ -127,6 +143,10 @@ def load(file: MigrationFile) -> LoadedMigration:
     scope: dict[str, Any] = {"__file__": str(file.path), "__name__": f"migration_{file.name}"}
     try:
         exec(code, scope)
+    except SystemExit as exc:  # sys.exit() at module level: a failure, never a quiet end
+        raise MigrationFileError(
+            f"migration {file.path.name} calls sys.exit({exc.code!r}) on load: remove it; "
+            "nothing was applied") from None
     except Exception as exc:  # a broken import or module-level code
         raise MigrationFileError(
             f"migration {file.path.name} fails on load: {type(exc).__name__}: {exc}: fix the "
@@ -139,7 +159,57 @@ def load(file: MigrationFile) -> LoadedMigration:
             "function: add one (`dbmigrate new` writes the template)"
         )
     rollback = scope.get("rollback")
-    return LoadedMigration(file, migrate, rollback if callable(rollback) else None, scope)
+    return LoadedMigration(file, _no_exit(file, migrate, "migrate()"),
+                           _no_exit(file, rollback, "rollback()") if callable(rollback) else None,
+                           scope)
+
+
+def review_env(*secrets: str | None, database_url: str | None = None) -> dict[str, str]:
+    """Return the environment of code under review: no database at all, or only ``database_url`` (a copy).
+
+    ``secrets`` are the target's passwords: a variable holding one is left out too.
+    """
+    return child_env(database_url=database_url, secrets=[s for s in secrets if s])
+
+
+def _load_each(files: list[MigrationFile]) -> None:
+    """(In the child.) Compile and run each file's module, announcing it first."""
+    for f in files:
+        emit("loading", f.name)
+        load(f)
+
+
+def load_checked(files: list[MigrationFile], env: dict[str, str], deadline: float) -> None:
+    """Load every file in a child process with environment ``env``; raise MigrationFileError naming one.
+
+    Module-level code of a migration (and whatever it imports) runs there, never in this process:
+    before an approval ``env`` names no database (:func:`review_env`).
+    """
+    if not files:
+        return
+    try:
+        run_in_child(_load_each, list(files), env=env, what="loading the migration files",
+                     deadline=deadline)
+    except ChildEnded as exc:
+        loading = [v for k, v in exc.events if k == "loading"]
+        name = f"{loading[-1]}.py" if loading else "a migration file"
+        raise MigrationFileError(f"migration {name}: the process loading it {exc.reason}: remove "
+                                 "what ends the process from its module-level code; nothing was "
+                                 "applied") from None
+
+
+def _no_exit(file: MigrationFile, function: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """Return ``function`` with a SystemExit it raises turned into MigrationExited (an error)."""
+
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except SystemExit as exc:
+            raise MigrationExited(f"{what} of {file.path.name} called sys.exit({exc.code!r}): "
+                                  "a migration ends by returning or raising") from None
+
+    call.__wrapped__ = function
+    return call
 
 
 def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:

@@ -14,7 +14,7 @@ import peewee
 
 from dbcore.connection import Target, connect
 from dbcore.errors import ConfigError, MigrationFileError, NothingToRollback, PlanOutdated
-from dbcore.migrate.files import MigrationFile, discover, load
+from dbcore.migrate.files import MigrationFile, discover, has_rollback, load_checked, review_env
 from dbcore.migrate.history import read_applied
 from dbcore.settings import Settings
 
@@ -149,8 +149,9 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     """Return the plan of pending migrations (up to ``upto``), every file compiled and checked."""
     files, applied = read_state(target, settings, db)
     pending = pending_files(files, applied, upto)
-    for f in pending:
-        load(f)  # fail now, naming the file, rather than after earlier ones ran
+    # fail now, naming the file, rather than after earlier ones ran; in a child process whose
+    # environment names no database: the files are code under review (dbcore.sandbox)
+    load_checked(pending, review_env(*settings.secrets(), target.password), settings.apply_deadline)
     return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
 
 
@@ -176,8 +177,10 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
         raise MigrationFileError(
             f"cannot roll back {', '.join(missing)}: the file is missing from "
             f"{settings.migrations_dir}: restore it from version control")
+    load_checked([by_name[n] for n in chosen], review_env(*settings.secrets(), target.password),
+                 settings.apply_deadline)
     for name in chosen:
-        if load(by_name[name]).rollback is None:
+        if not has_rollback(by_name[name]):
             raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
                                      "or restore the database from its backup")
     return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))

@@ -48,6 +48,10 @@ class MigrationFailed(DbcoreError):
         self.committed: tuple[str, ...] = tuple(committed)
 
 
+class SqlDiffers(MigrationFailed):
+    """The apply would send other schema SQL than the rehearsal did; stopped before it committed."""
+
+
 class TransactionBroken(MigrationFailed):
     """A migration ended the batch transaction itself (COMMIT, ROLLBACK): part of the batch is committed."""
 

@@ -37,7 +37,7 @@ from dbcore.checks.post import load_models
 from dbcore.connection import Env, Target, resolve_target
 from dbcore.deploy import head_start, policy
 from dbcore.deploy.fleet import FleetApproval
-from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
+from dbcore.deploy.plan import DeployPlan, plan_changes
 from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
@@ -70,6 +70,7 @@ class _Approved:
     schema_before: str
     drift_before: object  # the live database's drift before the apply, judged against after it
     approval: ApprovalRecord  # who approved (if anyone), why, and the fingerprint of the plan
+    rehearsed: Optional[dict] = None  # the SQL the rehearsal sent, by migration: the apply sends the same
 
 
 def _run_name() -> str:
@@ -133,7 +134,7 @@ def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: 
         tasks.check_connection(target)
     with _stage("plan", secret):
         plan, lint_report = tasks.make_plan(target, settings, allow_destructive)
-        models = load_models(settings.models)
+        models = settings.models  # imported in the rehearsal's child; here only once approved
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:
@@ -195,7 +196,7 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
             again, _ = tasks.make_plan(target, settings, allow_destructive)
         if again.empty:  # another run applied it while this one waited
             raise _RunEnds(Completed(message="up to date (another run applied these meanwhile)"))
-        if plan_fingerprint(again, backup_key) != fingerprint:
+        if deploy.fingerprint_of(again) != fingerprint:  # files, folder and rehearsed SQL
             raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
                                           f"{plan_changes(plan, again)}; run again and approve the "
                                           "new plan"))
@@ -203,8 +204,10 @@ def _approve(deploy: DeployPlan, models: list, target: Target, settings: Setting
         tasks.preflight(target, settings, plan, "before the apply", deploy.rehearsal)
     with _stage("snapshot", secret):
         before = tasks.snapshot(target)
+        models = load_models(models)  # the app's code: only now, approved
         drift = tasks.drift_before(target, models)
-    return _Approved(plan, models, backup_key, actor, before, drift, approval)
+    rehearsed = tasks.rehearsed_sql(deploy.rehearsal)
+    return _Approved(plan, models, backup_key, actor, before, drift, approval, rehearsed)
 
 
 def _apply_and_check(approved: _Approved, target: Target, settings: Settings, run_id: str
@@ -212,7 +215,7 @@ def _apply_and_check(approved: _Approved, target: Target, settings: Settings, ru
     """Apply the approved plan and post-check it; return (what was committed, the problem or None)."""
     try:
         report = tasks.apply(approved.plan, target, settings, approved.actor, run_id,
-                             approved.approval)
+                             approved.approval, approved.rehearsed)
     except MigrationFailed as exc:
         if not exc.committed and not isinstance(exc, NonAtomicFailed):
             raise _RunEnds(_failed_at("apply", exc)) from exc  # the batch was rolled back

@@ -25,7 +25,7 @@ from dbcore.errors import DbcoreError
 from dbcore.lint import engine as lint
 from dbcore.lint.report import LintReport
 from dbcore.migrate import plan as planning
-from dbcore.migrate import retry
+from dbcore.migrate import retry, sqlcheck
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.settings import Settings
 
@@ -213,10 +213,11 @@ def snapshot(target: Target) -> str:
 @task(name="apply", retries=3, retry_delay_seconds=[5, 15, 30], retry_jitter_factor=0.5,
       retry_condition_fn=_retry_if_retryable, cache_policy=NO_CACHE)
 def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, run_id: str,
-          approval: ApprovalRecord) -> planning.RunReport:
-    """Apply the plan in one transaction under the migration lock.
+          approval: ApprovalRecord, rehearsed: dict | None = None) -> planning.RunReport:
+    """Apply the plan in one transaction under the migration lock, in a child process.
 
-    A table lock timeout is retried inside, with jittered backoff (dbcore.migrate.retry); the
+    ``rehearsed`` (:func:`rehearsed_sql`): the apply stops where it would send other SQL. A
+    table lock timeout is retried inside, with jittered backoff (dbcore.migrate.retry); the
     task's own retries are for a busy migration lock or a lost connection (nothing changed).
     """
     logger = get_run_logger()
@@ -226,8 +227,14 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
             logger.info("[%s/%s] applied %s in %.2fs", event.index, event.total, event.name,
                         event.seconds)
 
+    observers = [sqlcheck.SameSqlAsRehearsed(rehearsed)] if rehearsed else []
     return retry.apply_retrying(plan, target, settings, actor=actor, run_id=run_id,
-                                progress=progress, approval=approval)
+                                progress=progress, approval=approval, observers=observers)
+
+
+def rehearsed_sql(report: rehearsal.RehearsalReport | None) -> dict | None:
+    """Return the SQL the rehearsal sent, by migration (None without a rehearsal)."""
+    return sqlcheck.rehearsed_sql(report.results) if report else None
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

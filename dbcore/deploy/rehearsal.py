@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import peewee
 import psycopg2
+from pydantic import SecretStr
 
 from dbcore.backup.dump import BackupInfo, backup_to_s3
 from dbcore.backup.dump import Progress as BytesProgress
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
-from dbcore.checks.post import CheckReport, drift_before, run_post_checks
+from dbcore.checks.post import CheckReport, drift_before, load_models, run_post_checks
 from dbcore.connection import Env, Target, connect_raw
 from dbcore.deploy.scratch import (
     Leftovers,
@@ -40,6 +41,8 @@ from dbcore.deploy.scratch import (
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
+from dbcore.migrate.files import review_env
+from dbcore.migrate.isolated import call_with_plan
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
 from dbcore.migrate.runner import execute
 from dbcore.redact import error_line, redact
@@ -61,6 +64,8 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the copy was made on a live target's own cluster, under its user (MIGRATE_REHEARSAL_ON_TARGET=1)
+    on_production_cluster: bool = False
 
     @property
     def ok(self) -> bool:
@@ -81,6 +86,7 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "on_production_cluster": self.on_production_cluster,
         }
 
 
@@ -225,36 +231,56 @@ def _existing_tables(target: Target) -> set[str]:
         conn.close()
 
 
+def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id: str,
+                 allow_destructive: bool, progress: Progress | None = None
+                 ) -> tuple[tuple[MigrationResult, ...], CheckReport | None, list[Finding]]:
+    """(In a child process.) Apply ``plan`` on the copy, check it, lint the SQL it sent."""
+    if isinstance(models, str):  # the application's models, imported here, never in the run
+        models = load_models(models)
+    existing = _existing_tables(scratch)
+    before = drift_before(scratch, models)
+    report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal", progress=progress)
+    checks = run_post_checks(scratch, models, before=before)
+    return report.results, checks, lint_captured_sql(report.results, existing, allow_destructive)
+
+
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
                      copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
-                     models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
+                     models: str | list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
                      restore_progress: BytesProgress | None = None) -> RehearsalReport:
     """Apply ``plan`` on a scratch copy of ``target``, check it, drop it.
 
     ``copy`` is the one :func:`backup_into_copy` made; without it, ``backup_key`` is restored
-    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). Returns the
-    report; raises RehearsalFailed (the copy is always dropped).
+    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). The migration
+    code (and the application's ``models``, given as ``module:LIST``) runs in a child process
+    whose environment names the copy and no other database (dbcore.sandbox): code that connects
+    to ``DATABASE_URL`` by itself reaches the copy, never the target. Returns the report; raises
+    RehearsalFailed (the copy is always dropped).
     """
     run_id = run_id or uuid.uuid4().hex
     if copy is None:
         copy = restore_into_copy(target, server or rehearsal_server(target, settings), settings,
                                  run_id, backup_key, restore_progress)
     scratch = copy.target
+    # what the child sees: the copy as DATABASE_URL, no password of the target's
+    env = review_env(target.password, *settings.secrets(), database_url=scratch.url)
+    seen = settings.model_copy(update={"database_url": SecretStr(scratch.url),
+                                       "rehearsal_database_url": None})
     try:
-        existing = _existing_tables(scratch)
-        before = drift_before(scratch, models)
         try:
-            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress)
+            results, checks, findings = call_with_plan(
+                _on_the_copy, plan, scratch, seen, models, run_id, allow_destructive, plan=plan,
+                target=scratch, settings=settings, env=env, progress=progress,
+                what="the rehearsal")
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models, before=before)
-        findings = lint_captured_sql(report.results, existing, allow_destructive)
-        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
+        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers)
+                                 method=copy.method, leftovers=copy.leftovers,
+                                 on_production_cluster=copy.server.on_target
+                                 and target.env is not Env.LOCAL)
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

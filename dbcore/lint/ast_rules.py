@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import sys
 
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import RECIPES, SqlBatch
@@ -28,6 +29,16 @@ from dbcore.lint.syntax import (
 from dbcore.lint.values import Scope, table_of_class
 
 log = logging.getLogger(__name__)
+
+#: calls on an imported database object that DM011 flags
+_APP_DATABASE_CALLS = {"create_tables", "drop_tables", "execute_sql", "execute", "connect",
+                       "cursor", "atomic", "transaction"}
+#: calls on an imported model class (a query through the app's own database) that DM011 flags
+_APP_MODEL_CALLS = {"select", "update", "insert", "insert_many", "insert_from", "delete", "create",
+                    "get", "get_or_none", "get_or_create", "get_by_id", "bulk_create",
+                    "bulk_update", "raw", "replace", "create_table", "drop_table", "truncate_table"}
+#: modules whose names are never "the application's"
+_NOT_THE_APP = {"peewee", "playhouse", "peewee_migrate", "pw", "dbcore", "."}
 
 # migrator methods whose first argument is a model class (or a table name)
 MODEL_METHODS = {
@@ -142,14 +153,20 @@ class ModuleLint:
                 continue
             attr = node.func.attr
             receiver = node.func.value
-            if (isinstance(receiver, ast.Name) and receiver.id in self.imports
-                    and attr in ("create_tables", "drop_tables", "execute_sql", "execute")
-                    and not self.imports[receiver.id].startswith(("peewee", "playhouse"))):
+            source = self._app_import(receiver)
+            if source and attr in _APP_DATABASE_CALLS:
                 self.add("DM011", node.lineno,
                          f"{ast.unparse(node.func)}() uses the database object imported from "
-                         f"{self.imports[receiver.id]}: it runs on the application's own connection, "
+                         f"{source}: it runs on the application's own connection, "
                          "outside the batch transaction (it stays even if the batch is rolled back): "
                          "use the migration's `database` argument or the migrator")
+            elif source and attr in _APP_MODEL_CALLS:
+                self.add("DM011", node.lineno,
+                         f"{ast.unparse(node.func)}() uses the application's model imported from "
+                         f"{source}: it queries through the application's own database (the one "
+                         "its DATABASE_URL names), outside the batch transaction; before the "
+                         "approval it reaches only the rehearsal's copy: define the model in the "
+                         "migration (or use migrator.orm[...]) and change data with migrator.sql")
             if attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
@@ -159,6 +176,18 @@ class ModuleLint:
                          f"database.{attr}() in a migration ends or splits the batch transaction, "
                          "so a later failure can no longer undo what ran before: remove it (the "
                          "runner already wraps every migration in one transaction)")
+
+    def _app_import(self, receiver: ast.expr) -> str:
+        """Return the module ``receiver`` (a name, or a.b.c) was imported from, if it is the app's; else ""."""
+        root = receiver
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if not isinstance(root, ast.Name) or root.id not in self.imports:
+            return ""
+        module = self.imports[root.id]
+        if module.split(".")[0] in _NOT_THE_APP or module.split(".")[0] in sys.stdlib_module_names:
+            return ""
+        return module
 
     def _unread_helpers(self) -> None:
         """Read helper functions never called with the migrator in a way the lint can follow."""

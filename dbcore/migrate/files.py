@@ -86,6 +86,33 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
     return False
 
 
+#: what is never an input of a plan: Python's caches, editors' and version control's files
+_NOT_INPUTS = ("__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".ruff_cache")
+
+
+def folder_inputs(migrations_dir: Path) -> tuple[tuple[str, str], ...]:
+    """Return (path, sha256) of every file the migrations may read, in order.
+
+    That is every file under the migrations folder (the migrations, SQL and data files they
+    open, helper modules) and under a ``checks`` folder beside it, if there is one; paths are
+    relative to the folder holding both. Compiled caches and version-control folders are left out.
+    """
+    migrations_dir = Path(migrations_dir)
+    base = migrations_dir.parent
+    found = []
+    for folder in (migrations_dir, base / "checks"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            parts = path.relative_to(folder).parts
+            if (not path.is_file() or any(p in _NOT_INPUTS for p in parts)
+                    or path.suffix in (".pyc", ".pyo") or path.name.endswith(("~", ".swp"))):
+                continue
+            found.append((path.relative_to(base).as_posix(),
+                          hashlib.sha256(path.read_bytes()).hexdigest()))
+    return tuple(found)
+
+
 def has_rollback(file: MigrationFile) -> bool:
     """Return True when the module defines (or imports) ``rollback`` at top level (read by AST, not run)."""
     tree = ast.parse(file.path.read_text(encoding="utf-8"), filename=str(file.path))

@@ -14,7 +14,14 @@ import peewee
 
 from dbcore.connection import Target, connect
 from dbcore.errors import ConfigError, MigrationFileError, NothingToRollback, PlanOutdated
-from dbcore.migrate.files import MigrationFile, discover, has_rollback, load_checked, review_env
+from dbcore.migrate.files import (
+    MigrationFile,
+    discover,
+    folder_inputs,
+    has_rollback,
+    load_checked,
+    review_env,
+)
 from dbcore.migrate.history import read_applied
 from dbcore.settings import Settings
 
@@ -78,6 +85,9 @@ class Plan:
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
+    #: (path, sha256) of every file the plan may read: the whole migrations folder (data files
+    #: such as sql/006_up.sql, helpers) and a checks folder beside it (:func:`folder_inputs`)
+    inputs: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -179,7 +189,8 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     # fail now, naming the file, rather than after earlier ones ran; in a child process whose
     # environment names no database: the files are code under review (dbcore.sandbox)
     load_checked(pending, review_env(*settings.secrets(), target.password), settings.apply_deadline)
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending),
+                folder_inputs(settings.migrations_dir))
 
 
 def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
@@ -210,4 +221,5 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
         if not has_rollback(by_name[name]):
             raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
                                      "or restore the database from its backup")
-    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
+    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen),
+                folder_inputs(settings.migrations_dir))

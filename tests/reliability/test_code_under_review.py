@@ -102,18 +102,19 @@ def test_app_code_bound_to_database_url_changes_only_the_copy_before_the_approva
 def test_a_data_file_changed_after_the_approval_is_not_applied(
         flow_env, db_url, migrations_dir, app_at_003, receiver):
     (migrations_dir / "sql").mkdir()
-    (migrations_dir / "sql" / "005_up.sql").write_text("ALTER TABLE project ADD COLUMN note text")
+    (migrations_dir / "sql" / "005_up.sql").write_text("COMMENT ON TABLE project IS 'reviewed'")
     (migrations_dir / "005_note.py").write_text(READS_A_FILE)
     before = schema_dump(db_url)
     thread, result = run_in_background(require_approval=True)
     paused = wait_for_pause(thread, result, timeout=180)
-    (migrations_dir / "sql" / "005_up.sql").write_text("ALTER TABLE project DROP COLUMN slug")
+    (migrations_dir / "sql" / "005_up.sql").write_text("DELETE FROM project")  # nobody reviewed it
     resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada", "comment": "ok"})
     state = final_state(thread, result)
     assert state.is_failed()
     assert state.message.startswith("plan changed since it was approved, nothing changed")
     assert "migrations/sql/005_up.sql changed" in state.message
     assert schema_dump(db_url) == before
+    assert query(db_url, "SELECT name FROM project") == [("kept",)]
 
 
 def _rehearsed(target: Target, settings) -> dict:

@@ -136,9 +136,14 @@ def _child_main(fd: int) -> None:
         answer = ("error", exc)
     with _SEND_LOCK:
         try:
-            conn.send(answer)
-        except Exception:  # noqa: BLE001 - an error that does not pickle: its type and text
-            conn.send(("error", DbcoreError(f"{type(answer[1]).__name__}: {answer[1]}")))
+            try:
+                conn.send(answer)
+            except (OSError, EOFError):
+                raise
+            except Exception:  # noqa: BLE001 - an error that does not pickle: its type and text
+                conn.send(("error", DbcoreError(f"{type(answer[1]).__name__}: {answer[1]}")))
+        except (OSError, EOFError):  # the parent is gone: nobody to tell
+            pass
     conn.close()
 
 

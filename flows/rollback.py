@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from dbcore.connection import Target
 from dbcore.deploy import recovery
 from dbcore.errors import DbcoreError, RollbackFailed
+from dbcore.migrate import isolated
 from dbcore.migrate import plan as planning
-from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
 
@@ -30,7 +30,8 @@ _HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
     """Run the rollback() of ``names`` (newest first) in one transaction; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
-    return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
+    return isolated.execute_isolated(plan, target, settings, actor="rollback-subflow",
+                                     run_id=run_id).names  # in a child: an exit is a failure
 
 
 @task(name="verify-schema", cache_policy=NO_CACHE)

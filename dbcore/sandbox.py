@@ -109,11 +109,14 @@ class _Forward(logging.Handler):
     """Sends the child's dbcore log records to the parent, formatted (their args may not pickle)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        channel = _CHANNEL
+        if channel is None:
+            return
         try:
             record.msg, record.args = record.getMessage(), None
             record.exc_info = record.exc_text = record.stack_info = None
             with _SEND_LOCK:
-                _CHANNEL.send(("log", record))
+                channel.send(("log", record))
         except Exception:  # noqa: BLE001 - a log line is never worth failing the work
             pass
 
@@ -159,20 +162,9 @@ def _describe_end(returncode: int | None) -> str:
     return f"exited with code {returncode} (os._exit, or a crash)"
 
 
-def run_in_child(func: Callable, *args, env: dict[str, str], what: str,
-                 deadline: float | None = None, on_event: Callable[[str, Any], None] | None = None,
-                 on_deadline: Callable[[tuple], None] | None = None, **kwargs) -> Any:
-    """Call ``func(*args, **kwargs)`` in a fresh child process with environment ``env``; return its result.
-
-    ``func`` and its arguments are pickled (``func`` by reference: a module-level function).
-    The child's dbcore log records are handled here; its events go to ``on_event``. An error the
-    child raises is raised here. When the child ends without an answer, ChildEnded says how
-    (``what`` names the work: "the rehearsal"); past ``deadline`` seconds ``on_deadline`` is
-    called with the events seen (to end the child's database sessions), the child is killed and
-    ChildDeadline is raised.
-    """
+def _start(env: dict[str, str] | None) -> tuple[subprocess.Popen, Connection]:
+    """Start the child interpreter; return it and this end of its channel."""
     parent_sock, child_sock = socket.socketpair()
-    events: list[tuple[str, Any]] = []
     try:
         child_fd = child_sock.fileno()
         proc = subprocess.Popen(
@@ -180,53 +172,95 @@ def run_in_child(func: Callable, *args, env: dict[str, str], what: str,
             env=env, pass_fds=[child_fd], stdin=subprocess.DEVNULL)
     except BaseException:
         parent_sock.close()
-        child_sock.close()
         raise
-    child_sock.close()
-    conn = Connection(parent_sock.detach())
-    ends_at = None if deadline is None else time.monotonic() + deadline
+    finally:
+        child_sock.close()
+    return proc, Connection(parent_sock.detach())
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for the child to end (it has answered, or it is being abandoned), killing it at worst."""
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Waiter:
+    """The parent's side of one call: reads what the child sends until its answer, or its end."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection, what: str, deadline: float | None,
+                 on_event: Callable[[str, Any], None] | None,
+                 on_deadline: Callable[[tuple], None] | None) -> None:
+        self.proc, self.conn, self.what, self.deadline = proc, conn, what, deadline
+        self.on_event, self.on_deadline = on_event, on_deadline
+        self.ends_at = None if deadline is None else time.monotonic() + deadline
+        self.events: list[tuple[str, Any]] = []
+
+    def answer(self) -> Any:
+        while True:
+            wait = 1.0 if self.ends_at is None else max(0.0, min(1.0, self.ends_at - time.monotonic()))
+            if not self.conn.poll(wait):
+                self._check_deadline()
+                continue
+            try:
+                kind, value = self.conn.recv()
+            except (EOFError, OSError):
+                raise self._ended() from None
+            if kind == "result":
+                return value
+            self._handle(kind, value)
+
+    def _handle(self, kind: str, value: Any) -> None:
+        if kind == "log":
+            logging.getLogger(value.name).handle(value)
+        elif kind == "event":
+            self.events.append(value)
+            if self.on_event is not None:
+                self.on_event(*value)
+        elif kind == "exit":
+            raise ChildEnded(f"{self.what}: the code {value}", reason=value, events=tuple(self.events))
+        else:  # "error"
+            raise value
+
+    def _check_deadline(self) -> None:
+        if self.ends_at is None or time.monotonic() < self.ends_at:
+            return
+        if self.on_deadline is not None:
+            self.on_deadline(tuple(self.events))
+        self.proc.kill()
+        self.proc.wait()
+        reason = f"ran past its deadline of {self.deadline:g}s"
+        raise ChildDeadline(f"{self.what} {reason}", reason=reason, events=tuple(self.events))
+
+    def _ended(self) -> ChildEnded:
+        try:
+            returncode = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        reason = _describe_end(returncode)
+        return ChildEnded(f"{self.what} {reason}", reason=reason, events=tuple(self.events))
+
+
+def run_in_child(func: Callable, *args, env: dict[str, str] | None, what: str,
+                 deadline: float | None = None, on_event: Callable[[str, Any], None] | None = None,
+                 on_deadline: Callable[[tuple], None] | None = None, **kwargs) -> Any:
+    """Call ``func(*args, **kwargs)`` in a fresh child process with environment ``env``; return its result.
+
+    ``env`` None is this process's own. ``func`` and its arguments are pickled (``func`` by
+    reference: a module-level function). The child's dbcore log records are handled here; its
+    events go to ``on_event``. An error the child raises is raised here. When the child ends
+    without an answer, ChildEnded says how (``what`` names the work: "the rehearsal"); past
+    ``deadline`` seconds ``on_deadline`` is called with the events seen (to end the child's
+    database sessions), the child is killed and ChildDeadline is raised.
+    """
+    proc, conn = _start(env)
     try:
         conn.send(list(sys.path))
         conn.send((func, args, kwargs))
-        while True:
-            wait = 1.0 if ends_at is None else max(0.0, min(1.0, ends_at - time.monotonic()))
-            if not conn.poll(wait):
-                if ends_at is not None and time.monotonic() >= ends_at:
-                    if on_deadline is not None:
-                        on_deadline(tuple(events))
-                    proc.kill()
-                    proc.wait()
-                    raise ChildDeadline(f"{what} ran past its deadline of {deadline:g}s",
-                                        reason=f"ran past its deadline of {deadline:g}s",
-                                        events=tuple(events))
-                continue
-            try:
-                kind, value = conn.recv()
-            except (EOFError, OSError):
-                try:
-                    returncode = proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    returncode = None
-                reason = _describe_end(returncode)
-                raise ChildEnded(f"{what} {reason}", reason=reason, events=tuple(events)) from None
-            if kind == "log":
-                logging.getLogger(value.name).handle(value)
-            elif kind == "event":
-                events.append(value)
-                if on_event is not None:
-                    on_event(*value)
-            elif kind == "exit":
-                raise ChildEnded(f"{what}: the code {value}", reason=value, events=tuple(events))
-            elif kind == "error":
-                raise value
-            else:
-                return value
+        return _Waiter(proc, conn, what, deadline, on_event, on_deadline).answer()
     finally:
         conn.close()
-        if proc.poll() is None:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
+        _reap(proc)

@@ -14,18 +14,21 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import peewee
 import psycopg2
 from pydantic import SecretStr
 
-from dbcore.backup.dump import BackupInfo, backup_to_s3
-from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
+from dbcore.checks.data import DataChecks
 from dbcore.checks.post import CheckReport, drift_before, load_models, run_post_checks
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, raw_session
+from dbcore.deploy.dropped import DropCounter, DroppedColumn
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -39,6 +42,7 @@ from dbcore.deploy.scratch import (
     scratch_name,
 )
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
+from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
 from dbcore.lint.report import Finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.files import review_env
@@ -64,6 +68,8 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the columns the plan drops, with the non-null values each held on the copy
+    dropped_columns: tuple[DroppedColumn, ...] = ()
     #: the copy was made on a live target's own cluster, under its user (MIGRATE_REHEARSAL_ON_TARGET=1)
     on_production_cluster: bool = False
 
@@ -72,6 +78,10 @@ class RehearsalReport:
         """True when the copy passed its post-checks and its SQL has no lint error."""
         sql_errors = any(f.severity == "error" for f in self.sql_findings)
         return (self.checks is None or self.checks.ok) and not sql_errors
+
+    def problem(self) -> str | None:
+        """Return one line naming the first failed check of the copy (None when it passed)."""
+        return self.checks.first_problem() if self.checks is not None else None
 
     @property
     def apply_seconds(self) -> float:
@@ -86,6 +96,7 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "dropped_columns": [d.to_dict() for d in self.dropped_columns],
             "on_production_cluster": self.on_production_cluster,
         }
 
@@ -104,7 +115,7 @@ class ScratchCopy:
     method: str  # "stream" (restored from the backup's stream), "template" or "restore"
     seconds: float
     leftovers: Leftovers = field(default_factory=Leftovers)
-    holder: object = None  # the claiming session
+    holder: Any = None  # the claiming session (a psycopg2 connection)
 
     def release(self) -> None:
         """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
@@ -121,7 +132,7 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, Any]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
     leftovers = drop_leftovers(server, target.dbname)
@@ -132,11 +143,8 @@ def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[T
 
 
 def _server_major(target: Target) -> int:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
-    try:
+    with raw_session(target, "dbmigrate rehearsal") as conn:
         return server_major(conn)
-    finally:
-        conn.close()
 
 
 def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
@@ -198,11 +206,16 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
-                      allow_destructive: bool = False) -> list[Finding]:
-    """Return the SQL lint findings on what each migration really sent.
+                      allow_destructive: bool = False,
+                      files: dict[str, Path] | None = None) -> list[Finding]:
+    """Return the SQL lint findings on what each migration really sent, judged as the static lint judges.
 
     The migrations of one transaction share one batch: a constraint added NOT VALID in one and
-    validated in the next is still one transaction's lock.
+    validated in the next is still one transaction's lock. Each finding carries the file and the
+    line of the migrator call that queued the statement, so that the file's own allows apply
+    (``allow_destructive = True``, a line's ``# dbmigrate: allow RULE``) as well as the run's
+    ``allow_destructive``. Statements the product sends itself (the history it reads, peewee's
+    introspection, a savepoint) have no line in the file and are not judged.
     """
     findings: list[Finding] = []
     batch: SqlBatch | None = None
@@ -211,37 +224,58 @@ def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set
             batch = SqlBatch(existing_tables=existing_tables, allow_destructive=allow_destructive,
                              in_transaction=r.atomic,
                              new_tables=batch.created if batch is not None else ())
-        batch.source = f"{r.name}.py (rehearsal)"
-        for line, captured in enumerate(r.sql, 1):
-            findings += batch.check(captured.split(" -- params: ")[0], line)
+        path = (files or {}).get(r.name)
+        source = _source_of(path)
+        batch.source = str(path) if path else f"{r.name}.py"
+        batch.allow_destructive = allow_destructive or declares_allow_destructive(source)
+        lines = r.lines or (None,) * len(r.sql)
+        found: list[Finding] = []
+        for number, (captured, line) in enumerate(zip(r.sql, lines), 1):
+            if line is None and r.lines:
+                continue  # the product's own statement
+            found += batch.check(captured.split(" -- params: ")[0], line or number)
+        findings += apply_allow_markers(found, source)
     return findings
 
 
-def _existing_tables(target: Target) -> set[str]:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
+def _source_of(path: Path | None) -> str:
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
-                        "('pg_catalog', 'information_schema')")
-            return {row[0] for row in cur.fetchall()}
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"cannot read the tables of the copy: "
-                              f"{redact(str(exc).strip(), target.password)}") from None
-    finally:
-        conn.close()
+        return path.read_text(encoding="utf-8") if path else ""
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _existing_tables(target: Target) -> set[str]:
+    with raw_session(target, "dbmigrate rehearsal") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
+                            "('pg_catalog', 'information_schema')")
+                return {row[0] for row in cur.fetchall()}
+        except psycopg2.Error as exc:
+            raise RehearsalFailed(f"cannot read the tables of the copy: "
+                                  f"{redact(str(exc).strip(), target.password)}") from None
 
 
 def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id: str,
                  allow_destructive: bool, progress: Progress | None = None
-                 ) -> tuple[tuple[MigrationResult, ...], CheckReport | None, list[Finding]]:
+                 ) -> tuple[tuple[MigrationResult, ...], CheckReport | None, list[Finding],
+                            tuple[DroppedColumn, ...]]:
     """(In a child process.) Apply ``plan`` on the copy, check it, lint the SQL it sent."""
     if isinstance(models, str):  # the application's models, imported here, never in the run
         models = load_models(models)
     existing = _existing_tables(scratch)
     before = drift_before(scratch, models)
-    report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal", progress=progress)
-    checks = run_post_checks(scratch, models, before=before)
-    return report.results, checks, lint_captured_sql(report.results, existing, allow_destructive)
+    drops = DropCounter()
+    report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+                     progress=progress, observers=[drops])
+    # the team's own checks of the data too: verify() of these migrations,
+    # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
+    data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
+    checks = run_post_checks(scratch, models, before=before, data=data)
+    findings = lint_captured_sql(report.results, existing, allow_destructive,
+                                 {m.name: m.path for m in plan.migrations})
+    return report.results, checks, findings, tuple(drops.dropped)
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
@@ -269,7 +303,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                                        "rehearsal_database_url": None})
     try:
         try:
-            results, checks, findings = call_with_plan(
+            results, checks, findings, dropped = call_with_plan(
                 _on_the_copy, plan, scratch, seen, models, run_id, allow_destructive, plan=plan,
                 target=scratch, settings=settings, env=env, progress=progress,
                 what="the rehearsal")
@@ -279,6 +313,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, results,
                                  checks, tuple(findings), server=copy.server.where,
                                  method=copy.method, leftovers=copy.leftovers,
+                                 dropped_columns=dropped,
                                  on_production_cluster=copy.server.on_target
                                  and target.env is not Env.LOCAL)
     except BaseException:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ast
 import datetime
+import functools
 import hashlib
-import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +19,6 @@ import peewee
 from dbcore.errors import ConfigError, MigrationExited, MigrationFileError
 from dbcore.migrate.history import read_applied
 from dbcore.sandbox import ChildEnded, child_env, emit, run_in_child
-
-log = logging.getLogger(__name__)
 
 #: peewee-migrate's own file mask: three digits, an underscore, a name
 FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")
@@ -82,7 +80,8 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
         targets = (node.targets if isinstance(node, ast.Assign)
                    else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Name) and t.id == "atomic" for t in targets):
-            return isinstance(node.value, ast.Constant) and node.value.value is False
+            value = getattr(node, "value", None)
+            return isinstance(value, ast.Constant) and value.value is False
     return False
 
 
@@ -111,21 +110,6 @@ def folder_inputs(migrations_dir: Path) -> tuple[tuple[str, str], ...]:
             found.append((path.relative_to(base).as_posix(),
                           hashlib.sha256(path.read_bytes()).hexdigest()))
     return tuple(found)
-
-
-def has_rollback(file: MigrationFile) -> bool:
-    """Return True when the module defines (or imports) ``rollback`` at top level (read by AST, not run)."""
-    tree = ast.parse(file.path.read_text(encoding="utf-8"), filename=str(file.path))
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "rollback":
-            return True
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "rollback"
-                                                for t in node.targets):
-            return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
-                (a.asname or a.name) == "rollback" for a in node.names):
-            return True
-    return False
 
 
 def _syntax_message(path: Path, exc: SyntaxError) -> str:
@@ -235,8 +219,7 @@ def _no_exit(file: MigrationFile, function: Callable[..., Any], what: str) -> Ca
             raise MigrationExited(f"{what} of {file.path.name} called sys.exit({exc.code!r}): "
                                   "a migration ends by returning or raising") from None
 
-    call.__wrapped__ = function
-    return call
+    return functools.wraps(function)(call)
 
 
 def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:

@@ -57,10 +57,10 @@ def test_every_file_of_the_folder_is_in_the_fingerprint(migrations_dir):
     (migrations_dir / "__pycache__" / "x.pyc").write_bytes(b"\0")
     inputs = folder_inputs(migrations_dir)
     assert ("migrations/sql/006_up.sql" in dict(inputs)) and not any("pycache" in p for p, _ in inputs)
-    plan = Plan("apply", "postgres://h/db", (), tuple(discover(migrations_dir)), inputs)
+    plan = Plan("apply", "postgres://h/db", (), tuple(discover(migrations_dir)), inputs=inputs)
     (migrations_dir / "sql" / "006_up.sql").write_text("DROP TABLE project")
     again = Plan("apply", "postgres://h/db", (), tuple(discover(migrations_dir)),
-                 folder_inputs(migrations_dir))
+                 inputs=folder_inputs(migrations_dir))
     assert plan_fingerprint(plan, "k") != plan_fingerprint(again, "k")
     assert plan_changes(plan, again) == "migrations/sql/006_up.sql changed"
 

@@ -66,7 +66,7 @@ READS_A_FILE = textwrap.dedent("""\
 
 
     def rollback(migrator, database, *, fake=False):
-        migrator.sql("ALTER TABLE project DROP COLUMN IF EXISTS note")
+        migrator.sql("COMMENT ON TABLE project IS NULL")
     """)
 
 

@@ -25,12 +25,12 @@ def _migration(body: str, top: str = "") -> str:
         {top}
 
         def migrate(migrator, database, *, fake=False):
-            database.execute_sql("ALTER TABLE project ADD COLUMN flag integer")
+            database.execute_sql("ALTER TABLE project ADD COLUMN flag integer")  # dbmigrate: allow DM001
             {body}
 
 
         def rollback(migrator, database, *, fake=False):
-            migrator.sql("ALTER TABLE project DROP COLUMN flag")
+            migrator.sql("ALTER TABLE project DROP COLUMN flag")  # dbmigrate: allow DM003
         """)
 
 
@@ -88,7 +88,7 @@ def test_a_sleep_inside_the_batch_frees_the_app_at_the_idle_timeout_and_fails_at
 def test_the_whole_apply_has_a_deadline_enforced_from_outside(db_url, migrations_dir, app_at_003):
     # a statement in flight is no idle transaction: only the deadline stops it
     (migrations_dir / "005_misbehaves.py").write_text(
-        _migration('database.execute_sql("SELECT pg_sleep(600)")'))
+        _migration('database.execute_sql("SELECT pg_sleep(600)")  # dbmigrate: allow DM001'))
     before = schema_dump(db_url)
     result = _dbmigrate("apply", db_url=db_url, migrations_dir=migrations_dir,
                         MIGRATE_APPLY_DEADLINE="5", MIGRATE_STATEMENT_TIMEOUT="0")

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
 from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.deploy.verdict import LockVerdict, size_text
 from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, plan_apply
 from dbcore.migrate.sqlcheck import sql_digest
 from dbcore.settings import Settings
-
-
-def size_text(n: float) -> str:
-    """Return a byte count as people read it (512 B, 1.5 MiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _statement(captured: str) -> str:
@@ -105,12 +98,34 @@ ON_PRODUCTION_CLUSTER = (
 
 
 def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
-    """Return what the rehearsal found of earlier runs that died: dropped, or kept and why."""
+    """Return where the copy was, when that is production's cluster, and what the rehearsal found
+    of earlier runs that died: dropped, or kept and why."""
+    notes = [f"- **note**: {ON_PRODUCTION_CLUSTER}" if markdown else f"- note: {ON_PRODUCTION_CLUSTER}"
+             ] if r.on_production_cluster else []
     tick = "`" if markdown else ""
     lines = [f"- dropped scratch database {tick}{name}{tick}, left by an earlier run that did "
              "not finish" for name in r.leftovers.dropped]
     lines += [f"- kept scratch database {tick}{name}{tick}: {why}" for name, why in r.leftovers.kept]
+    lines = notes + lines
     return lines + [""] if lines and markdown else lines
+
+
+def lock_lines(verdict: LockVerdict, enforced: bool, markdown: bool = True) -> list[str]:
+    """Return the lock verdict: where it was measured, one line per table, then the budget's word."""
+    lines = [verdict.headline() + ("." if markdown else ":")]
+    if markdown:
+        lines.append("")
+    lines += [("- " if markdown else "  ") + line for line in verdict.lines()]
+    if not verdict.tables:
+        lines.append(("- " if markdown else "  ") + "no table of the application is locked")
+    for b in verdict.breaches:
+        if b.allowed_by:
+            word = f"ALLOWED over the {b.budget:g} s budget by {b.allowed_by}"
+        else:
+            word = "STOPS THE RUN" if enforced else "WARNING (local: the budget only warns)"
+        lines.append(("- " if markdown else "  ") + f"{'**' if markdown else ''}{word}"
+                     f"{'**' if markdown else ''}: {b.text()}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,8 @@ class DeployPlan:
                 problems = [line.strip() for line in self.rehearsal.checks.text().splitlines()
                             if line.strip() and line.strip() != "no invalid indexes"]
                 out.append("post-checks on the copy failed: " + "; ".join(problems))
+            if self.rehearsal.over_budget and self.rehearsal.locks is not None:
+                out += [b.text() for b in self.rehearsal.locks.stopping]
         return out
 
     def stop_reason(self) -> str:
@@ -157,6 +174,16 @@ class DeployPlan:
             return ""
         more = f" (and {len(stops) - 1} more)" if len(stops) > 1 else ""
         return f"{stops[0]}{more}; all of it in the migration-plan artifact"
+
+    def record_allowances(self, approval: ApprovalRecord) -> ApprovalRecord:
+        """Return ``approval`` with the lock budget breaches that were allowed added to its comment (the audit)."""
+        r = self.rehearsal
+        allowed = [b for b in (r.locks.breaches if r and r.locks else ()) if b.allowed_by]
+        if not allowed:
+            return approval
+        note = "long locks allowed: " + ", ".join(
+            f"{b.verdict.table} {b.verdict.seconds:.1f} s (by {b.allowed_by})" for b in allowed)
+        return replace(approval, comment=f"{approval.comment}; {note}" if approval.comment else note)
 
     @property
     def sql_digest(self) -> str | None:
@@ -182,6 +209,9 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
+        locks = self.rehearsal.locks if self.rehearsal else None
+        if locks and locks.other_major:
+            verdict += f" (on PostgreSQL {locks.rehearsal_major}, production runs {locks.target_major})"
         return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
@@ -198,7 +228,11 @@ class DeployPlan:
         """Return the plan as a markdown document (the approval artifact)."""
         # code spans, not bare text: the UI's markdown would turn a URL into a link
         backup = f"`{self.backup.key}`" if self.backup else "**none**"
-        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
+        out = [self.summary(), ""]
+        if self.rehearsal and self.rehearsal.locks:
+            out += ["### What the live application will feel", ""]
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced) + [""]
+        out += [f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
         if self.stops():
             out += ["### What stops this run", ""] + [f"- {md_cell(s)}" for s in self.stops()] + [""]
         out += ["### Migrations", ""]
@@ -227,8 +261,6 @@ class DeployPlan:
             out += [f"### Rehearsal on a copy {verdict}", "",
                     f"{_copy_sentence(r)}, applied in {r.apply_seconds:.2f} s, then dropped the "
                     "copy.", ""]
-            if r.on_production_cluster:
-                out += [f"**Note**: {ON_PRODUCTION_CLUSTER}.", ""]
             out += _leftover_lines(r)
             if r.dropped_columns:
                 out += ["#### Columns dropped (their values are lost)", ""]
@@ -238,7 +270,7 @@ class DeployPlan:
                 out.append("")
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
-                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
+                out += [f"| {f.severity} | {f.rule} | `{f.file}:{f.line}` | {md_cell(f.message)} |"
                         for f in self.new_sql_findings]
                 out.append("")
             if r.checks:
@@ -254,6 +286,8 @@ class DeployPlan:
     def text(self) -> str:
         """Return the plan for a terminal."""
         out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
+        if self.rehearsal and self.rehearsal.locks:
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced, markdown=False)
         for phase in self.plan.phases:
             kind = "one transaction" if phase.atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in phase.migrations]
@@ -269,8 +303,6 @@ class DeployPlan:
             copied = _copy_sentence(r, markdown=False)
             out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
                        f"{copied[:1].lower()}{copied[1:]}, apply {r.apply_seconds:.2f}s")
-            if r.on_production_cluster:
-                out.append(f"  note: {ON_PRODUCTION_CLUSTER}")
             out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
             out += [f"  column dropped: {d.describe()}" for d in r.dropped_columns]
             out += [f"  {f.text()}" for f in self.new_sql_findings]

@@ -106,7 +106,8 @@ def rehearse(run: DeployRun, plan: Plan, backup_info: BackupInfo, models: Models
                             server=None if copy else rehearsal_server(run),
                             models=models if models is not None else run.settings.models,
                             run_id=run.run_id, allow_destructive=run.options.allow_destructive,
-                            restore_progress=restore_progress)
+                            restore_progress=restore_progress,
+                            allow_long_locks=run.options.allow_long_locks)
 
 
 def plan_again(run: DeployRun, deploy: DeployPlan) -> Plan | None:
@@ -144,13 +145,14 @@ def snapshot_before(run: DeployRun, deploy: DeployPlan, models: Models | None, a
     """Take the schema snapshot and the drift of the live database right before the apply.
 
     ``models`` None: the application's models (``MIGRATE_MODELS``) are imported now, approved.
+    The lock budget breaches that were allowed go into the approval's comment: the audit rows.
     """
     if models is None:
         models = load_models(run.settings.models)
     rehearsed = rehearsed_sql(deploy.rehearsal.results) if deploy.rehearsal else None
     return ApprovedChange(deploy.plan, models, deploy.backup.key if deploy.backup else None, actor,
-                          schema_snapshot(run.target), drift_before(run.target, models), approval,
-                          rehearsed)
+                          schema_snapshot(run.target), drift_before(run.target, models),
+                          deploy.record_allowances(approval), rehearsed)
 
 
 def apply(run: DeployRun, approved: ApprovedChange) -> RunReport:

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     lock_timeout: str = "2s"
     #: upper bound on any one statement of a migration; data fills that need longer say so here
     statement_timeout: str = "5min"
+    #: a migration session idle inside its transaction (Python waiting, no statement running)
+    #: longer than this is ended by the server and its batch rolled back: it holds table locks
+    idle_in_transaction_timeout: str = "30s"
+    #: seconds an apply (or a rehearsal, or a rollback) may take in all; past it the run ends the
+    #: session from outside the migration code and stops it (PostgreSQL 15 has no transaction_timeout)
+    apply_deadline: float = Field(default=3600.0, gt=0)
     #: seconds to wait for another run's migration advisory lock before giving up
     advisory_lock_wait: float = 30.0
     #: key of the session advisory lock that serialises every apply/rollback on a database
@@ -137,7 +143,7 @@ class Settings(BaseSettings):
     #: seconds to wait for the tunnel to accept connections before giving up
     proxy_start_timeout: float = 30.0
 
-    @field_validator("lock_timeout", "statement_timeout")
+    @field_validator("lock_timeout", "statement_timeout", "idle_in_transaction_timeout")
     @classmethod
     def _duration_with_unit(cls, value: str) -> str:
         # PostgreSQL reads a bare number as milliseconds: "2" would be 2 ms, not 2 s

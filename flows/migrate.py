@@ -31,7 +31,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
-from dbcore.checks.post import CheckReport, load_models
+from dbcore.checks.post import CheckReport
 from dbcore.connection import Env
 from dbcore.deploy import head_start, steps
 from dbcore.deploy.fleet import FleetApproval
@@ -134,7 +134,8 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
         tasks.check_connection(run)
     with _stage("plan", run.secret):
         plan, lint_report = tasks.make_plan(run)
-        models = load_models(run.settings.models)
+        # the app's models: imported in the rehearsal's child, by the run only once approved
+        models: Optional[Models] = None
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:

@@ -22,8 +22,8 @@ from dbcore.deploy import recovery
 from dbcore.deploy.run import DeployRun
 from dbcore.deploy.steps import ApprovedChange
 from dbcore.errors import DbcoreError, RollbackFailed, RollbackRefused
+from dbcore.migrate import isolated
 from dbcore.migrate import plan as planning
-from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
 from flows.scrub import task
@@ -36,7 +36,8 @@ _HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("db
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
     """Run the rollback() of ``names`` (newest first), one transaction per phase; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
-    return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
+    return isolated.execute_isolated(plan, target, settings, actor="rollback-subflow",
+                                     run_id=run_id).names  # in a child: an exit is a failure
 
 
 @task(name="verify-schema", cache_policy=NO_CACHE)

@@ -12,6 +12,7 @@ from dbcore.connection import Env, connect
 from dbcore.deploy.plan import DeployPlan, plan_and_lint
 from dbcore.errors import ConfigError, LintStopped
 from dbcore.migrate.files import new_migration, status
+from dbcore.migrate.isolated import execute_isolated as execute  # migration code in a child
 from dbcore.migrate.plan import (
     Plan,
     ProgressEvent,
@@ -21,7 +22,6 @@ from dbcore.migrate.plan import (
     undone_by_nothing,
 )
 from dbcore.migrate.retry import apply_retrying
-from dbcore.migrate.runner import execute
 
 
 def _print_progress(event: ProgressEvent) -> None:

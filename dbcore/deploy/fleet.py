@@ -141,9 +141,15 @@ def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def database_fingerprint(name: str, migrations: list[tuple[str, str]]) -> str:
-    """Return the fingerprint of one database's part of a fleet plan: its name, pending names and sha256s."""
-    return _digest({"database": name, "migrations": [list(m) for m in migrations]})
+def database_fingerprint(name: str, migrations: list[tuple[str, str]],
+                         inputs: tuple[tuple[str, str], ...] = ()) -> str:
+    """Return the fingerprint of one database's part of a fleet plan: its name, pending names and
+    sha256s, and every file of the migrations folder (``Plan.inputs``: data files too) when
+    anything is pending."""
+    data = {"database": name, "migrations": [list(m) for m in migrations]}
+    if migrations and inputs:
+        data["inputs"] = [list(i) for i in inputs]
+    return _digest(data)
 
 
 @dataclass(frozen=True)
@@ -158,10 +164,11 @@ class DatabasePlan:
     lint_summary: str = ""
     lint_ok: bool = True
     error: str = ""
+    inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of every file of the migrations folder
 
     @property
     def fingerprint(self) -> str:
-        return database_fingerprint(self.name, list(self.migrations))
+        return database_fingerprint(self.name, list(self.migrations), self.inputs)
 
     @property
     def ok(self) -> bool:
@@ -183,7 +190,7 @@ def plan_database(member: FleetTarget, target: Target, settings: Settings,
         return DatabasePlan(member.name, member.url_env, target.dbname, error=str(exc))
     return DatabasePlan(member.name, member.url_env, target.dbname,
                         tuple((m.name, m.sha256) for m in plan.migrations), size,
-                        report.summary(), report.ok)
+                        report.summary(), report.ok, inputs=plan.inputs)
 
 
 def fleet_parts(plans: list[DatabasePlan]) -> list[list[str]]:
@@ -219,7 +226,8 @@ class FleetApproval(BaseModel):
 
     def check(self, plan: Plan) -> str | None:
         """Return the approver (None if nobody approved) if ``plan`` is the approved one; else raise PlanNotApproved."""
-        mine = database_fingerprint(self.database, [(m.name, m.sha256) for m in plan.migrations])
+        mine = database_fingerprint(self.database, [(m.name, m.sha256) for m in plan.migrations],
+                                    plan.inputs)
         if mine != self.plan_fingerprint:
             raise PlanNotApproved(
                 f"the plan of {self.database} ({', '.join(plan.names) or 'nothing'}) is not the one the "

@@ -33,6 +33,7 @@ from dbcore.errors import (
     MigrationFileError,
     NonAtomicFailed,
     PlanOutdated,
+    SqlDiffers,
     TableLockTimeout,
     TransactionBroken,
 )
@@ -164,7 +165,7 @@ def _run_phases(run: _Run) -> None:
                 if not run.dry_run:
                     run.committed.extend(phase.names)
                 run.observer.phase_done(phase, _results_of(run, phase))
-    except (TransactionBroken, NonAtomicFailed):
+    except (TransactionBroken, NonAtomicFailed, SqlDiffers):  # their messages say it all
         raise
     except Exception as exc:
         committed = [] if run.dry_run else run.committed

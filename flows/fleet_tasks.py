@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional, cast
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -28,6 +28,7 @@ from dbcore.deploy.fleet_report import DatabaseOutcome, Outcome
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.redact import error_line
 from dbcore.settings import Settings
+from flows.scrub import task
 
 
 def read_fleet(targets: Optional[str], variable: Optional[str]) -> fleets.Fleet:
@@ -66,10 +67,13 @@ def set_concurrency_limit(name: str, limit: int) -> None:
 
 def member_parameters(member: fleets.FleetTarget, env: str, *, migrations_dir: Optional[str],
                       backup: bool, allow_destructive: bool, dry_run: bool = False,
-                      approval: Optional[fleets.FleetApproval] = None) -> dict:
+                      approval: Optional[fleets.FleetApproval] = None,
+                      allow_long_locks: bool = False) -> dict:
     """Return the parameters of one database's `migrate` run: names and fingerprints, never a URL."""
     parameters = {"env": env, "database_url_env": member.url_env, "backup": backup,
                   "allow_destructive": allow_destructive, "dry_run": dry_run}
+    if allow_long_locks:
+        parameters["allow_long_locks"] = True
     if migrations_dir:
         parameters["migrations_dir"] = migrations_dir
     if approval is not None:

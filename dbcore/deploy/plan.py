@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
 from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.deploy.verdict import LockVerdict, size_text
 from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.migrate.sqlcheck import sql_digest
 from dbcore.settings import Settings
-
-
-def size_text(n: float) -> str:
-    """Return a byte count as people read it (512 B, 1.5 MiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _statement(captured: str) -> str:
@@ -50,14 +44,19 @@ def plan_and_lint(target: Target, settings: Settings, *, allow_destructive: bool
                               allow_destructive=allow_destructive, applied=plan.applied_before)
 
 
-def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
-    """Return 16 hex digits that change when the target, a migration (name or file) or the backup does.
+def plan_fingerprint(plan: Plan, backup_key: str | None, sql: str | None = None) -> str:
+    """Return 16 hex digits that change when the target, a migration (name or file), any file
+    of the migrations folder (or of a checks folder beside it), the backup or the SQL the
+    rehearsal sent (``sql``: :func:`dbcore.migrate.sqlcheck.sql_digest`) does.
 
     An approval covers the plan of one fingerprint: the flow re-makes the plan right before the
-    apply and refuses to go on when the fingerprint differs from the approved one.
+    apply and refuses to go on when the fingerprint differs from the approved one; the apply then
+    compares the SQL it sends with the rehearsal's (dbcore.migrate.sqlcheck).
     """
     data = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
-            "backup": backup_key}
+            "backup": backup_key, "inputs": [list(i) for i in plan.inputs]}
+    if sql is not None:
+        data["sql"] = sql
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -67,6 +66,12 @@ def plan_changes(before: Plan, after: Plan) -> str:
     words = [f"{n}.py changed on disk" for n in new if n in old and new[n] != old[n]]
     words += [f"{n}.py is new" for n in new if n not in old]
     words += [f"{n}.py is no longer pending" for n in old if n not in new]
+    migration_paths = {m.path.name for m in after.migrations} | {m.path.name for m in before.migrations}
+    was, now = dict(before.inputs), dict(after.inputs)
+    for path in sorted(set(was) | set(now)):
+        if was.get(path) != now.get(path) and path.rsplit("/", 1)[-1] not in migration_paths:
+            state = "is new" if path not in was else "is gone" if path not in now else "changed"
+            words.append(f"{path} {state}")
     if before.database != after.database:
         words.append("the target database is another")
     return ", ".join(words) or "the backup is another"
@@ -85,13 +90,42 @@ def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
             f"in {r.restore_seconds:.2f} s")
 
 
+#: said in the plan when the rehearsal's copy was on the production cluster (MIGRATE_REHEARSAL_ON_TARGET=1)
+ON_PRODUCTION_CLUSTER = (
+    "the copy was made on the production cluster itself, under production's user "
+    "(MIGRATE_REHEARSAL_ON_TARGET=1): the migration code of the rehearsal ran with production's "
+    "credentials (pointed at the copy) and on production's server")
+
+
 def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
-    """Return what the rehearsal found of earlier runs that died: dropped, or kept and why."""
+    """Return where the copy was, when that is production's cluster, and what the rehearsal found
+    of earlier runs that died: dropped, or kept and why."""
+    notes = [f"- **note**: {ON_PRODUCTION_CLUSTER}" if markdown else f"- note: {ON_PRODUCTION_CLUSTER}"
+             ] if r.on_production_cluster else []
     tick = "`" if markdown else ""
     lines = [f"- dropped scratch database {tick}{name}{tick}, left by an earlier run that did "
              "not finish" for name in r.leftovers.dropped]
     lines += [f"- kept scratch database {tick}{name}{tick}: {why}" for name, why in r.leftovers.kept]
+    lines = notes + lines
     return lines + [""] if lines and markdown else lines
+
+
+def lock_lines(verdict: LockVerdict, enforced: bool, markdown: bool = True) -> list[str]:
+    """Return the lock verdict: where it was measured, one line per table, then the budget's word."""
+    lines = [verdict.headline() + ("." if markdown else ":")]
+    if markdown:
+        lines.append("")
+    lines += [("- " if markdown else "  ") + line for line in verdict.lines()]
+    if not verdict.tables:
+        lines.append(("- " if markdown else "  ") + "no table of the application is locked")
+    for b in verdict.breaches:
+        if b.allowed_by:
+            word = f"ALLOWED over the {b.budget:g} s budget by {b.allowed_by}"
+        else:
+            word = "STOPS THE RUN" if enforced else "WARNING (local: the budget only warns)"
+        lines.append(("- " if markdown else "  ") + f"{'**' if markdown else ''}{word}"
+                     f"{'**' if markdown else ''}: {b.text()}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -129,6 +163,8 @@ class DeployPlan:
                 problems = [line.strip() for line in self.rehearsal.checks.text().splitlines()
                             if line.strip() and line.strip() != "no invalid indexes"]
                 out.append("post-checks on the copy failed: " + "; ".join(problems))
+            if self.rehearsal.over_budget and self.rehearsal.locks is not None:
+                out += [b.text() for b in self.rehearsal.locks.stopping]
         return out
 
     def stop_reason(self) -> str:
@@ -139,10 +175,29 @@ class DeployPlan:
         more = f" (and {len(stops) - 1} more)" if len(stops) > 1 else ""
         return f"{stops[0]}{more}; all of it in the migration-plan artifact"
 
+    def record_allowances(self, approval: ApprovalRecord) -> ApprovalRecord:
+        """Return ``approval`` with the lock budget breaches that were allowed added to its comment (the audit)."""
+        r = self.rehearsal
+        allowed = [b for b in (r.locks.breaches if r and r.locks else ()) if b.allowed_by]
+        if not allowed:
+            return approval
+        note = "long locks allowed: " + ", ".join(
+            f"{b.verdict.table} {b.verdict.seconds:.1f} s (by {b.allowed_by})" for b in allowed)
+        return replace(approval, comment=f"{approval.comment}; {note}" if approval.comment else note)
+
+    @property
+    def sql_digest(self) -> str | None:
+        """The digest of the SQL the rehearsal sent (None without a rehearsal)."""
+        return sql_digest(self.rehearsal.results) if self.rehearsal else None
+
     @property
     def fingerprint(self) -> str:
         """The plan's fingerprint (:func:`plan_fingerprint`): what an approval covers."""
-        return plan_fingerprint(self.plan, self.backup.key if self.backup else None)
+        return self.fingerprint_of(self.plan)
+
+    def fingerprint_of(self, plan: Plan) -> str:
+        """Return the fingerprint ``plan`` (made again, before the apply) would have with this backup and SQL."""
+        return plan_fingerprint(plan, self.backup.key if self.backup else None, self.sql_digest)
 
     def headline(self) -> str:
         """One line: what would be applied where."""
@@ -154,6 +209,9 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
+        locks = self.rehearsal.locks if self.rehearsal else None
+        if locks and locks.other_major:
+            verdict += f" (on PostgreSQL {locks.rehearsal_major}, production runs {locks.target_major})"
         return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
@@ -170,7 +228,11 @@ class DeployPlan:
         """Return the plan as a markdown document (the approval artifact)."""
         # code spans, not bare text: the UI's markdown would turn a URL into a link
         backup = f"`{self.backup.key}`" if self.backup else "**none**"
-        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
+        out = [self.summary(), ""]
+        if self.rehearsal and self.rehearsal.locks:
+            out += ["### What the live application will feel", ""]
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced) + [""]
+        out += [f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
         if self.stops():
             out += ["### What stops this run", ""] + [f"- {md_cell(s)}" for s in self.stops()] + [""]
         out += ["### Migrations", ""]
@@ -224,6 +286,8 @@ class DeployPlan:
     def text(self) -> str:
         """Return the plan for a terminal."""
         out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
+        if self.rehearsal and self.rehearsal.locks:
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced, markdown=False)
         for phase in self.plan.phases:
             kind = "one transaction" if phase.atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in phase.migrations]

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     #: who is recorded in migration_audit; empty means the OS user
     actor: str = ""
 
+    #: rewrite the migrator's risky operations on existing tables into their safe forms (index
+    #: builds CONCURRENTLY after the commit, NOT VALID then VALIDATE, ...): docs/migrations.md
+    safe_forms: bool = True
+
     #: retries of an apply rolled back at lock_timeout (nothing was changed), and the base in
     #: seconds of their backoff: doubling, each wait jittered by +-50% so that runs spread out
     lock_retries: int = Field(default=3, ge=0)

@@ -16,6 +16,7 @@ from dbcore.connection import Target, connect
 from dbcore.errors import ConfigError, MigrationFileError, NothingToRollback, PlanOutdated
 from dbcore.migrate.files import MigrationFile, discover, load
 from dbcore.migrate.history import read_applied
+from dbcore.migrate.phases import pending_steps
 from dbcore.settings import Settings
 
 Action = Literal["apply", "rollback"]
@@ -45,6 +46,8 @@ class Plan:
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
+    #: steps an earlier apply left for its phases 2-4 (dbcore.migrate.phases): this apply continues them
+    steps_pending: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -52,7 +55,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not self.migrations
+        return not self.migrations and not self.steps_pending
 
     @property
     def phases(self) -> list[tuple[bool, list[MigrationFile]]]:
@@ -72,6 +75,7 @@ class Plan:
             "migrations": [{"name": m.name, "sha256": m.sha256, "atomic": m.atomic}
                            for m in self.migrations],
             "transactions": len(self.phases),
+            "steps_pending": list(self.steps_pending),
         }
 
 
@@ -96,6 +100,10 @@ class RunReport:
     dry_run: bool = False
     note: str = ""
     skipped: tuple[str, ...] = field(default=())
+    #: the work moved after the batch's commit, with its SQL, by phase (dbcore.migrate.phases)
+    steps: tuple[str, ...] = field(default=())
+    #: which phase the run reached, when it had work after the batch
+    phase_line: str = ""
 
     @property
     def names(self) -> list[str]:
@@ -105,14 +113,17 @@ class RunReport:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line: what happened."""
+        """One line: what happened (and which phase the run reached, when it had phases)."""
         if not self.results:
+            if self.phase_line:
+                return f"continued an earlier apply: {self.phase_line}"
             return self.note or ("up to date" if self.action == "apply" else "nothing rolled back")
         verb = "applied" if self.action == "apply" else "rolled back"
         if self.dry_run:
             verb = f"rehearsed (rolled back) {self.action} of"
         total = sum(r.seconds for r in self.results)
-        return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+        line = f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+        return f"{line}; {self.phase_line}" if self.phase_line else line
 
 
 def read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
@@ -151,7 +162,15 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     pending = pending_files(files, applied, upto)
     for f in pending:
         load(f)  # fail now, naming the file, rather than after earlier ones ran
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending))
+    own = db is None
+    db = db or connect(target)
+    try:
+        left = tuple(f"phase {s.phase} of {s.migration}: {s.kind} {s.name} on {s.table}"
+                     for s in pending_steps(db))
+    finally:
+        if own:
+            db.close()
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), left)
 
 
 def plan_rollback(target: Target, settings: Settings, *, count: int = 1,

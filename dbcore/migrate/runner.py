@@ -30,6 +30,7 @@ from dbcore.errors import (
 from dbcore.migrate.files import LoadedMigration, MigrationFile, load
 from dbcore.migrate.history import ApprovalRecord, default_actor, ensure_audit_table, record_audit
 from dbcore.migrate.locking import configure_session, migration_lock
+from dbcore.migrate.phases import StepStore, cancel_steps, describe_steps, run_phases
 from dbcore.migrate.plan import (
     Action,
     MigrationResult,
@@ -40,6 +41,7 @@ from dbcore.migrate.plan import (
     read_state,
 )
 from dbcore.migrate.router import FileRouter
+from dbcore.migrate.safe_forms import SafeForms
 from dbcore.redact import error_line
 from dbcore.settings import Settings
 
@@ -135,7 +137,7 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
                                f"{type(exc).__name__}: {detail}{kept}: fix that, then run again",
                                committed=committed)
     if isinstance(exc, MigrationFileError):  # an unknown model names the failed replays itself
-        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
+        return type(exc)(f"migration {name}.py: {exc}{kept}")
     problems = router.replayed.problems if router is not None and router.replayed else ()
     detail += "".join(f" (after {p.describe()})" for p in problems)
     if code == _LOCK_NOT_AVAILABLE:
@@ -156,10 +158,13 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
              action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
     name = loaded.file.name
     started = time.monotonic()
+    if migrator.safe is not None:
+        migrator.safe.begin_file(name, loaded.scope)
     with recorder as statements:
         if action == "apply":
             loaded.migrate(migrator, db, fake=False)
         else:
+            cancel_steps(db, [name])  # what is left of its phases would act on what it undoes
             loaded.rollback(migrator, db, fake=False)
         migrator.flush()
     seconds = time.monotonic() - started
@@ -175,7 +180,7 @@ def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: L
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
             run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
-            approval: ApprovalRecord | None = None) -> RunReport:
+            approval: ApprovalRecord | None = None, phase_progress=None) -> RunReport:
     """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
 
     ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
@@ -184,19 +189,19 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     actor = default_actor(actor or settings.actor)
-    if plan.empty:
+    if plan.empty and not plan.steps_pending:
         return RunReport(plan.action, plan.database, run_id, note="up to date")
     with migration_lock(target, settings, f"{plan.action} by {actor}"):
         db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
         try:
             return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                                   approval)
+                                   approval, phase_progress)
         finally:
             db.close()
 
 
 def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                    approval) -> RunReport:
+                    approval, phase_progress=None) -> RunReport:
     # Under the lock the history is final: a plan made before it may be stale.
     files, applied = read_state(target, settings, db)
     if tuple(applied) != plan.applied_before:
@@ -242,7 +247,12 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
         # migration first asks for their models (dbcore.migrate.replay).
         ensure_audit_table(db)
         router.model  # noqa: B018 - creates migratehistory
-        return router.migrator
+        migrator = router.migrator
+        # the safe forms judge "an existing table" against the tables there before the batch
+        migrator.safe = SafeForms(db, enabled=settings.safe_forms, store=StepStore(db, run_id).record)
+        migrator.safe.on_plain = StepStore(db, run_id).mark_plain
+        migrator.safe.begin_batch()
+        return migrator
 
     try:
         if dry_run:
@@ -292,5 +302,14 @@ def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress
     note = ""
     if skipped:
         note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"
+    steps = tuple(describe_steps(migrator.safe.steps)) if migrator is not None and migrator.safe else ()
+    phase_line = ""
+    if dry_run and steps:
+        note = "; ".join(x for x in (note, "phases 2-4 not rehearsed in a dry run (they run after a commit)") if x)
+    elif not dry_run and plan.action == "apply":
+        # phases 2-4: the steps this batch wrote, and any an earlier run left pending
+        phases = run_phases(db, settings, run_id=run_id, actor=actor, progress=phase_progress,
+                            approval=approval)
+        phase_line = phases.line()
     return RunReport(plan.action, plan.database, run_id, tuple(results), dry_run, note,
-                     tuple(skipped))
+                     tuple(skipped), steps, phase_line)

@@ -306,7 +306,6 @@ class SafeForms:
         table, column = op.args[0], op.args[1]
         if not self._safe(table):
             return False
-        self.materialize(table, f"add_not_null on {table}.{column} after it", (BACKFILL,))
         already = self.db.execute_sql(
             "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(quote_ident(%s)) "
             "AND attname = %s", (table, column)).fetchone()

@@ -149,12 +149,9 @@ def test_each_safe_form_gives_the_plain_form_s_schema_without_its_long_locks(
 
 
 def test_a_table_created_in_the_same_batch_gets_the_plain_forms(target, settings, tmp_path, db_url):
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "001_base.py").write_text(BASE.replace(
-        'migrator.sql("INSERT INTO item', 'migrator.add_index(Item, "title")\n    migrator.sql("INSERT INTO item'))
-    report = apply_pending(target, settings.model_copy(update={"migrations_dir": d}))
-    assert report.steps == () and "item_title" in "\n".join(report.results[0].sql)
+    d = folder(tmp_path, "m", CHANGES["add_index"], locks=False)
+    report = apply_pending(target, settings.model_copy(update={"migrations_dir": d}))  # 001 and 002
+    assert report.steps == () and 'CREATE INDEX "item_title"' in "\n".join(report.results[-1].sql)
 
 
 def test_a_file_can_turn_safe_forms_off(target, settings, tmp_path, db_url):
@@ -193,15 +190,21 @@ def test_a_later_operation_that_needs_a_deferred_index_gets_its_plain_form(targe
 
 
 PIPELINE = '''
-    migrator.add_fields("item", label=pw.CharField(max_length=20, null=True))
-    migrator.backfill("item", set={"label": pw.SQL("'item ' || id")}, where="label IS NULL",
-                      batch_size=300, pause=PAUSE)
-    migrator.add_not_null("item", "label")
+migrator.add_fields("item", label=pw.CharField(max_length=20, null=True))
+migrator.backfill("item", set={"label": pw.SQL("'item ' || id")}, where="label IS NULL",
+                  batch_size=300, pause=PAUSE)
 '''
 
 
+def pipeline(tmp_path: Path, pause: str) -> Path:
+    """002 adds a nullable column and backfills it, 003 makes it required: one deploy."""
+    d = folder(tmp_path, "m", PIPELINE.replace("PAUSE", pause), locks=False)
+    (d / "003_required.py").write_text(change_file('migrator.add_not_null("item", "label")\n', locks=False))
+    return d
+
+
 def test_add_nullable_backfill_make_required_in_one_deploy(target, settings, tmp_path, db_url):
-    d = folder(tmp_path, "m", PIPELINE.replace("PAUSE", "0"), locks=False)
+    d = pipeline(tmp_path, "0")
     cfg = settings.model_copy(update={"migrations_dir": d})
     apply_pending(target, cfg, upto="001")
     report = apply_pending(target, cfg)
@@ -259,11 +262,15 @@ def test_an_index_build_blocked_through_every_retry_is_continued_by_a_rerun(targ
 
 
 def test_a_backfill_killed_midway_continues_from_its_last_batch(target, settings, tmp_path, db_url):
-    d = folder(tmp_path, "m", PIPELINE.replace("PAUSE", "0.3"), locks=False)
+    d = pipeline(tmp_path, "0.3")
     env = {**os.environ, "DATABASE_URL": db_url, "MIGRATE_MIGRATIONS_DIR": str(d), "MIGRATE_ENV": "local"}
     cmd = [sys.executable, "-m", "dbcore.cli", "apply", "--env", "local"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cfg = settings.model_copy(update={"migrations_dir": d})
+    apply_pending(target, cfg, upto="001")
+    out = tmp_path / "apply.log"
+    with out.open("w") as sink:  # a file: a pipe nobody reads would fill up
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
     try:
         def reached() -> int:
             rows = query(db_url, "SELECT (detail->>'done_up_to')::int FROM migration_phase_step "
@@ -271,7 +278,7 @@ def test_a_backfill_killed_midway_continues_from_its_last_batch(target, settings
             return rows[0][0] or 0 if rows else 0
 
         wait_until(lambda: reached() >= 600, "two committed batches", timeout=120,
-                   gave_up=lambda: proc.poll() is not None)
+                   gave_up=lambda: proc.poll() is not None, log=out.read_text)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -281,7 +288,6 @@ def test_a_backfill_killed_midway_continues_from_its_last_batch(target, settings
     assert stopped < 2000
     filled = query(db_url, "SELECT count(*) FROM item WHERE label IS NOT NULL")[0][0]
     assert filled == stopped  # every committed batch, and only those
-    cfg = settings.model_copy(update={"migrations_dir": d})
     report = apply_pending(target, cfg)
     assert report.phase_line.startswith("reached phase 4")
     assert query(db_url, "SELECT count(*) FROM item WHERE label = 'item ' || id")[0][0] == 2000

@@ -160,12 +160,20 @@ class SafeForms:
 
     # -- the batch --------------------------------------------------------------------------
 
+    def _ask(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read the catalog on the connection's own cursor: not part of the migration's SQL."""
+        cursor = self.db.cursor()
+        try:
+            cursor.execute(sql, params or None)
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
     def begin_batch(self) -> None:
         """Note the tables that exist now: only those get safe forms."""
-        rows = self.db.execute_sql(
+        rows = self._ask(
             "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-        ).fetchall()
+            "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')")
         self._existing = {r[0] for r in rows}
 
     def begin_file(self, name: str, scope: dict) -> None:
@@ -181,7 +189,7 @@ class SafeForms:
     def existing(self, table: str) -> bool:
         if self._existing is None:
             self.begin_batch()
-        oid = self.db.execute_sql("SELECT to_regclass(quote_ident(%s))::oid", (table,)).fetchone()[0]
+        oid = self._ask("SELECT to_regclass(quote_ident(%s))::oid", (table,))[0][0]
         return oid is not None and oid in self._existing
 
     def _safe(self, table: str) -> bool:
@@ -306,9 +314,9 @@ class SafeForms:
         table, column = op.args[0], op.args[1]
         if not self._safe(table):
             return False
-        already = self.db.execute_sql(
+        already = (self._ask(
             "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(quote_ident(%s)) "
-            "AND attname = %s", (table, column)).fetchone()
+            "AND attname = %s", (table, column)) or [None])[0]
         if already and already[0]:
             return False  # SET NOT NULL on a NOT NULL column: nothing to scan
         check = _truncate(f"{table}_{column}_not_null")
@@ -381,9 +389,9 @@ class SafeForms:
         defaults = [" ".join(_query(self.db, c)[0].split()) for c in (fld.constraints or [])]
         calls = [f for d in defaults if d.upper().startswith("DEFAULT")
                  for f in re.findall(r"([A-Za-z_][\w]*)\s*\(", d)]
-        if calls and self.db.execute_sql(_VOLATILE_SQL, ([c.lower() for c in calls],)).fetchone()[0]:
+        if calls and self._ask(_VOLATILE_SQL, ([c.lower() for c in calls],))[0][0]:
             raise UnsafeChange(
-                f"migration {self.migration}.py adds {table}.{column} with a volatile default "
+                f"it adds {table}.{column} with a volatile default "
                 f"({', '.join(defaults)}): PostgreSQL rewrites the whole table under ACCESS EXCLUSIVE; "
                 f"{EXPAND_CONTRACT}, or set allow_table_rewrite = True in the file")
 
@@ -391,15 +399,15 @@ class SafeForms:
         if self.allow_rewrite or not self._safe(op.args[0]):
             return
         table, column = op.args[0], op.args[1]
-        row = self.db.execute_sql(
+        row = (self._ask(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
-            "to_regclass(quote_ident(%s)) AND attname = %s AND NOT attisdropped", (table, column)).fetchone()
+            "to_regclass(quote_ident(%s)) AND attname = %s AND NOT attisdropped", (table, column)) or [None])[0]
         if row is None:
             return
         new = re.search(r'\bTYPE\s+(.+?)(?:\s+NOT NULL|\s+NULL|\s+DEFAULT|\s+COLLATE|$)', sql)
         new_type = new.group(1) if new else ""
         if rewrites(row[0], new_type):
             raise UnsafeChange(
-                f"migration {self.migration}.py changes {table}.{column} from {row[0]} to {new_type}, "
+                f"it changes {table}.{column} from {row[0]} to {new_type}, "
                 f"which rewrites the table under ACCESS EXCLUSIVE: no safe form exists in place; "
                 f"{EXPAND_CONTRACT}, or set allow_table_rewrite = True in the file")

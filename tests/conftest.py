@@ -28,6 +28,12 @@ for _var in ("DATABASE_URL", "FLY_APP_NAME", "USE_FLY_POSTGRES_FROM_LOCAL_PROXY"
     os.environ.pop(_var, None)
 for _var in [v for v in os.environ if v.startswith("MIGRATE_")]:
     os.environ.pop(_var, None)
+# Never what `make run` left under .local/ (services.json, the embedded database, Prefect's home):
+# `make run && make test` must pass, and the developer's local state must stay as it was. A test
+# that needs embedded services sets them up itself under its own temporary folder.
+os.environ["MIGRATE_LOCAL_DIR"] = tempfile.mkdtemp(prefix="dbmigrate-local-")
+for _var in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH"):
+    os.environ.pop(_var, None)
 # Prefect, for the flow tests: a private home, quiet, offline, patient with a cold start.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dbmigrate-prefect-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

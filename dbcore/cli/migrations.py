@@ -33,10 +33,10 @@ def _render_plan(plan: Plan) -> str:
         return f"{plan.database}: nothing to {plan.action}"
     lines = [f"{plan.database}: {plan.action} {len(plan.migrations)} migration(s) "
              f"in {len(plan.phases)} transaction(s):"]
-    for number, (atomic, group) in enumerate(plan.phases, 1):
-        kind = "one transaction" if atomic else "autocommit, alone (atomic = False)"
+    for number, phase in enumerate(plan.phases, 1):
+        kind = "one transaction" if phase.atomic else "autocommit, alone (atomic = False)"
         lines.append(f"  transaction {number} ({kind}):")
-        lines += [f"    {m.name}" for m in group]
+        lines += [f"    {m.name}" for m in phase.migrations]
     return "\n".join(lines)
 
 

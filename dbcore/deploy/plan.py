@@ -140,10 +140,10 @@ class DeployPlan:
                "### Migrations", ""]
         rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
         out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
-        for number, (atomic, group) in enumerate(self.plan.phases, 1):
-            for m in group:
+        for number, phase in enumerate(self.plan.phases, 1):
+            for m in phase.migrations:
                 took = f"{rehearsed[m.name].seconds:.2f} s" if m.name in rehearsed else "not rehearsed"
-                kind = f"{number} (batch)" if atomic else f"{number} (alone, atomic = False)"
+                kind = f"{number} (batch)" if phase.atomic else f"{number} (alone, atomic = False)"
                 out.append(f"| {m.number} | `{m.name}` | {kind} | {took} | `{m.sha256[:12]}` |")
         out += ["", self.lint.to_markdown(), ""]
         if self.preflight:
@@ -182,9 +182,9 @@ class DeployPlan:
     def text(self) -> str:
         """Return the plan for a terminal."""
         out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
-        for atomic, group in self.plan.phases:
-            kind = "one transaction" if atomic else "alone, atomic = False"
-            out += [f"  {m.name}  ({kind})" for m in group]
+        for phase in self.plan.phases:
+            kind = "one transaction" if phase.atomic else "alone, atomic = False"
+            out += [f"  {m.name}  ({kind})" for m in phase.migrations]
         out.append("lint: " + self.lint.summary())
         out += [f"  {f.text()}" for f in self.lint.findings]
         if self.preflight:

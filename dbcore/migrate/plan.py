@@ -37,10 +37,43 @@ class ProgressEvent:
 
 Progress = Callable[[ProgressEvent], None]
 
+#: What a phase of an apply is (docs/migrations.md, "Phases of an apply"): "batch", consecutive
+#: migrations in one transaction; "alone", one ``atomic = False`` migration in autocommit, after
+#: the phase before it committed. Later kinds (index builds, backfills, validation) add here.
+PhaseKind = Literal["batch", "alone"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A part of an apply that commits on its own; phases run in order, each after the last committed."""
+
+    kind: PhaseKind
+    migrations: tuple[MigrationFile, ...]
+
+    @property
+    def atomic(self) -> bool:
+        """True when the phase runs in one transaction (all or nothing)."""
+        return self.kind == "batch"
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.migrations]
+
+
+def split_phases(migrations: tuple[MigrationFile, ...]) -> tuple[Phase, ...]:
+    """Group consecutive atomic migrations into one batch; each ``atomic = False`` one alone."""
+    phases: list[Phase] = []
+    for m in migrations:
+        if m.atomic and phases and phases[-1].kind == "batch":
+            phases[-1] = Phase("batch", phases[-1].migrations + (m,))
+        else:
+            phases.append(Phase("batch" if m.atomic else "alone", (m,)))
+    return tuple(phases)
+
 
 @dataclass(frozen=True)
 class Plan:
-    """What an apply or rollback will do: the migrations in order, split into transaction phases."""
+    """What an apply or rollback will do: the migrations in order, split into phases (:attr:`phases`)."""
 
     action: Action
     database: str  # masked URL
@@ -58,15 +91,9 @@ class Plan:
         return not self.migrations and not self.steps_pending
 
     @property
-    def phases(self) -> list[tuple[bool, list[MigrationFile]]]:
-        """Consecutive atomic migrations grouped into one transaction; each non-atomic one alone."""
-        phases: list[tuple[bool, list[MigrationFile]]] = []
-        for m in self.migrations:
-            if m.atomic and phases and phases[-1][0]:
-                phases[-1][1].append(m)
-            else:
-                phases.append((m.atomic, [m]))
-        return phases
+    def phases(self) -> tuple[Phase, ...]:
+        """The phases the runner executes in order (:func:`split_phases`)."""
+        return split_phases(self.migrations)
 
     def to_dict(self) -> dict:
         return {

@@ -1,11 +1,16 @@
-"""Plan, then apply: pending migrations in one transaction under the migration lock; rollbacks.
+"""Execute a plan (an apply or a rollback) under the migration lock, phase by phase.
 
 ``plan_apply`` and ``plan_rollback`` (dbcore.migrate.plan) decide and return data; :func:`execute`
-acts on that data. Every migration of a plan runs inside ONE transaction (peewee-migrate's
-per-migration transactions become savepoints), so a failure anywhere leaves the database exactly
-as before. A migration that declares ``atomic = False`` cannot run in a transaction
-(CREATE INDEX CONCURRENTLY): it splits the plan into phases and runs alone, in autocommit,
-after the phase before it has committed (docs/migrations.md).
+acts on that data, the way django's executor does: check the plan is still current, run each of
+its phases (:attr:`Plan.phases`), record each migration, report. A "batch" phase runs its
+migrations in ONE transaction (peewee-migrate's per-migration transactions become savepoints), so
+a failure in it leaves the database as it was before the phase. An "alone" phase is one migration
+declaring ``atomic = False`` (CREATE INDEX CONCURRENTLY), run in autocommit after the phase before
+it committed. docs/migrations.md ("Phases of an apply") states what each phase promises.
+
+Seams for other modules: a :class:`~dbcore.migrate.observe.RunObserver` passed to :func:`execute`
+is told when a phase starts, before and after each statement a migration sends, and right before
+each COMMIT; a new kind of phase is one function in ``_PHASE_RUNNERS``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import peewee
 import psycopg2
@@ -30,14 +38,17 @@ from dbcore.errors import (
 from dbcore.migrate.files import LoadedMigration, MigrationFile, load
 from dbcore.migrate.history import ApprovalRecord, default_actor, ensure_audit_table, record_audit
 from dbcore.migrate.locking import configure_session, migration_lock
-from dbcore.migrate.phases import StepStore, cancel_steps, describe_steps, run_phases
+from dbcore.migrate.observe import Observers, RunObserver, SqlRecorder
+from dbcore.migrate.phases import PhaseProgress, StepStore, cancel_steps, describe_steps, run_phases
 from dbcore.migrate.plan import (
     Action,
     MigrationResult,
+    Phase,
     Plan,
     Progress,
     ProgressEvent,
     RunReport,
+    Stage,
     read_state,
 )
 from dbcore.migrate.router import FileRouter
@@ -52,30 +63,247 @@ _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
 
 
-class _SqlRecorder:
-    """Records the statements one database object sends while recording is on.
+@dataclass
+class _Run:
+    """One execution of a plan under way: what the small functions below share (no closures)."""
 
-    It wraps that object's ``execute_sql`` only: no global logger or patch, so two runs in one
-    process (a rehearsal and an apply, or tests in threads) never see each other's SQL.
+    plan: Plan
+    db: peewee.Database
+    target: Target
+    settings: Settings
+    actor: str
+    run_id: str
+    dry_run: bool
+    approval: ApprovalRecord | None
+    progress: Progress | None
+    observer: RunObserver
+    recorder: SqlRecorder
+    router: FileRouter
+    loaded: dict[str, LoadedMigration]
+    results: list[MigrationResult] = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    current: str = ""  # the migration running, named by the error if it fails
+    migrator: Any = None
+    phase_progress: PhaseProgress | None = None
+    phase_line: str = ""  # which of the phases after the batch the run reached
+
+    def report(self) -> RunReport:
+        note = ""
+        if self.skipped:
+            note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(self.skipped)}"
+        safe = self.migrator.safe if self.migrator is not None else None
+        steps = tuple(describe_steps(safe.steps)) if safe is not None else ()
+        if self.dry_run and safe is not None and safe.pending():
+            note = "; ".join(x for x in (note, "phases 2-4 are not rehearsed by a dry run: they run "
+                                               "after a commit") if x)
+        return RunReport(self.plan.action, self.plan.database, self.run_id, tuple(self.results),
+                         self.dry_run, note, tuple(self.skipped), steps, self.phase_line)
+
+
+def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
+            run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
+            approval: ApprovalRecord | None = None,
+            observers: Sequence[RunObserver] = (), phase_progress: PhaseProgress | None = None) -> RunReport:
+    """Run ``plan`` (an apply or a rollback) under the migration lock, phase by phase.
+
+    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row;
+    ``observers`` are told each phase, statement and commit. A dry run runs the batches in one
+    transaction rolled back at the end and skips the "alone" phases. Raises MigrationFailed (or a
+    subclass) carrying what was committed; PlanOutdated when the history or a file changed since
+    the plan was made.
     """
+    run_id = run_id or uuid.uuid4().hex[:12]
+    actor = default_actor(actor or settings.actor)
+    if plan.empty:
+        return RunReport(plan.action, plan.database, run_id, note="up to date")
+    with migration_lock(target, settings, f"{plan.action} by {actor}"), \
+            _session(target, f"dbmigrate {plan.action} by {actor}") as db:
+        if _applied_meanwhile(plan, target, settings, db):
+            return RunReport(plan.action, plan.database, run_id,
+                             note="up to date (another run applied these meanwhile)")
+        configure_session(db, settings)
+        observer = Observers(observers)
+        run = _Run(plan, db, target, settings, actor, run_id, dry_run, approval, progress, observer,
+                   SqlRecorder(db, observer), FileRouter(db, settings.migrations_dir),
+                   {m.name: load(m) for m in plan.migrations})
+        run.phase_progress = phase_progress
+        _run_phases(run)
+        _after_commit(run)
+        return run.report()
 
-    def __init__(self, db: peewee.Database) -> None:
-        self.statements: list[str] | None = None
-        original = db.execute_sql
 
-        def execute_sql(sql, params=None, *args, **kwargs):
-            if self.statements is not None:
-                self.statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
-            return original(sql, params, *args, **kwargs)
+def _after_commit(run: _Run) -> None:
+    """Phases 2-4 (dbcore.migrate.phases): the steps this apply wrote, and any an earlier one left.
 
-        db.execute_sql = execute_sql
+    Outside any transaction, after every batch committed; a dry run and a rollback run none.
+    """
+    if run.dry_run or run.plan.action != "apply":
+        return
+    report = run_phases(run.db, run.settings, run_id=run.run_id, actor=run.actor,
+                        progress=run.phase_progress, approval=run.approval)
+    run.phase_line = report.line()
 
-    def __enter__(self) -> list[str]:
-        self.statements = []
-        return self.statements
 
-    def __exit__(self, *exc) -> None:
-        self.statements = None
+@contextmanager
+def _session(target: Target, application_name: str) -> Iterator[peewee.Database]:
+    """The run's own connection (beside the lock's), named for pg_stat_activity."""
+    db = connect(target, application_name=application_name[:63])
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _applied_meanwhile(plan: Plan, target: Target, settings: Settings, db: peewee.Database) -> bool:
+    """Check the plan is current under the lock (the history is final there).
+
+    Returns True when another run applied exactly these meanwhile (nothing to do); raises
+    PlanOutdated when the history or a file changed since the plan was made.
+    """
+    files, applied = read_state(target, settings, db)
+    if tuple(applied) != plan.applied_before:
+        if plan.action == "apply" and set(plan.names) <= set(applied):
+            return True
+        raise PlanOutdated(
+            f"the migration history of {target.dbname!r} changed since the plan was made: "
+            "plan again and review it")
+    current_files = {f.name: f.sha256 for f in files}
+    for m in plan.migrations:
+        if current_files.get(m.name) != m.sha256:
+            raise PlanOutdated(
+                f"migration {m.path.name} changed on disk since the plan was made: "
+                "plan again and review it")
+    return False
+
+
+def _run_phases(run: _Run) -> None:
+    """Run every phase in order (a dry run: inside one transaction rolled back); type any failure."""
+    try:
+        with _rolled_back(run.db) if run.dry_run else nullcontext():
+            for phase in run.plan.phases:
+                _PHASE_RUNNERS[phase.kind](run, phase)
+                if not run.dry_run:
+                    run.committed.extend(phase.names)
+                run.observer.phase_done(phase, _results_of(run, phase))
+    except (TransactionBroken, NonAtomicFailed):
+        raise
+    except Exception as exc:
+        committed = [] if run.dry_run else run.committed
+        raise _typed_failure(exc, run.current, run.plan.action, committed, run.settings,
+                             run.target, run.router) from exc
+
+
+def _run_batch(run: _Run, phase: Phase) -> None:
+    """Run a batch phase: its migrations in one transaction (a savepoint in a dry run), then commit."""
+    with run.db.atomic():
+        xid = _xact_id(run.db)
+        _prepare(run)
+        run.observer.phase_started(phase, run.db)
+        for m in phase.migrations:
+            _run_one(run, phase, m)
+            _check_same_transaction(run, m, xid)
+        run.observer.before_commit(phase, _results_of(run, phase), run.db)
+
+
+def _run_alone(run: _Run, phase: Phase) -> None:
+    """Run an "alone" phase: its ``atomic = False`` migration in autocommit (a dry run skips it)."""
+    m = phase.migrations[0]
+    if run.dry_run:  # autocommit statements cannot be undone
+        run.skipped.append(m.name)
+        return
+    if run.migrator is None:
+        with run.db.atomic():
+            _prepare(run)
+    run.observer.phase_started(phase, run.db)
+    # Outside any transaction: PostgreSQL refuses CREATE INDEX CONCURRENTLY in one. Its history
+    # row is written after it succeeded.
+    _autocommit_checked(run.db, lambda: _run_one(run, phase, m), m, run.committed)
+
+
+#: how each kind of phase runs (dbcore.migrate.plan.PhaseKind)
+_PHASE_RUNNERS: dict[str, Callable[[_Run, Phase], None]] = {"batch": _run_batch, "alone": _run_alone}
+
+
+def _prepare(run: _Run) -> None:
+    """Create the bookkeeping tables and the migrator, once, in the transaction open around it.
+
+    In the first transaction, so that a first apply that fails leaves no trace either. The applied
+    files replay (sending nothing) only when a migration first asks for their models
+    (dbcore.migrate.replay).
+    """
+    if run.migrator is None:
+        ensure_audit_table(run.db)
+        run.router.model  # noqa: B018 - creates migratehistory
+        run.migrator = run.router.migrator
+        # safe forms (dbcore.migrate.safe_forms) for the tables there before the batch; the work
+        # they move after the commit is written in this transaction (dbcore.migrate.phases)
+        store = StepStore(run.db, run.run_id)
+        run.migrator.safe = SafeForms(run.db, enabled=run.settings.safe_forms, store=store.record)
+        run.migrator.safe.on_plain = store.mark_plain
+        run.migrator.safe.begin_batch()
+
+
+def _run_one(run: _Run, phase: Phase, m: MigrationFile) -> None:
+    """Run one migration of ``phase``, record it (history and audit) and report its progress."""
+    run.current = m.name
+    index = len(run.results) + len(run.skipped) + 1
+    _tell(run, "start", m.name, index)
+    result = _send(run, phase, run.loaded[m.name])
+    _record(run, run.loaded[m.name].file, result.seconds)
+    run.results.append(result)
+    _tell(run, "done", m.name, index, result.seconds)
+
+
+def _send(run: _Run, phase: Phase, loaded: LoadedMigration) -> MigrationResult:
+    """Run the migration's migrate() (or rollback()) and flush its queued operations, recording the SQL."""
+    started = time.monotonic()
+    run.migrator.safe.begin_file(loaded.file.name, loaded.scope)
+    if run.plan.action == "rollback":  # what is left of its phases would act on what it undoes
+        cancel_steps(run.db, [loaded.file.name])
+    with run.recorder.recording(loaded.file.name, phase) as statements:
+        if run.plan.action == "apply":
+            loaded.migrate(run.migrator, run.db, fake=False)
+        else:
+            loaded.rollback(run.migrator, run.db, fake=False)
+        run.migrator.flush()
+    seconds = time.monotonic() - started
+    return MigrationResult(loaded.file.name, seconds, tuple(statements), loaded.file.atomic)
+
+
+def _record(run: _Run, m: MigrationFile, seconds: float) -> None:
+    """Write the migration's history row (or delete it, for a rollback) and its audit row."""
+    history = run.router.model
+    if run.plan.action == "apply":
+        history.create(name=m.name)
+    else:
+        history.delete().where(history.name == m.name).execute()
+    record_audit(run.db, name=m.name, action=run.plan.action, checksum=m.sha256, actor=run.actor,
+                 run_id=run.run_id, duration_ms=int(seconds * 1000), approval=run.approval)
+    log.info("%s %s in %.2fs", run.plan.action, m.name, seconds)
+
+
+def _tell(run: _Run, stage: Stage, name: str, index: int, seconds: float = 0.0) -> None:
+    if run.progress:
+        run.progress(ProgressEvent(run.plan.action, stage, name, index, len(run.plan.migrations),
+                                   seconds))
+
+
+def _check_same_transaction(run: _Run, m: MigrationFile, xid: str) -> None:
+    """Raise TransactionBroken if migration ``m`` ended the transaction it ran in."""
+    if _xact_id(run.db) == xid:
+        return
+    raise TransactionBroken(
+        f"migration {m.name}.py ended the batch transaction (COMMIT, ROLLBACK, database.commit() "
+        "or database.transaction()): what ran up to that point is committed, after "
+        f"{', '.join(run.committed) or 'nothing'}; the database is NOT as before: remove the "
+        f"transaction control from {m.name}.py, then roll back or restore by hand",
+        committed=run.committed + [m.name])
+
+
+def _results_of(run: _Run, phase: Phase) -> list[MigrationResult]:
+    names = set(phase.names)
+    return [r for r in run.results if r.name in names]
 
 
 def _xact_id(db: peewee.Database) -> str:
@@ -83,8 +311,9 @@ def _xact_id(db: peewee.Database) -> str:
     return str(db.execute_sql("SELECT pg_current_xact_id()").fetchone()[0])
 
 
-def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str]) -> None:
-    """Run an ``atomic = False`` migration; raise NonAtomicFailed if it fails or leaves an INVALID index."""
+def _autocommit_checked(db: peewee.Database, run: Callable[[], object], m: MigrationFile,
+                        committed: list[str]) -> None:
+    """Call ``run`` (an ``atomic = False`` migration); raise NonAtomicFailed if it fails or leaves an INVALID index."""
     before = {i.index for i in check_no_invalid_indexes(db)}
     try:
         run()
@@ -103,7 +332,18 @@ def _run_alone(db: peewee.Database, run, m: MigrationFile, committed: list[str])
 
 
 class _DryRunRollback(Exception):
-    """Raised inside the batch transaction of a dry run to roll it back."""
+    """Raised inside the transaction around a dry run to roll it back."""
+
+
+@contextmanager
+def _rolled_back(db: peewee.Database) -> Iterator[None]:
+    """Run the block in one transaction rolled back at its end (its batches become savepoints)."""
+    try:
+        with db.atomic():
+            yield
+            raise _DryRunRollback
+    except _DryRunRollback:
+        pass
 
 
 def _pgcode(exc: BaseException) -> str | None:
@@ -152,164 +392,3 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
     where = "rollback()" if action == "rollback" else "migrate()"
     return MigrationFailed(f"{action} of {name} failed: {type(exc).__name__}: {detail}{kept}: "
                            f"fix {where} in {name}.py and run again", committed=committed)
-
-
-def _run_one(db, recorder: _SqlRecorder, router: FileRouter, migrator, loaded: LoadedMigration,
-             action: Action, actor: str, run_id: str, approval: ApprovalRecord | None) -> MigrationResult:
-    name = loaded.file.name
-    started = time.monotonic()
-    if migrator.safe is not None:
-        migrator.safe.begin_file(name, loaded.scope)
-    with recorder as statements:
-        if action == "apply":
-            loaded.migrate(migrator, db, fake=False)
-        else:
-            cancel_steps(db, [name])  # what is left of its phases would act on what it undoes
-            loaded.rollback(migrator, db, fake=False)
-        migrator.flush()
-    seconds = time.monotonic() - started
-    if action == "apply":
-        router.model.create(name=name)
-    else:
-        router.model.delete().where(router.model.name == name).execute()
-    record_audit(db, name=name, action=action, checksum=loaded.file.sha256, actor=actor,
-                 run_id=run_id, duration_ms=int(seconds * 1000), approval=approval)
-    log.info("%s %s in %.2fs", action, name, seconds)
-    return MigrationResult(name, seconds, tuple(statements), loaded.file.atomic)
-
-
-def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
-            run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
-            approval: ApprovalRecord | None = None, phase_progress=None) -> RunReport:
-    """Run ``plan`` (an apply or a rollback) under the migration lock, in one transaction per phase.
-
-    ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row. Raises
-    MigrationFailed (or a subclass) carrying what was committed; PlanOutdated when the history or
-    a file changed since the plan was made.
-    """
-    run_id = run_id or uuid.uuid4().hex[:12]
-    actor = default_actor(actor or settings.actor)
-    if plan.empty and not plan.steps_pending:
-        return RunReport(plan.action, plan.database, run_id, note="up to date")
-    with migration_lock(target, settings, f"{plan.action} by {actor}"):
-        db = connect(target, application_name=f"dbmigrate {plan.action} by {actor}"[:63])
-        try:
-            return _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                                   approval, phase_progress)
-        finally:
-            db.close()
-
-
-def _execute_locked(plan, db, target, settings, actor, run_id, dry_run, progress,
-                    approval, phase_progress=None) -> RunReport:
-    # Under the lock the history is final: a plan made before it may be stale.
-    files, applied = read_state(target, settings, db)
-    if tuple(applied) != plan.applied_before:
-        if plan.action == "apply" and set(plan.names) <= set(applied):
-            return RunReport(plan.action, plan.database, run_id,
-                             note="up to date (another run applied these meanwhile)")
-        raise PlanOutdated(
-            f"the migration history of {target.dbname!r} changed since the plan was made: "
-            "plan again and review it")
-    current_files = {f.name: f.sha256 for f in files}
-    for m in plan.migrations:
-        if current_files.get(m.name) != m.sha256:
-            raise PlanOutdated(
-                f"migration {m.path.name} changed on disk since the plan was made: "
-                "plan again and review it")
-    configure_session(db, settings)
-    recorder = _SqlRecorder(db)
-    loaded = {m.name: load(m) for m in plan.migrations}
-    router = FileRouter(db, settings.migrations_dir)
-    results: list[MigrationResult] = []
-    committed: list[str] = []
-    skipped: list[str] = []
-    total = len(plan.migrations)
-    current = ""
-
-    def run(m: MigrationFile, migrator) -> None:
-        nonlocal current
-        current = m.name
-        index = len(results) + len(skipped) + 1
-        if progress:
-            progress(ProgressEvent(plan.action, "start", m.name, index, total))
-        result = _run_one(db, recorder, router, migrator, loaded[m.name], plan.action, actor,
-                          run_id, approval)
-        results.append(result)
-        if progress:
-            progress(ProgressEvent(plan.action, "done", m.name, index, total, result.seconds))
-
-    migrator = None
-
-    def prepare():
-        # Bookkeeping tables are created in the first transaction, so that a first apply that
-        # fails leaves no trace either. The applied files replay (sending nothing) only when a
-        # migration first asks for their models (dbcore.migrate.replay).
-        ensure_audit_table(db)
-        router.model  # noqa: B018 - creates migratehistory
-        migrator = router.migrator
-        # the safe forms judge "an existing table" against the tables there before the batch
-        migrator.safe = SafeForms(db, enabled=settings.safe_forms, store=StepStore(db, run_id).record)
-        migrator.safe.on_plain = StepStore(db, run_id).mark_plain
-        migrator.safe.begin_batch()
-        return migrator
-
-    try:
-        if dry_run:
-            # One transaction around everything, rolled back at the end.
-            try:
-                with db.atomic():
-                    migrator = prepare()
-                    for atomic, group in plan.phases:
-                        if not atomic:
-                            # Autocommit statements cannot be undone: a dry run does not run them.
-                            skipped.append(group[0].name)
-                            continue
-                        for m in group:
-                            run(m, migrator)
-                    raise _DryRunRollback
-            except _DryRunRollback:
-                pass
-        else:
-            for atomic, group in plan.phases:
-                if atomic:
-                    with db.atomic():
-                        xid = _xact_id(db)
-                        migrator = migrator or prepare()
-                        for m in group:
-                            run(m, migrator)
-                            if _xact_id(db) != xid:
-                                raise TransactionBroken(
-                                    f"migration {m.name}.py ended the batch transaction (COMMIT, "
-                                    "ROLLBACK, database.commit() or database.transaction()): what "
-                                    f"ran up to that point is committed, after {', '.join(committed) or 'nothing'}"
-                                    f"; the database is NOT as before: remove the transaction "
-                                    f"control from {m.name}.py, then roll back or restore by hand",
-                                    committed=committed + [m.name])
-                else:
-                    if migrator is None:
-                        with db.atomic():
-                            migrator = prepare()
-                    # Alone and outside any transaction: PostgreSQL refuses CREATE INDEX
-                    # CONCURRENTLY in one. Its history row is written after it succeeded.
-                    _run_alone(db, lambda m=group[0]: run(m, migrator), group[0], committed)
-                committed.extend(x.name for x in group)
-    except (TransactionBroken, NonAtomicFailed):
-        raise
-    except Exception as exc:
-        done_names = [] if dry_run else committed
-        raise _typed_failure(exc, current, plan.action, done_names, settings, target, router) from exc
-    note = ""
-    if skipped:
-        note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(skipped)}"
-    steps = tuple(describe_steps(migrator.safe.steps)) if migrator is not None and migrator.safe else ()
-    phase_line = ""
-    if dry_run and steps:
-        note = "; ".join(x for x in (note, "phases 2-4 not rehearsed in a dry run (they run after a commit)") if x)
-    elif not dry_run and plan.action == "apply":
-        # phases 2-4: the steps this batch wrote, and any an earlier run left pending
-        phases = run_phases(db, settings, run_id=run_id, actor=actor, progress=phase_progress,
-                            approval=approval)
-        phase_line = phases.line()
-    return RunReport(plan.action, plan.database, run_id, tuple(results), dry_run, note,
-                     tuple(skipped), steps, phase_line)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+from helpers import REPO
 
 from dbcore.connection import Env, Target, resolve_env, resolve_target
+from dbcore.embedded import embedded_database_url
 from dbcore.errors import ConfigError, EnvMismatch
 from dbcore.redact import mask_url
 from dbcore.settings import Settings
@@ -64,3 +69,15 @@ def test_passwords_are_masked_wherever_a_url_is_shown():
     for shown in (str(target), repr(target), target.masked_url):
         assert "w0rd" not in shown
     assert target.password == "p@ss-w0rd" and target.dbname == "app"
+
+
+def test_the_suite_never_reads_what_make_run_left_under_dot_local():
+    """`make run` leaves services.json, the embedded database and Prefect's home under .local/: a test
+    run after it (`make run && make test`) must judge the same files the same way, and leave them alone."""
+    repo_local = (REPO / ".local").resolve()
+    settings = Settings()
+    assert repo_local not in (settings.local_dir.resolve(), *settings.local_dir.resolve().parents)
+    assert repo_local not in Path(os.environ["PREFECT_HOME"]).resolve().parents
+    assert embedded_database_url(settings) is None
+    with pytest.raises(ConfigError, match="make run"):
+        resolve_target(settings)

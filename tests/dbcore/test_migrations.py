@@ -280,8 +280,8 @@ def test_an_atomic_false_migration_runs_alone_outside_the_transaction(target, cf
             migrator.sql("ALTER TABLE document DROP COLUMN lines")
         """)
     plan = plan_apply(target, cfg)
-    assert [(atomic, [m.name[:3] for m in group]) for atomic, group in plan.phases] == [
-        (True, ["001", "002", "003", "004"]), (False, ["005"]), (True, ["006"])]
+    assert [(p.kind, [m.name[:3] for m in p.migrations]) for p in plan.phases] == [
+        ("batch", ["001", "002", "003", "004"]), ("alone", ["005"]), ("batch", ["006"])]
     report = execute(plan, target, cfg)
     assert len(report.names) == 6
     assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = "

@@ -227,7 +227,27 @@ def apply(plan: planning.Plan, target: Target, settings: Settings, actor: str, r
                         event.seconds)
 
     return retry.apply_retrying(plan, target, settings, actor=actor, run_id=run_id,
-                                progress=progress, approval=approval)
+                                progress=progress, approval=approval,
+                                phase_progress=_PhaseArtifact(logger))
+
+
+class _PhaseArtifact:
+    """Logs the steps after the batch's commit; a backfill's progress goes to a Prefect progress artifact."""
+
+    def __init__(self, logger) -> None:
+        self.logger, self.ids, self.last = logger, {}, 0.0
+
+    def __call__(self, event) -> None:
+        now = time.monotonic()
+        if event.total and event.done < event.total and now - self.last < 1.0:
+            return  # a backfill reports every batch: once a second is enough
+        self.last = now
+        self.logger.info("[phase %s] %s: %s", event.phase, event.step, event.message)
+        if event.total:
+            if event.step not in self.ids:
+                self.ids[event.step] = create_progress_artifact(0.0, description=f"backfill {event.step}")
+            update_progress_artifact(self.ids[event.step], 100.0 * event.done / event.total,
+                                     description=f"backfill {event.step}: {event.message}")
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

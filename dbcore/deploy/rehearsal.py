@@ -61,6 +61,10 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the work the safe forms and backfills moved after the batch's commit, SQL by phase
+    steps: tuple[str, ...] = field(default=())
+    #: how long each of those steps took on the copy (a backfill's time: the ETA live)
+    phase_timings: tuple[str, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -254,7 +258,8 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         findings = lint_captured_sql(report.results, existing, allow_destructive)
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers)
+                                 method=copy.method, leftovers=copy.leftovers, steps=report.steps,
+                                 phase_timings=report.phase_timings)
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

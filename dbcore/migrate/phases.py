@@ -71,6 +71,9 @@ class PhaseEvent:
     phase: int
     step: str
     message: str
+    #: a backfill's keys done and its last key (0, 0 for other steps)
+    done: int = 0
+    total: int = 0
 
 
 PhaseProgress = Callable[[PhaseEvent], None]
@@ -83,6 +86,8 @@ class PhaseReport:
     reached: int = 1
     done: list[str] = field(default_factory=list)
     pending: int = 0
+    #: how long each step took ("backfill label on item: 3.20s"): on a rehearsal copy, the ETA
+    timings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         if not self.done and not self.pending:
@@ -197,10 +202,10 @@ class _Runner:
         self.db, self.settings, self.run_id, self.actor = db, settings, run_id, actor
         self.progress, self.approval = progress, approval
 
-    def say(self, phase: int, step: Step, message: str) -> None:
+    def say(self, phase: int, step: Step, message: str, done: int = 0, total: int = 0) -> None:
         log.info("phase %s: %s: %s", phase, step.name, message)
         if self.progress is not None:
-            self.progress(PhaseEvent(phase, f"{step.kind} {step.name} on {step.table}", message))
+            self.progress(PhaseEvent(phase, f"{step.kind} {step.name} on {step.table}", message, done, total))
 
     def update(self, step: Step, **values) -> None:
         sets = ", ".join(f"{k} = %s" for k in values)
@@ -263,7 +268,7 @@ class _Runner:
             self.update(step, detail=json.dumps({k: v for k, v in detail.items() if not k.startswith("_")}))
 
         def moved(table, rows, reached, until):
-            self.say(3, step, f"{rows} row(s) updated, key {reached} of {until}")
+            self.say(3, step, f"{rows} row(s) updated, key {reached} of {until}", reached, until)
 
         run_backfill(self.db, step, save, function, moved)
 
@@ -306,6 +311,7 @@ class _Runner:
                 seconds = time.monotonic() - started
                 self.update(step, state="done", done_at=_now(self.db))
                 report.done.append(step.name)
+                report.timings.append(f"{step.kind} {step.name} on {step.table}: {seconds:.2f}s")
                 report.pending -= 1
                 self.say(step.phase, step, f"done in {seconds:.2f}s")
                 if not any(s.migration == step.migration and s.phase == step.phase

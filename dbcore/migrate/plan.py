@@ -131,6 +131,8 @@ class RunReport:
     steps: tuple[str, ...] = field(default=())
     #: which phase the run reached, when it had work after the batch
     phase_line: str = ""
+    #: how long each step after the batch took (on a rehearsal copy: what to expect live)
+    phase_timings: tuple[str, ...] = field(default=())
 
     @property
     def names(self) -> list[str]:

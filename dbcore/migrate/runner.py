@@ -87,6 +87,7 @@ class _Run:
     migrator: Any = None
     phase_progress: PhaseProgress | None = None
     phase_line: str = ""  # which of the phases after the batch the run reached
+    phase_timings: tuple[str, ...] = ()
 
     def report(self) -> RunReport:
         note = ""
@@ -98,7 +99,8 @@ class _Run:
             note = "; ".join(x for x in (note, "phases 2-4 are not rehearsed by a dry run: they run "
                                                "after a commit") if x)
         return RunReport(self.plan.action, self.plan.database, self.run_id, tuple(self.results),
-                         self.dry_run, note, tuple(self.skipped), steps, self.phase_line)
+                         self.dry_run, note, tuple(self.skipped), steps, self.phase_line,
+                         self.phase_timings)
 
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
@@ -143,6 +145,7 @@ def _after_commit(run: _Run) -> None:
     report = run_phases(run.db, run.settings, run_id=run.run_id, actor=run.actor,
                         progress=run.phase_progress, approval=run.approval)
     run.phase_line = report.line()
+    run.phase_timings = tuple(report.timings)
 
 
 @contextmanager

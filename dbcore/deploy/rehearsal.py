@@ -38,8 +38,9 @@ from dbcore.deploy.scratch import (
     scratch_name,
 )
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
-from dbcore.lint.report import Finding
+from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import SqlBatch
+from dbcore.migrate.backfill import LargeUpdates
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
 from dbcore.migrate.runner import execute
 from dbcore.redact import error_line, redact
@@ -195,6 +196,15 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
                        leftovers, holder)
 
 
+def large_update_findings(large: LargeUpdates) -> list[Finding]:
+    """DS108: each UPDATE/DELETE of the batch that changed more rows on the copy than the setting allows."""
+    return [finding("DS108", f"{name}.py (rehearsal)", number,
+                    f"{sql} changed {rows} rows on the copy inside the batch's transaction, each locked "
+                    "until the commit (the application's writes to them wait): use migrator.backfill, "
+                    "which updates in short batches after the commit (docs/migrations.md)")
+            for name, number, rows, sql in large.found]
+
+
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
                       allow_destructive: bool = False) -> list[Finding]:
     """Return the SQL lint findings on what each migration really sent.
@@ -248,14 +258,16 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
+        large = LargeUpdates(settings.large_update_rows)
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress)
+                             progress=progress, observers=[large])
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
         checks = run_post_checks(scratch, models, before=before)
         findings = lint_captured_sql(report.results, existing, allow_destructive)
+        findings += large_update_findings(large)
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
                                  method=copy.method, leftovers=copy.leftovers, steps=report.steps,

@@ -129,3 +129,35 @@ def run_backfill(db: peewee.Database, step: Step, save: Callable[[dict], None],
         if d["done_up_to"] < d["until"] and d.get("pause"):
             time.sleep(d["pause"])
     return changed
+
+
+class LargeUpdates:
+    """A run observer (dbcore.migrate.observe) noting each UPDATE or DELETE of a batch phase that
+    changed more than ``rows`` rows: on a rehearsal copy, the measure behind the lint's DS108.
+
+    Such a statement holds a lock on every row it touched until the batch commits; the finding
+    points to ``migrator.backfill``, which does the same in short transactions after the commit.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        #: (migration, statement number within it, rows changed, the statement's first 80 characters)
+        self.found: list[tuple[str, int, int, str]] = []
+        self._counts: dict[str, int] = {}
+
+    # the RunObserver methods this one needs (the others are no-ops there)
+    def phase_started(self, phase, db) -> None: ...
+
+    def statement_started(self, statement) -> None:
+        self._counts[statement.migration] = self._counts.get(statement.migration, 0) + 1
+
+    def statement_done(self, statement, cursor, error) -> None:
+        if error is not None or cursor is None or getattr(statement.phase, "kind", "batch") != "batch":
+            return
+        if statement.sql.lstrip()[:6].upper() in ("UPDATE", "DELETE") and (cursor.rowcount or 0) > self.rows:
+            self.found.append((statement.migration, self._counts[statement.migration], cursor.rowcount,
+                               " ".join(statement.sql.split())[:80]))
+
+    def before_commit(self, phase, results, db) -> None: ...
+
+    def phase_done(self, phase, results) -> None: ...

@@ -310,3 +310,30 @@ def test_rolling_back_a_migration_cancels_its_pending_steps(target, settings, tm
     rollback_last(target, cfg)
     assert plan_apply(target, cfg).steps_pending == ()
     assert not query(db_url, "SELECT 1 FROM pg_constraint WHERE conname = 'item_qty_positive'")
+
+
+def test_a_large_update_in_the_batch_is_measured_and_points_to_backfill(target, settings, tmp_path, db_url):
+    from dbcore.deploy.rehearsal import large_update_findings
+    from dbcore.migrate.backfill import LargeUpdates
+    from dbcore.migrate.runner import execute
+
+    d = folder(tmp_path, "m", 'migrator.sql("UPDATE item SET qty = qty + 1")\n'
+                              'migrator.sql("UPDATE item SET qty = 0 WHERE id < 10")\n', locks=False)
+    cfg = settings.model_copy(update={"migrations_dir": d})
+    apply_pending(target, cfg, upto="001")
+    large = LargeUpdates(1000)
+    execute(plan_apply(target, cfg), target, cfg, observers=[large])
+    [found] = large_update_findings(large)
+    assert (found.rule, found.severity, found.file) == ("DS108", "warning", "002_change.py (rehearsal)")
+    assert "changed 2000 rows" in found.message and "migrator.backfill" in found.message
+
+
+def test_the_lint_says_backfill_is_dbmigrate_s_own_and_the_safe_forms_are_notes(tmp_path):
+    from dbcore.lint.engine import lint_source
+
+    source = change_file(PIPELINE.replace("PAUSE", "0") + 'migrator.add_index("item", "title")\n', locks=False)
+    found = {f.rule: f for f in lint_source(source, "002_change.py")}
+    assert found["DM012"].severity == "note" and "pw_migrate cannot run this file" in found["DM012"].message
+    assert found["DS101"].severity == "note" and "CONCURRENTLY after the batch's commit" in found["DS101"].message
+    off = {f.rule: f for f in lint_source("safe_forms = False\n" + source, "002_change.py")}
+    assert off["DS101"].severity == "warning"

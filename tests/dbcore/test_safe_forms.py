@@ -337,3 +337,34 @@ def test_the_lint_says_backfill_is_dbmigrate_s_own_and_the_safe_forms_are_notes(
     assert found["DS101"].severity == "note" and "CONCURRENTLY after the batch's commit" in found["DS101"].message
     off = {f.rule: f for f in lint_source("safe_forms = False\n" + source, "002_change.py")}
     assert off["DS101"].severity == "warning"
+
+
+def test_the_cli_shows_the_phases_status_lists_what_is_left_and_apply_continues(settings, tmp_path, db_url):
+    d = folder(tmp_path, "m", CHANGES["check_constraint"] + CHANGES["add_index"], locks=False)
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "DATABASE_URL": db_url}
+
+    def dbmigrate(*args):
+        return subprocess.run([sys.executable, "-m", "dbcore.cli", *args, "--migrations-dir", str(d)],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+    assert dbmigrate("apply", "--target", "001").returncode == 0
+    query(db_url, "UPDATE item SET qty = -5 WHERE id = 3")
+    failed = dbmigrate("apply")
+    assert failed.returncode != 0
+    assert "[phase 2] index item_title on item: done" in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("dbmigrate: error: phase 4 (validation) of 002_change: validate item_qty_positive")
+    assert "fix those rows, then run `dbmigrate apply` again" in last
+    status = dbmigrate("status")
+    assert "phase 4 left by run" in status.stdout and "(failed, 1 attempt(s)): 002_change" in status.stdout
+    assert "1 step(s) after a committed batch not done: `dbmigrate apply` continues them" in status.stdout
+    query(db_url, "UPDATE item SET qty = 5 WHERE id = 3")
+    again = dbmigrate("apply")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == (
+        "continued an earlier apply: reached phase 4 (validation): 1 step(s) after the batch done")
+    assert dbmigrate("status").stdout.strip().endswith("up to date")
+    # --no-safe-forms: the plain forms, nothing after the commit
+    (d / "003_more.py").write_text(change_file('migrator.add_index("item", "qty")\n', locks=False))
+    plain = dbmigrate("apply", "--no-safe-forms")
+    assert plain.returncode == 0 and "reached phase" not in plain.stdout and "[phase" not in plain.stderr

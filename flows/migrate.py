@@ -38,7 +38,7 @@ from dbcore.connection import Env, Target, resolve_target
 from dbcore.deploy import head_start, policy
 from dbcore.deploy.fleet import FleetApproval
 from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
-from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed
+from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed, PhaseFailed
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
@@ -213,6 +213,9 @@ def _apply_and_check(approved: _Approved, target: Target, settings: Settings, ru
     try:
         report = tasks.apply(approved.plan, target, settings, approved.actor, run_id,
                              approved.approval)
+    except PhaseFailed as exc:  # the batch is committed and valid: no rollback, a rerun continues
+        raise _RunEnds(Failed(message=f"applied; stopped in phase {exc.phase}, after the batch's commit: "
+                                      f"{exc}")) from exc
     except MigrationFailed as exc:
         if not exc.committed and not isinstance(exc, NonAtomicFailed):
             raise _RunEnds(_failed_at("apply", exc)) from exc  # the batch was rolled back

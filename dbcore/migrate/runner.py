@@ -138,9 +138,10 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
 def _after_commit(run: _Run) -> None:
     """Phases 2-4 (dbcore.migrate.phases): the steps this apply wrote, and any an earlier one left.
 
-    Outside any transaction, after every batch committed; a dry run and a rollback run none.
+    Outside any transaction, after every batch committed (a rollback's too: its ``drop_index``
+    runs as ``DROP INDEX CONCURRENTLY`` there); a dry run runs none.
     """
-    if run.dry_run or run.plan.action != "apply":
+    if run.dry_run:
         return
     report = run_phases(run.db, run.settings, run_id=run.run_id, actor=run.actor,
                         progress=run.phase_progress, approval=run.approval)

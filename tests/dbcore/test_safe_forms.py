@@ -368,3 +368,16 @@ def test_the_cli_shows_the_phases_status_lists_what_is_left_and_apply_continues(
     (d / "003_more.py").write_text(change_file('migrator.add_index("item", "qty")\n', locks=False))
     plain = dbmigrate("apply", "--no-safe-forms")
     assert plain.returncode == 0 and "reached phase" not in plain.stdout and "[phase" not in plain.stderr
+
+
+def test_a_rollback_drops_the_index_concurrently_after_its_commit(target, settings, tmp_path, db_url):
+    d = folder(tmp_path, "m", CHANGES["add_index"], locks=False)
+    (d / "002_change.py").write_text((d / "002_change.py").read_text().replace(
+        "    pass\n", '    migrator.drop_index("item", "title")\n'))
+    cfg = settings.model_copy(update={"migrations_dir": d})
+    apply_pending(target, cfg, upto="001")
+    apply_pending(target, cfg)
+    report = rollback_last(target, cfg)
+    assert "DROP INDEX CONCURRENTLY" in "\n".join(report.steps)
+    assert report.phase_line.startswith("reached phase 2")
+    assert not query(db_url, "SELECT 1 FROM pg_class WHERE relname = 'item_title'")

@@ -381,3 +381,42 @@ def test_a_rollback_drops_the_index_concurrently_after_its_commit(target, settin
     assert "DROP INDEX CONCURRENTLY" in "\n".join(report.steps)
     assert report.phase_line.startswith("reached phase 2")
     assert not query(db_url, "SELECT 1 FROM pg_class WHERE relname = 'item_title'")
+
+
+def test_validation_after_the_commit_lets_an_open_writer_be(target, settings, tmp_path, db_url):
+    """VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE: a transaction holding a written row keeps
+    going while phase 4 validates; the plain form's ADD CONSTRAINT would wait for it."""
+    from dbcore.errors import TableLockTimeout
+    from dbcore.migrate.observe import RunObserver
+    from dbcore.migrate.runner import execute
+
+    d = folder(tmp_path, "m", CHANGES["check_constraint"], locks=False)
+    cfg = settings.model_copy(update={"migrations_dir": d, "lock_retries": 0})
+    apply_pending(target, cfg, upto="001")
+    writer = psycopg2.connect(db_url)
+
+    class WriterAfterTheBatch(RunObserver):
+        def phase_done(self, phase, results):  # the batch committed: the application writes on
+            with writer.cursor() as cur:
+                cur.execute("UPDATE item SET qty = qty + 1 WHERE id = 1")
+
+    try:
+        report = execute(plan_apply(target, cfg), target, cfg, observers=[WriterAfterTheBatch()])
+        assert report.phase_line.startswith("reached phase 4")
+        held = query(db_url, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                             "WHERE l.relation = 'item'::regclass AND l.mode = 'RowExclusiveLock' "
+                             "AND a.state = 'idle in transaction'")
+        assert held == [(1,)]  # the writer was never made to wait, and still holds its row
+    finally:
+        writer.rollback()
+    rollback_last(target, cfg)
+    query(db_url, "ALTER TABLE item DROP CONSTRAINT item_qty_positive")  # its rollback() keeps it
+    plain = cfg.model_copy(update={"safe_forms": False})
+    with writer.cursor() as cur:
+        cur.execute("UPDATE item SET qty = qty + 1 WHERE id = 1")
+    try:
+        with pytest.raises(TableLockTimeout):
+            apply_pending(target, plain)
+    finally:
+        writer.rollback()
+        writer.close()

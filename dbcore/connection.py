@@ -8,9 +8,10 @@ never chosen by default, and an explicit ``--env`` that contradicts the variable
 
 from __future__ import annotations
 
-import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import peewee
@@ -21,7 +22,6 @@ from dbcore.errors import ConfigError, DatabaseUnavailable, EnvMismatch
 from dbcore.redact import error_line, mask_url, url_password
 from dbcore.settings import Settings, url_from_variable
 
-log = logging.getLogger(__name__)
 
 class Env(str, Enum):
     """Where the target database lives."""
@@ -156,7 +156,7 @@ def open_database(target: Target, application_name: str = "dbmigrate") -> peewee
         key, _, value = pair.partition("=")
         params[key] = unquote(value)
     params = {k: v for k, v in params.items() if v is not None}
-    return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)
+    return peewee.PostgresqlDatabase(target.dbname, autoconnect=False, **params)  # type: ignore[arg-type]
 
 
 def _unavailable(target: Target, exc: Exception) -> DatabaseUnavailable:
@@ -187,6 +187,19 @@ def connect_raw(target: Target, application_name: str = "dbmigrate"):
         raise _unavailable(target, exc) from None
     conn.autocommit = True
     return conn
+
+
+@contextmanager
+def raw_session(target: Target, application_name: str = "dbmigrate") -> Iterator[Any]:
+    """A short plain autocommit psycopg2 session for the block, closed at its end.
+
+    ``application_name`` reads "dbmigrate AREA[: what]" in pg_stat_activity (cut to 63 bytes).
+    """
+    conn = connect_raw(target, application_name[:63])
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def server_version(target: Target) -> str:

@@ -81,6 +81,14 @@ class PlanOutdated(DbcoreError):
     """The database's migration history changed between planning and applying."""
 
 
+class LintStopped(DbcoreError):
+    """The pending migrations have lint errors: nothing was run."""
+
+
+class RollbackRefused(DbcoreError):
+    """A migration to roll back has a missing or empty rollback() while its migrate() changed the schema."""
+
+
 class NothingToRollback(DbcoreError):
     """Rollback was asked for more migrations than are applied."""
 
@@ -133,3 +141,30 @@ class TunnelError(DbcoreError):
 
 class LivePolicyRefused(ConfigError):
     """A production or proxy change was asked for without the backup or the approval it needs."""
+
+
+class PlanChangedSinceApproval(DbcoreError):
+    """The plan made again right before the apply is not the one approved; nothing was changed."""
+
+
+class UnknownModel(MigrationFileError, KeyError, ValueError):
+    """``migrator.orm[...]`` (or a table name passed to the migrator) names no model the history defines."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SchemaSnapshotFailed(DbcoreError):
+    """pg_dump --schema-only could not read the database."""
+
+
+class FleetFileError(ConfigError):
+    """The targets file is not a valid fleet document."""
+
+
+class PlanNotApproved(DbcoreError):
+    """A database's plan differs from the one the fleet's approval covered."""
+
+
+class DeployBusy(DbcoreError):
+    """Another deploy of the same database held the slot for longer than this run waits."""

@@ -269,7 +269,7 @@ def _stop_group(process: subprocess.Popen, reader: threading.Thread, local_port:
     while _accepts(local_port, timeout=0.1) and time.monotonic() < deadline:
         time.sleep(0.01)
     reader.join(timeout=1)
-    if not reader.is_alive():
+    if not reader.is_alive() and process.stdout is not None:
         process.stdout.close()
 
 

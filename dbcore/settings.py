@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     #: production: let the rehearsal copy be made on the target's own cluster
     rehearsal_on_target: bool = False
 
+    # -- index proposals and the team's own data checks (dbcore/advise/, dbcore/checks/data.py)
+    #: `dbmigrate suggest-indexes`: an index is proposed only if it lowers some query's planned
+    #: cost by at least this many percent (HypoPG on a copy)
+    index_min_saving: float = Field(default=50.0, gt=0, lt=100)
+    #: a command of the team's (its smoke tests) run against the rehearsal's migrated copy, with
+    #: DATABASE_URL set to the copy; empty: none. Split like a shell line, run without a shell
+    verify_command: str = ""
+    #: seconds the verify command may run before the rehearsal stops it and fails
+    verify_timeout: float = Field(default=600.0, gt=0)
+
     # -- backups (S3-compatible storage; credentials come from boto3's own chain)
     s3_bucket: str = ""
     s3_prefix: str = "backups"

@@ -13,17 +13,18 @@ from typing import Optional
 
 from prefect import get_run_logger, pause_flow_run
 from prefect.client.orchestration import get_client
-from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.config import JsonDict
 
 from flows import notifications
+from flows.current import current_flow_run
 
 # The server checks an answer against the form's JSON schema only: "a name when approving" is
 # said there too, so that a nameless approval is refused while the run keeps waiting.
-_NAME_WHEN_APPROVING = {
+_NAME_WHEN_APPROVING: JsonDict = {
     "if": {"properties": {"approve": {"const": True}}, "required": ["approve"]},
     "then": {"properties": {"approver": {"pattern": "\\S"}}, "required": ["approver"]},
 }
@@ -61,7 +62,7 @@ def approval_form(description: str, fingerprint: str) -> type[Approval]:
 
 def pause_key(fingerprint: str) -> str:
     """Return a pause key unique to this attempt of the run and to what is approved."""
-    attempt = get_run_context().flow_run.run_count
+    attempt = current_flow_run().run_count
     return f"plan-{fingerprint}-attempt-{attempt}-{uuid.uuid4().hex[:8]}"
 
 
@@ -97,7 +98,7 @@ def ask_approval(description: str, *, headline: str, fingerprint: str, timeout: 
         refusal = f"rejected (no answer within {timeout}s)"
         # Prefect has already failed the run with its own words; put ours in their place.
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(get_run_context().flow_run.id,
+            client.set_flow_run_state(current_flow_run().id,
                                       Failed(message=f"{refusal}, {consequence}"), force=True)
         return Decision(False, refusal=refusal)
     except ValidationError:

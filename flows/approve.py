@@ -85,8 +85,9 @@ def list_paused() -> list[str]:
             headline = plan_headline(client, run.id) or "(no plan artifact)"
             found = _HEADLINE_TARGET.search(headline)
             target = f"{found.group(1)} ({found.group(2)})" if found else "?"
+            since = _since(run.state.timestamp) if run.state else "?"
             lines.append(f"{run.id}  {run.name}  target {target}  paused since "
-                         f"{_since(run.state.timestamp)}  plan {waiting_fingerprint(run) or '?'}\n"
+                         f"{since}  plan {waiting_fingerprint(run) or '?'}\n"
                          f"    {headline}")
     return lines
 
@@ -114,7 +115,7 @@ def answer(run_id: UUID, approval: Approval, reviewed: Optional[str] = None) -> 
             run_input["fingerprint"] = reviewed or waiting
         result = client.resume_flow_run(run_id, run_input=run_input)
     if result.status is not SetStateStatus.ACCEPT:  # REJECT/ABORT come back with HTTP 200
-        reason = result.details.reason if result.details else result.status.value
+        reason = getattr(result.details, "reason", None) or result.status.value
         return False, f"not {verb}: the server refused the answer for run {run_id}: {reason}"
     return True, f"{verb} run {run_id} as {approval.approver}: the run resumes"
 

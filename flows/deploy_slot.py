@@ -14,19 +14,15 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
-from prefect.context import get_run_context
 from prefect.exceptions import ObjectAlreadyExists
 
 from dbcore.connection import Target
-from dbcore.errors import DbcoreError
+from dbcore.errors import DeployBusy
+from flows.current import current_flow_run
 
 #: a run whose process was killed holds the slot until its lease lapses: keep that short. A
 #: renewal that fails once does not end the run (the migration lock still keeps applies apart).
 LEASE_SECONDS = 60  # the shortest the server takes
-
-
-class DeployBusy(DbcoreError):
-    """Another deploy of the same database held the slot for longer than this run waits."""
 
 
 def slot_name(target: Target) -> str:
@@ -47,7 +43,7 @@ def one_deploy_at_a_time(target: Target, wait_seconds: float):
     if busy:  # said once, as a warning: the run shows no progress until the other one ends
         get_run_logger().warning("another deploy of %s is running or waiting for approval: this run "
                                  "waits for it (up to %ss)", target.dbname, int(wait_seconds))
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=get_run_context().flow_run.id)
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=current_flow_run().id)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(concurrency(name, timeout_seconds=wait_seconds, strict=True,

@@ -10,7 +10,7 @@ later wave; databases not started stay untouched. ``--deployment migrate/migrate
 runs them on a work pool's workers instead of in this process.
 
 Run it: ``python flows/fleet.py --env local --targets fleet.yaml``. No ``from __future__ import
-annotations`` here (FIELD_NOTES: Prefect reads the parameter annotations at run time).
+annotations`` here (Prefect reads the parameter annotations at run time).
 """
 
 import argparse
@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,17 +30,19 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.context import get_run_context
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
 from dbcore.connection import Env, resolve_env
 from dbcore.deploy import fleet as fleets
+from dbcore.deploy import policy
 from dbcore.deploy.fleet_report import FleetPlan, all_succeeded, final_line, not_started
 from dbcore.errors import ConfigError, DbcoreError
+from dbcore.proxy import Tunnel
 from dbcore.settings import Settings, describe_invalid
 from flows import fleet_tasks, tasks
 from flows.approval import ask_approval
+from flows.current import current_flow_run
 
 EnvName = Literal["local", "proxy", "production"]
 #: the global concurrency limit every database's run holds a slot of
@@ -48,31 +50,27 @@ DEFAULT_LIMIT = "migrate-fleet"
 
 
 def _run_name() -> str:
-    env = get_run_context().flow_run.parameters.get("env") or "auto"
+    env = current_flow_run().parameters.get("env") or "auto"
     return f"migrate-fleet-{env}"
 
 
-def _nothing_changed(stage: str, detail: object) -> Failed:
+def _nothing_changed(stage: str, detail: object) -> State:
     return Failed(message=f"failed at {stage}, nothing changed: {detail}")
 
 
 def _configure(env, targets, targets_variable, migrations_dir, backup, require_approval):
-    """Return (fleet, settings, env, approval needed?); raise ConfigError / ValidationError."""
+    """Return (fleet, settings, env, approval needed? by the live-target policy); raise ConfigError."""
     fleet = fleet_tasks.read_fleet(targets, targets_variable)
     settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
     resolved = resolve_env(settings, env)
-    live = resolved is not Env.LOCAL
-    if live and not backup:
-        raise ConfigError(f"{resolved} needs a backup before any migration: run without backup=False")
-    if live and require_approval is False:
-        raise ConfigError(f"{resolved} always needs an approval: run without require_approval=False")
+    needed = policy.approval_needed(resolved, backup=backup, require_approval=require_approval)
     if resolved is Env.PROXY and settings.proxy_local_port != 0:
         raise ConfigError("a fleet through the proxy opens a tunnel per database: set "
                           "MIGRATE_PROXY_LOCAL_PORT=0 so that each picks a free port")
-    return fleet, settings, resolved, live or bool(require_approval)
+    return fleet, settings, resolved, needed
 
 
-def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[Failed]]:
+def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[State]]:
     """Pause for the one approval of the fleet plan; return (approver, None) or (None, the refusal).
 
     The same helper as a single database's approval (flows/approval.py): the form carries the
@@ -161,7 +159,7 @@ def migrate_fleet(
     # through the proxy, this run reads every database through one tunnel of its own
     with contextlib.ExitStack() as stack:
         if resolved is Env.PROXY:
-            tunnel = stack.enter_context(tasks.open_tunnel(settings))
+            tunnel: Tunnel = stack.enter_context(tasks.open_tunnel(settings))
             members = [(m, tunnel.target_for(t)) for m, t in members]
         plans = [fleet_tasks.plan_database(m, t, settings, allow_destructive) for m, t in members]
         pending = {p.name: [name for name, _ in p.migrations] for p in plans}
@@ -217,11 +215,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--concurrency-limit", default=DEFAULT_LIMIT,
                         help="name of the Prefect global concurrency limit (default %(default)s)")
     args = parser.parse_args(argv)
-    state = migrate_fleet(env=args.env, targets=args.targets, targets_variable=args.targets_variable,
-                          dry_run=args.dry_run, require_approval=args.require_approval,
-                          backup=args.backup, allow_destructive=args.allow_destructive,
-                          migrations_dir=args.migrations_dir, deployment=args.deployment,
-                          concurrency_limit=args.concurrency_limit, return_state=True)
+    ran = migrate_fleet(env=args.env, targets=args.targets, targets_variable=args.targets_variable,
+                        dry_run=args.dry_run, require_approval=args.require_approval,
+                        backup=args.backup, allow_destructive=args.allow_destructive,
+                        migrations_dir=args.migrations_dir, deployment=args.deployment,
+                        concurrency_limit=args.concurrency_limit, return_state=True)
+    state = cast(State, ran)  # a sync flow: the state itself
     print(f"migrate-fleet: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Optional, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.states import State
 from prefect.variables import Variable
 
 from dbcore.connection import Target
 from dbcore.deploy import fleet as fleets
-from dbcore.deploy.fleet_report import DatabaseOutcome
+from dbcore.deploy.fleet_report import DatabaseOutcome, Outcome
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.redact import error_line
 from dbcore.settings import Settings
@@ -41,7 +43,7 @@ def read_fleet(targets: Optional[str], variable: Optional[str]) -> fleets.Fleet:
             raise ConfigError(f"cannot read the targets file {targets}: {exc.strerror}: "
                               "give the path of the fleet's YAML file") from None
         return fleets.load_fleet(text, targets)
-    value = Variable.get(variable)
+    value = Variable.get(str(variable))
     if value is None:
         raise ConfigError(f"there is no Prefect Variable {variable}: create it with the targets "
                           f"document (prefect variable set {variable} ...)")
@@ -78,8 +80,8 @@ def member_parameters(member: fleets.FleetTarget, env: str, *, migrations_dir: O
 def _run_member(name: str, parameters: dict, deployment: Optional[str], timeout: float):
     """Run one `migrate` flow run to its end; return (completed?, its final message)."""
     if deployment:
-        run = run_deployment(deployment, parameters=parameters, flow_run_name=f"migrate-{name}",
-                             timeout=timeout, poll_interval=2)
+        run = cast(FlowRun, run_deployment(deployment, parameters=parameters, timeout=timeout,
+                                           flow_run_name=f"migrate-{name}", poll_interval=2))
         state = run.state
         if state is None or not state.is_final():
             return False, (f"flow run {run.id} did not end within {timeout:g}s: see it in "
@@ -87,7 +89,8 @@ def _run_member(name: str, parameters: dict, deployment: Optional[str], timeout:
         return state.is_completed(), state.message or state.name
     from flows.migrate import migrate  # not at import: flows/migrate.py imports nothing of the fleet
 
-    state = migrate.with_options(flow_run_name=f"migrate-{name}")(**parameters, return_state=True)
+    ran = migrate.with_options(flow_run_name=f"migrate-{name}")(**parameters, return_state=True)
+    state = cast(State, ran)  # a sync flow: the state itself
     return state.is_completed(), state.message or state.name
 
 
@@ -119,9 +122,8 @@ def migrate_database(member: fleets.FleetTarget, target: Target, settings: Setti
     except DbcoreError as exc:
         applied, key = (), ""
         message += f" (its history could not be read: {exc})"
+    state: Outcome = "failed"
     if completed:
         state = "dry run" if dry_run else ("applied" if applied else "up to date")
-    else:
-        state = "failed"
     logger.info("%s: %s in %.1fs: %s", member.name, state, seconds, message)
     return DatabaseOutcome(member.name, state, applied, seconds, key, message)

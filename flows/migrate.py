@@ -2,12 +2,12 @@
 
 resolve target -> tunnel (proxy) -> check connection -> plan + lint -> preflight -> backup (the
 rehearsal's copy made meanwhile) -> rehearsal on the copy -> plan artifact -> [dry run stops] ->
-approval pause -> plan again (same fingerprint) -> preflight again -> apply (one transaction,
-lock) -> post-checks -> on failure the rollback subflow -> tunnel closed in every case.
+approval pause -> plan again (same fingerprint) -> preflight again -> apply (under the lock, phase
+by phase: docs/migrations.md) -> post-checks -> on failure the rollback subflow -> tunnel closed in every case.
 
 Run it: ``python flows/migrate.py --env local`` (or ``--env proxy --dry-run``); deployed as
 ``migrate/migrate-production``. No ``from __future__ import annotations`` here: Prefect reads
-the parameter annotations at run time (FIELD_NOTES).
+the parameter annotations at run time.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,22 +29,32 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
-from dbcore.checks.post import load_models
-from dbcore.connection import Env, Target, resolve_target
-from dbcore.deploy import head_start, policy
+from dbcore.checks.post import CheckReport, load_models
+from dbcore.connection import Env
+from dbcore.deploy import head_start, steps
 from dbcore.deploy.fleet import FleetApproval
-from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
-from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed, PhaseFailed
+from dbcore.deploy.plan import DeployPlan
+from dbcore.deploy.run import DeployRun, RunOptions, handed_over, handing_over
+from dbcore.deploy.steps import ApprovedChange, Models
+from dbcore.errors import (
+    DbcoreError,
+    MigrationFailed,
+    NonAtomicFailed,
+    PhaseFailed,
+    PlanChangedSinceApproval,
+)
+from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
-from dbcore.settings import Settings, describe_invalid
+from dbcore.services.local import ensure_local_cluster
+from dbcore.settings import describe_invalid
 from flows import notifications, tasks
 from flows.approval import ask_approval
+from flows.current import current_flow_run
 from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
 
@@ -60,29 +70,31 @@ class _RunEnds(Exception):
 
 
 @dataclass(frozen=True)
-class _Approved:
-    """What the part that changes nothing hands to the part that may: the plan, approved."""
+class _Outcome:
+    """What the apply and its post-checks did: the final message is built from it at the end."""
 
-    plan: Plan
-    models: list
-    backup_key: Optional[str]
-    actor: Optional[str]
-    schema_before: str
-    drift_before: object  # the live database's drift before the apply, judged against after it
-    approval: ApprovalRecord  # who approved (if anyone), why, and the fingerprint of the plan
+    applied: tuple[str, ...]
+    failed_at: Optional[Literal["apply", "post-checks"]] = None
+    error: Optional[DbcoreError] = None  # what the apply or the post-checks raised
+    checks: Optional[CheckReport] = None  # the post-checks' report, when it found problems
+
+    def problem(self) -> str:
+        """Where it failed and why, e.g. "post-checks: ..."."""
+        why = self.error if self.error is not None else self.checks.text() if self.checks else "failed"
+        return f"{self.failed_at}: {why}"
 
 
 def _run_name() -> str:
     """Name runs after their environment, so the runs list reads as a deploy log."""
-    env = get_run_context().flow_run.parameters.get("env") or "auto"
+    env = current_flow_run().parameters.get("env") or "auto"
     return f"migrate-{env}"
 
 
-def _failed_at(stage: str, detail: object) -> Failed:
+def _failed_at(stage: str, detail: object) -> State:
     return Failed(message=f"failed at {stage}, nothing changed: {detail}")
 
 
-def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> Failed:
+def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> State:
     """A bug or an unexpected driver error: one line, and what we know of the database."""
     get_run_logger().exception("unexpected error at %s", stage)
     return Failed(message=f"failed at {stage} ({type(exc).__name__}: {error_line(exc, secret)}); "
@@ -104,161 +116,172 @@ def _stage(name: str, secret: Optional[str] = None):
         raise _RunEnds(_unexpected(name, exc, secret, "nothing changed")) from exc
 
 
-def _configure(env: Optional[str], migrations_dir: Optional[str], backup: bool,
-               require_approval: Optional[bool], database_url_env: Optional[str] = None
-               ) -> tuple[Settings, Target, bool]:
-    """Return the settings, the target and whether an approval is needed (the live-target policy)."""
-    settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
-    target = resolve_target(settings, env, database_url_env=database_url_env)
-    get_run_logger().info("target %s (%s)", target.masked_url, target.env)
-    return settings, target, policy.approval_needed(target.env, backup=backup,
-                                                    require_approval=require_approval)
+def _resolve(options: RunOptions) -> DeployRun:
+    """Return this run: the one a terminal resolved already (with its head start), else resolved now."""
+    run_id = str(current_flow_run().id)
+    run = handed_over(options) or DeployRun.resolve(options, start_local=ensure_local_cluster)
+    get_run_logger().info("target %s (%s)", run.target.masked_url, run.target.env)
+    return run.with_run_id(run_id)
 
 
-def _through_tunnel(stack: contextlib.ExitStack, settings: Settings, target: Target) -> Target:
-    """Open the tunnel for the proxy environment (closed with ``stack``); return the target to use."""
-    if target.env is not Env.PROXY:
-        return target
-    return stack.enter_context(tasks.open_tunnel(settings)).target_for(target)
+def _through_tunnel(stack: contextlib.ExitStack, run: DeployRun) -> DeployRun:
+    """Open the tunnel for the proxy environment (closed with ``stack``); return the run through it."""
+    if run.target.env is not Env.PROXY:
+        return run
+    return run.through(stack.enter_context(tasks.open_tunnel(run.settings)).target_for(run.target))
 
 
-def _rehearsed_plan(target: Target, settings: Settings, run_id: str, *, backup: bool,
-                    dry_run: bool, allow_destructive: bool) -> tuple[DeployPlan, list]:
+def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
     """Check, plan and lint, back up, rehearse, publish the plan; return it and the models.
 
     Raises _RunEnds where the run ends before any approval: up to date, lint, rehearsal, dry run.
     """
-    secret = target.password
-    with _stage("connection check", secret):
-        tasks.check_connection(target)
-    with _stage("plan", secret):
-        plan, lint_report = tasks.make_plan(target, settings, allow_destructive)
-        models = load_models(settings.models)
+    with _stage("connection check", run.secret):
+        tasks.check_connection(run)
+    with _stage("plan", run.secret):
+        plan, lint_report = tasks.make_plan(run)
+        models = load_models(run.settings.models)
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:
-        create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
-                                 description="Lint errors stopped the run")
-        raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+        _stopped_at_lint(run, plan, lint_report)
     backup_info = rehearsal = checked_before = None
-    if backup:
-        with _stage("configuration", secret):
-            server = tasks.rehearsal_server(target, settings)  # never production's by default
-        with _stage("preflight", secret):
-            checked_before = tasks.preflight(target, settings, plan, "before the backup")
-        with _stage("backup", secret):
+    if run.options.backup:
+        with _stage("configuration", run.secret):
+            server = steps.rehearsal_server(run)  # never production's by default
+        with _stage("preflight", run.secret):
+            checked_before = tasks.preflight_before_backup(run, plan)
+        with _stage("backup", run.secret):
             # the rehearsal's copy is made on that server while the backup uploads
-            backup_info, copy = tasks.take_backup(target, settings, plan, server, run_id)
-        with _stage("rehearsal", secret):
-            rehearsal = tasks.rehearse(plan, target, settings, backup_info, models, run_id,
-                                       allow_destructive, copy)
-    deploy = DeployPlan(str(target.env), plan, lint_report, backup_info, rehearsal, checked_before)
+            backup_info, copy = tasks.take_backup(run, plan, server)
+        try:
+            with _stage("rehearsal", run.secret):
+                rehearsal = tasks.rehearse(run, plan, backup_info, models, copy)
+        except _RunEnds as ended:  # the migrations failed on the copy: the plan says why too
+            _publish_failed_rehearsal(DeployPlan(str(run.target.env), plan, lint_report, backup_info,
+                                                 None, checked_before), ended.state.message or "")
+            raise
+    deploy = DeployPlan(str(run.target.env), plan, lint_report, backup_info, rehearsal, checked_before)
     create_markdown_artifact(deploy.to_markdown(), key="migration-plan", description=deploy.headline())
     get_run_logger().info("plan:\n%s", deploy.text())
-    if not deploy.ok:
-        raise _RunEnds(_failed_at("rehearsal", "the rehearsal on a copy found errors (see the "
-                                               "migration-plan artifact)"))
-    if dry_run:
+    if not deploy.ok:  # the last line names the first thing that stops it
+        raise _RunEnds(_failed_at("rehearsal", deploy.stop_reason()))
+    if run.options.dry_run:
         raise _RunEnds(Completed(message=f"dry run: would apply {len(plan.migrations)}: "
                                          f"{', '.join(plan.names)}; nothing changed"))
     return deploy, models
 
 
-def _approve(deploy: DeployPlan, models: list, target: Target, settings: Settings, *,
-             approval_needed: bool, allow_destructive: bool, timeout: int,
-             fleet_approval: Optional[FleetApproval] = None) -> _Approved:
+def _stopped_at_lint(run: DeployRun, plan: Plan, lint_report: LintReport) -> None:
+    """End the run at lint: the findings in the log, both artifacts, the first error in the last line."""
+    create_markdown_artifact(lint_report.to_markdown(), key="migration-lint",
+                             description="Lint errors stopped the run")
+    create_markdown_artifact(DeployPlan(str(run.target.env), plan, lint_report).to_markdown(),
+                             key="migration-plan", description="Lint errors stopped the run")
+    get_run_logger().error("lint stopped the run:\n%s", lint_report.text())
+    raise _RunEnds(_failed_at("lint", f"{lint_report.summary()}: {lint_report.errors[0].text()}"))
+
+
+def _publish_failed_rehearsal(deploy: DeployPlan, why: str) -> None:
+    """The migration-plan artifact of a run whose migrations failed on the copy, saying why."""
+    create_markdown_artifact(f"{deploy.to_markdown()}\n\n### Rehearsal on a copy failed\n\n{md_cell(why)}",
+                             key="migration-plan", description=why[:200])
+
+
+def _decide(run: DeployRun, deploy: DeployPlan, fleet_approval: Optional[FleetApproval]
+            ) -> tuple[Optional[str], ApprovalRecord]:
+    """Ask for the approval where needed; return the actor and the approval record.
+
+    Raises _RunEnds on a refusal.
+    """
+    fingerprint = deploy.fingerprint
+    if fleet_approval is not None:  # the fleet's one approval: only for this very plan
+        with _stage("fleet approval check", run.secret):
+            actor = fleet_approval.check(deploy.plan) or run.settings.actor or None
+        return actor, ApprovalRecord(actor, None, fingerprint)
+    if not run.approval_needed:
+        return run.settings.actor or None, ApprovalRecord(None, None, fingerprint)
+    with _stage("approval", run.secret):
+        decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(),
+                                fingerprint=fingerprint, timeout=run.options.approval_timeout,
+                                consequence="nothing changed")
+    if not decision.approved:
+        raise _RunEnds(Failed(message=f"{decision.refusal}, nothing changed"))
+    with _stage("connection check after the approval", run.secret):
+        tasks.check_connection(run)  # an hour may have passed; the tunnel too
+    return decision.approver, ApprovalRecord(decision.approver, decision.comment, fingerprint)
+
+
+def _approve(run: DeployRun, deploy: DeployPlan, models: Optional[Models],
+             fleet_approval: Optional[FleetApproval] = None) -> ApprovedChange:
     """Ask for the approval (where needed), make the plan again, snapshot the schema; return what may be applied.
 
     Raises _RunEnds on a refusal, or when the plan made again is not the one approved.
     """
-    secret, plan, fingerprint = target.password, deploy.plan, deploy.fingerprint
-    approval = ApprovalRecord(None, None, fingerprint)
-    actor = settings.actor or None
-    if fleet_approval is not None:  # the fleet's one approval: only for this very plan
-        with _stage("fleet approval check", secret):
-            actor = fleet_approval.check(plan) or actor
-        approval = ApprovalRecord(actor, None, fingerprint)
-    elif approval_needed:
-        with _stage("approval", secret):
-            decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(),
-                                    fingerprint=fingerprint, timeout=timeout,
-                                    consequence="nothing changed")
-        if not decision.approved:
-            raise _RunEnds(Failed(message=f"{decision.refusal}, nothing changed"))
-        actor = decision.approver
-        approval = ApprovalRecord(decision.approver, decision.comment, fingerprint)
-        with _stage("connection check after the approval", secret):
-            tasks.check_connection(target)  # an hour may have passed; the tunnel too
-    backup_key = deploy.backup.key if deploy.backup else None
-    if approval_needed:  # the approval covers this plan only: make it again and compare
-        with _stage("plan check before the apply", secret):
-            again, _ = tasks.make_plan(target, settings, allow_destructive)
-        if again.empty:  # another run applied it while this one waited
+    actor, approval = _decide(run, deploy, fleet_approval)
+    if run.approval_needed:  # the approval covers this plan only: make it again and compare
+        try:
+            with _stage("plan check before the apply", run.secret):
+                again = tasks.plan_again(run, deploy)
+        except _RunEnds as ended:
+            if isinstance(ended.__cause__, PlanChangedSinceApproval):
+                raise _RunEnds(Failed(message=str(ended.__cause__))) from ended.__cause__
+            raise
+        if again is None:  # another run applied it while this one waited
             raise _RunEnds(Completed(message="up to date (another run applied these meanwhile)"))
-        if plan_fingerprint(again, backup_key) != fingerprint:
-            raise _RunEnds(Failed(message=f"plan changed since it was approved, nothing changed: "
-                                          f"{plan_changes(plan, again)}; run again and approve the "
-                                          "new plan"))
-    with _stage("preflight", secret):
-        tasks.preflight(target, settings, plan, "before the apply", deploy.rehearsal)
-    with _stage("snapshot", secret):
-        before = tasks.snapshot(target)
-        drift = tasks.drift_before(target, models)
-    return _Approved(plan, models, backup_key, actor, before, drift, approval)
+    with _stage("preflight", run.secret):
+        tasks.preflight_before_apply(run, deploy.plan, deploy.rehearsal)
+    with _stage("snapshot", run.secret):
+        return tasks.snapshot(run, deploy, models, actor, approval)
 
 
-def _apply_and_check(approved: _Approved, target: Target, settings: Settings, run_id: str
-                     ) -> tuple[list, Optional[str]]:
-    """Apply the approved plan and post-check it; return (what was committed, the problem or None)."""
+def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
+    """Apply the approved plan and post-check it; return what was committed and any problem."""
     try:
-        report = tasks.apply(approved.plan, target, settings, approved.actor, run_id,
-                             approved.approval)
+        report = tasks.apply(run, approved)
     except PhaseFailed as exc:  # the batch is committed and valid: no rollback, a rerun continues
         raise _RunEnds(Failed(message=f"applied; stopped in phase {exc.phase}, after the batch's commit: "
                                       f"{exc}")) from exc
     except MigrationFailed as exc:
         if not exc.committed and not isinstance(exc, NonAtomicFailed):
             raise _RunEnds(_failed_at("apply", exc)) from exc  # the batch was rolled back
-        return list(exc.committed), f"apply: {exc}"
+        return _Outcome(tuple(exc.committed), "apply", exc)
     except DbcoreError as exc:  # the lock, a changed plan: refused before any change
         raise _RunEnds(_failed_at("apply", exc)) from exc
     if not report.names:  # another run applied them while this one waited
         raise _RunEnds(Completed(message=report.note or "up to date"))
+    applied = tuple(report.names)
     try:
-        checked = tasks.post_checks(target, approved.models, approved.drift_before)
+        checked = tasks.post_checks(run, approved)
     except DbcoreError as exc:
-        return report.names, f"post-checks: {exc}"
+        return _Outcome(applied, "post-checks", exc)
     if not checked.ok:
         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                  description="Post-checks failed after the apply")
-        return report.names, f"post-checks: {checked.text()}"
-    return report.names, None
+        return _Outcome(applied, "post-checks", checks=checked)
+    return _Outcome(applied)
 
 
-def _change(approved: _Approved, target: Target, settings: Settings, run_id: str,
-            approval_needed: bool, timeout: int) -> State:
+def _change(run: DeployRun, approved: ApprovedChange) -> State:
     """The part that may change the database: apply, post-checks, the rollback subflow if they fail."""
     may_have_changed = "the database may have changed: check `dbmigrate status`"
     try:
-        applied, problem = _apply_and_check(approved, target, settings, run_id)
+        outcome = _apply_and_check(run, approved)
     except _RunEnds:
         raise
     except Exception as exc:
-        return _unexpected("apply", exc, target.password, may_have_changed)
-    if problem is None:
-        return Completed(message=f"applied {len(applied)}: {', '.join(applied)}")
-    if not applied:
-        return Failed(message=f"failed at {problem}")
+        return _unexpected("apply", exc, run.secret, may_have_changed)
+    if outcome.failed_at is None:
+        return Completed(message=f"applied {len(outcome.applied)}: {', '.join(outcome.applied)}")
+    if not outcome.applied:
+        return Failed(message=f"failed at {outcome.problem()}")
     try:
-        how = rollback_after_failed_apply(
-            target=target, settings=settings, names=applied, before=approved.schema_before,
-            backup_key=approved.backup_key, require_approval=approval_needed,
-            approval_timeout=timeout, run_id=run_id)
+        how = rollback_after_failed_apply(run, list(outcome.applied), approved)
     except DbcoreError as exc:
         return Failed(message=f"failed after apply and the rollback failed too: {exc}")
     except Exception as exc:
-        return _unexpected("rollback", exc, target.password, may_have_changed)
-    return Failed(message=f"failed after apply at {problem}; rolled back by {how}")
+        return _unexpected("rollback", exc, run.secret, may_have_changed)
+    return Failed(message=f"failed after apply at {outcome.problem()}; rolled back by {how}")
 
 
 @flow(name="migrate", flow_run_name=_run_name, log_prints=False, validate_parameters=True,
@@ -277,55 +300,44 @@ def migrate(
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
-    run_id = str(get_run_context().flow_run.id)
+    options = RunOptions(env, dry_run, backup, allow_destructive, require_approval,
+                         approval_timeout_seconds, migrations_dir, database_url_env)
     try:
         with _stage("configuration"):
-            settings, target, approval_needed = _configure(env, migrations_dir, backup,
-                                                           require_approval, database_url_env)
+            run = _resolve(options)
         with contextlib.ExitStack() as held:
-            if policy.is_live(target.env):  # locally, the migration lock keeps applies apart
+            if run.live:  # locally, the migration lock keeps applies apart
                 with _stage("waiting for another deploy"):
-                    held.enter_context(one_deploy_at_a_time(target, approval_timeout_seconds + 3600))
+                    held.enter_context(one_deploy_at_a_time(run.target, approval_timeout_seconds + 3600))
             with _stage("tunnel"):
-                target = _through_tunnel(held, settings, target)
-            with _stage("plan", target.password):  # up to the apply, any end is "nothing changed"
-                deploy, models = _rehearsed_plan(target, settings, run_id, backup=backup,
-                                                 dry_run=dry_run, allow_destructive=allow_destructive)
-                approved = _approve(deploy, models, target, settings, approval_needed=approval_needed,
-                                    allow_destructive=allow_destructive,
-                                    timeout=approval_timeout_seconds, fleet_approval=fleet_approval)
-            # from here on the database may change
-            return _change(approved, target, settings, run_id, approval_needed,
-                           approval_timeout_seconds)
+                run = _through_tunnel(held, run)
+            with _stage("plan", run.secret):  # up to the apply, any end is "nothing changed"
+                deploy, models = _rehearsed_plan(run)
+                approved = _approve(run, deploy, models, fleet_approval)
+            return _change(run, approved)  # from here on the database may change
     except _RunEnds as ended:
         return ended.state
 
 
-def _head_start(args: argparse.Namespace):
-    """Begin the backup and the rehearsal's copy while Prefect starts its API (None where it cannot).
+def _head_start(options: RunOptions) -> Optional[DeployRun]:
+    """Resolve the run and begin its backup and copy while Prefect starts its API (None where it cannot).
 
     Prefect's temporary API takes seconds to start; the backup need not wait for it. Local targets
     only: a live one is backed up only once the run holds its deploy slot, so that a backup never
     overlaps another run's apply. The flow's backup task takes it over for the same plan, else it
     is dropped (dbcore/deploy/head_start.py).
     """
-    if not args.backup:
+    if not options.backup:
         return None
     try:
-        overrides = {"migrations_dir": Path(args.migrations_dir)} if args.migrations_dir else {}
-        settings = Settings(**overrides)
-        target = resolve_target(settings, args.env)
+        run = DeployRun.resolve(options, start_local=ensure_local_cluster)
+        if not run.local():
+            return None
+        server = steps.rehearsal_server(run)
     except (ValidationError, DbcoreError):
         return None  # the flow says what is wrong, in its own words
-    if target.env is not Env.LOCAL:
-        return None
-    try:
-        server = tasks.rehearsal_server(target, settings)
-    except DbcoreError:
-        return None  # the flow says what is wrong, in its own words
-    head = head_start.begin(target, settings, server, allow_destructive=args.allow_destructive)
-    tasks.HEAD_STARTS.append(head)
-    return head
+    return run.with_head_start(head_start.begin(run.target, run.settings, server,
+                                                allow_destructive=options.allow_destructive))
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -344,14 +356,18 @@ def main(argv: Optional[list] = None) -> int:
                         help="allow migrations that drop tables")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
-    head = _head_start(args)
+    options = RunOptions(args.env, args.dry_run, args.backup, args.allow_destructive,
+                         args.require_approval, migrations_dir=args.migrations_dir)
+    prepared = _head_start(options)
     try:
-        state = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
-                        backup=args.backup, allow_destructive=args.allow_destructive,
-                        migrations_dir=args.migrations_dir, return_state=True)
+        with handing_over(prepared) if prepared else contextlib.nullcontext():
+            ran = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
+                          backup=args.backup, allow_destructive=args.allow_destructive,
+                          migrations_dir=args.migrations_dir, return_state=True)
+        state = cast(State, ran)  # a sync flow: the state itself
     finally:
-        if head is not None:
-            head.discard()
+        if prepared is not None and prepared.head_start is not None:
+            prepared.head_start.discard()
     print(f"migrate: {state.message or state.name}")
     return 0 if state.is_completed() else 1
 

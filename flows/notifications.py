@@ -8,12 +8,12 @@ a run is told by Prefect's own flow state hooks (``on_completion``, ``on_failure
 import logging
 from typing import Optional
 
-from prefect.context import get_run_context
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from dbcore.notify import notify
 from dbcore.settings import Settings
+from flows.current import current_flow_run
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _send(text: str) -> None:
 
 def waiting_for_approval(headline: str, fingerprint: str) -> None:
     """Tell the approver that the current run waits: what, where to read it, how to answer."""
-    flow_run = get_run_context().flow_run
+    flow_run = current_flow_run()
     lines = [f"migrate run {flow_run.name} waits for approval: {headline} (plan {fingerprint})"]
     url = run_url(flow_run.id)
     if url:

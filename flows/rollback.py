@@ -1,15 +1,17 @@
 """The rollback subflow: undo an apply whose post-checks failed.
 
-First the migrations' own rollback() functions, newest first, in one transaction, verified
+First the migrations' own rollback() functions, newest first, one transaction per phase, verified
 against the schema snapshot taken before the apply. If that fails, the backup taken before the
 apply is restored in place (with a second approval where the run needed one).
 
 A subflow's parameters are stored by the Prefect API, so neither the database (whose URL holds
 a password) nor the schema snapshot (large, and it may hold connection strings) is one of them:
-the calling flow hands them over in-process, keyed by run id.
+the calling flow hands the run and the approved change over in-process (a context variable of
+the thread the subflow runs in), never through the API.
 """
 
 import hashlib
+from contextvars import ContextVar
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
@@ -17,18 +19,21 @@ from prefect.cache_policies import NO_CACHE
 
 from dbcore.connection import Target
 from dbcore.deploy import recovery
-from dbcore.errors import DbcoreError, RollbackFailed
+from dbcore.deploy.run import DeployRun
+from dbcore.deploy.steps import ApprovedChange
+from dbcore.errors import DbcoreError, RollbackFailed, RollbackRefused
 from dbcore.migrate import plan as planning
 from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
 
-_HANDOVER: dict[str, tuple[Target, Settings, str]] = {}
+#: the run and its approved change, handed to the subflow started in the same thread
+_HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("dbmigrate_rollback", default=None)
 
 
 @task(name="rollback-functions", cache_policy=NO_CACHE)
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
-    """Run the rollback() of ``names`` (newest first) in one transaction; return what was undone."""
+    """Run the rollback() of ``names`` (newest first), one transaction per phase; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
     return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
 
@@ -64,7 +69,11 @@ def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: s
                         require_approval: bool, approval_timeout: int, run_id: str) -> str:
     """Bring the database back to its state before the apply; return how (raises RollbackFailed)."""
     logger = get_run_logger()
-    target, settings, before = _HANDOVER[run_id]
+    handed = _HANDED.get()
+    if handed is None:
+        raise RollbackFailed("the rollback subflow runs only from the migrate flow, which hands it the database")
+    run, approved = handed
+    target, settings, before = run.target, run.settings, approved.schema_before
     try:
         undone = run_rollback_functions(target, settings, names, run_id)
         diff = schema_differences(target, before)
@@ -72,6 +81,8 @@ def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: s
             return f"rollback functions ({', '.join(undone)})"
         logger.error("after the rollback functions the schema differs from before the apply:\n%s",
                      "\n".join(diff))
+    except RollbackRefused as exc:  # nothing ran: a rollback() that undoes nothing
+        logger.error("%s: going straight to the restore of the backup", exc)
     except DbcoreError as exc:
         logger.error("rollback functions failed: %s", exc)
     if not backup_key:
@@ -85,15 +96,14 @@ def rollback_migrations(names: list, backup_key: Optional[str], schema_sha256: s
             f"the backup, is kept as {done['kept_as']})")
 
 
-def rollback_after_failed_apply(*, target: Target, settings: Settings, names: list, before: str,
-                                backup_key: Optional[str], require_approval: bool,
-                                approval_timeout: int, run_id: str) -> str:
-    """Run the rollback subflow for ``target``, handing over what must not go through the API."""
-    _HANDOVER[run_id] = (target, settings, before)
+def rollback_after_failed_apply(run: DeployRun, names: list, approved: ApprovedChange) -> str:
+    """Run the rollback subflow for ``run``, handing over what must not go through the API."""
+    token = _HANDED.set((run, approved))
     try:
         return rollback_migrations(
-            names=names, backup_key=backup_key,
-            schema_sha256=hashlib.sha256(before.encode()).hexdigest(),
-            require_approval=require_approval, approval_timeout=approval_timeout, run_id=run_id)
+            names=names, backup_key=approved.backup_key,
+            schema_sha256=hashlib.sha256(approved.schema_before.encode()).hexdigest(),
+            require_approval=run.approval_needed, approval_timeout=run.options.approval_timeout,
+            run_id=run.run_id)
     finally:
-        _HANDOVER.pop(run_id, None)
+        _HANDED.reset(token)

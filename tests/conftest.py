@@ -6,6 +6,7 @@ private cluster.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import shutil
@@ -32,6 +33,7 @@ for _var in [v for v in os.environ if v.startswith("MIGRATE_")]:
 # `make run && make test` must pass, and the developer's local state must stay as it was. A test
 # that needs embedded services sets them up itself under its own temporary folder.
 os.environ["MIGRATE_LOCAL_DIR"] = tempfile.mkdtemp(prefix="dbmigrate-local-")
+atexit.register(shutil.rmtree, os.environ["MIGRATE_LOCAL_DIR"], ignore_errors=True)
 for _var in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH"):
     os.environ.pop(_var, None)
 # Prefect, for the flow tests: a private home, quiet, offline, patient with a cold start.

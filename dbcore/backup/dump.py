@@ -38,14 +38,15 @@ from dbcore.backup.storage import (
     replace_metadata,
     unfinished_uploads,
 )
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, connect_raw, raw_session
 from dbcore.errors import BackupCorrupt, BackupFailed, ConfigError, StorageError
 from dbcore.redact import error_line
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
+#: told the bytes done so far (a backup, a restore, a copy); the migrations' own is dbcore.migrate.plan.Progress
+BytesProgress = Callable[[int], None]
 
 
 class Tee(Protocol):
@@ -132,13 +133,10 @@ def last_applied_migration(conn) -> str:
 
 def database_size(target: Target) -> int:
     """Return the database's size on disk in bytes (what a backup's progress is measured against)."""
-    conn = connect_raw(target, "dbmigrate-backup")
-    try:
+    with raw_session(target, "dbmigrate backup") as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_database_size(current_database())")
             return cur.fetchone()[0]
-    finally:
-        conn.close()
 
 
 def _claim_upload(target: Target, key: str):
@@ -180,7 +178,7 @@ def _storage_failure(message: str, exc: BaseException) -> BackupFailed:
 
 
 def backup_to_s3(
-    target: Target, settings: Settings, *, env: str | None = None, progress: Progress | None = None,
+    target: Target, settings: Settings, *, env: str | None = None, progress: BytesProgress | None = None,
     tee: Tee | None = None,
 ) -> BackupInfo:
     """Back ``target`` up to S3 and return what was stored; raise BackupFailed (nothing left behind).
@@ -192,15 +190,13 @@ def backup_to_s3(
     the stored bytes: an error or a mismatch fails the backup and aborts the upload.
     """
     storage = open_storage(settings, str(env or target.env))
-    conn = connect_raw(target, "dbmigrate-backup")
-    try:
-        major = server_major(conn)
-        last_migration = last_applied_migration(conn)
-    except psycopg2.Error as exc:
-        raise BackupFailed(f"cannot read the migration history of {target.dbname}: "
-                           f"{error_line(exc, target.password)}") from None
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate backup") as conn:
+        try:
+            major = server_major(conn)
+            last_migration = last_applied_migration(conn)
+        except psycopg2.Error as exc:
+            raise BackupFailed(f"cannot read the migration history of {target.dbname}: "
+                               f"{error_line(exc, target.password)}") from None
     pg_dump = find_pg_tool("pg_dump", major)
     created_at = datetime.now(timezone.utc)
     env_name = str(env or target.env)
@@ -219,7 +215,7 @@ def backup_to_s3(
     try:
         _abort_dead_uploads(storage, claim, key.rsplit("/", 1)[0] + "/")
         upload.start()
-        put = upload.put if tee is None else (lambda chunk: (upload.put(chunk), tee.write(chunk)))
+        put = upload.put if tee is None else _both(upload.put, tee.write)
         size, sha256 = _dump_compressed(pg_dump, target, settings, put, progress)
         if tee is not None and (teed := tee.finish()) != (size, sha256):
             raise BackupCorrupt(f"{what}: the stream consumer saw {teed[0]} bytes (sha256 {teed[1]}), "
@@ -257,9 +253,17 @@ def backup_to_s3(
     return info
 
 
+def _both(first: Callable[[bytes], None], second: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """Return a callback handing each chunk to ``first``, then ``second``."""
+    def both(chunk: bytes) -> None:
+        first(chunk)
+        second(chunk)
+    return both
+
+
 def _dump_compressed(
     pg_dump: PgTool, target: Target, settings: Settings, put: Callable[[bytes], None],
-    progress: Progress | None,
+    progress: BytesProgress | None,
 ) -> tuple[int, str]:
     """Run pg_dump, hand zstd-compressed parts to ``put``; return (stored size, sha256)."""
     conninfo, env = libpq_args(target)
@@ -280,6 +284,7 @@ def _dump_compressed(
 
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        assert proc.stdout is not None  # stdout=PIPE
         try:
             while data := proc.stdout.read(READ_SIZE):
                 read += len(data)

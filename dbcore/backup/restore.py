@@ -20,11 +20,11 @@ import psycopg2
 import zstandard
 from psycopg2 import sql
 
-from dbcore.backup.dump import S3_ERRORS, BackupInfo, Progress
+from dbcore.backup.dump import S3_ERRORS, BackupInfo, BytesProgress
 from dbcore.backup.pgtools import PgTool, find_pg_tool, libpq_args, server_major, tool_error
 from dbcore.backup.pipes import BackgroundWriter
 from dbcore.backup.storage import Storage, describe_error, head, is_missing_key, open_storage, read_chunks
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, connect_raw, raw_session
 from dbcore.errors import (
     BackupCorrupt,
     BackupNotFound,
@@ -73,7 +73,7 @@ class RestoreReport:
 # -- read back: fetch, verify, restore
 
 
-def _fetch(storage: Storage, key: str, dest: Path, progress: Progress | None) -> BackupInfo:
+def _fetch(storage: Storage, key: str, dest: Path, progress: BytesProgress | None) -> BackupInfo:
     """Download ``key`` into ``dest`` decompressed; return its info, or raise BackupCorrupt/BackupNotFound."""
     try:
         info = BackupInfo.from_metadata(key, storage.bucket, head(storage, key)["Metadata"])
@@ -133,7 +133,7 @@ def _major(version: str) -> int:
                             "is not a version: the object was not written by dbmigrate") from None
 
 
-def verify_backup(key: str, settings: Settings, progress: Progress | None = None) -> VerifyReport:
+def verify_backup(key: str, settings: Settings, progress: BytesProgress | None = None) -> VerifyReport:
     """Download ``key``, check its sha256 and read it with pg_restore; raise BackupCorrupt if any fails."""
     storage = open_storage(settings)
     started = time.monotonic()
@@ -158,15 +158,12 @@ class RestoreTarget:
 def inspect_target(into: Target) -> RestoreTarget:
     """Return whether ``into`` exists, what it holds, and its server's major version."""
     try:
-        conn = connect_raw(into, "dbmigrate-restore")
+        conn = connect_raw(into, "dbmigrate restore")
     except DatabaseUnavailable as exc:
         if "does not exist" not in str(exc):
             raise
-        admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
-        try:
+        with raw_session(into.with_dbname("postgres"), "dbmigrate restore") as admin:
             return RestoreTarget(False, 0, [], server_major(admin))
-        finally:
-            admin.close()
     try:
         count, names = user_relations(conn)
         return RestoreTarget(True, count, names, server_major(conn))
@@ -176,15 +173,13 @@ def inspect_target(into: Target) -> RestoreTarget:
 
 def create_database(into: Target) -> None:
     """Create ``into`` on its server; raise RestoreFailed."""
-    admin = connect_raw(into.with_dbname("postgres"), "dbmigrate-restore")
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(into.dbname)))
-    except psycopg2.Error as exc:
-        raise RestoreFailed(f"cannot create database {into.dbname} to restore into: "
-                            f"{error_line(exc, into.password)}: create it first") from None
-    finally:
-        admin.close()
+    with raw_session(into.with_dbname("postgres"), "dbmigrate restore") as admin:
+        try:
+            with admin.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(into.dbname)))
+        except psycopg2.Error as exc:
+            raise RestoreFailed(f"cannot create database {into.dbname} to restore into: "
+                                f"{error_line(exc, into.password)}: create it first") from None
     log.info("created database %s to restore into", into.dbname)
 
 
@@ -227,7 +222,7 @@ def user_relations(conn, limit: int = 5) -> tuple[int, list[str]]:
 
 def restore_backup(
     key: str, into: Target, settings: Settings, *, force: bool = False,
-    allow_production: bool = False, jobs: int | None = None, progress: Progress | None = None,
+    allow_production: bool = False, jobs: int | None = None, progress: BytesProgress | None = None,
 ) -> RestoreReport:
     """Restore backup ``key`` into ``into`` (created if missing); raise RestoreRefused, BackupCorrupt or RestoreFailed.
 

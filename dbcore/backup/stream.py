@@ -16,10 +16,11 @@ import os
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import zstandard
 
-from dbcore.backup.dump import Progress
+from dbcore.backup.dump import BytesProgress
 from dbcore.backup.pgtools import find_pg_tool, tool_error
 from dbcore.backup.pipes import BackgroundWriter
 from dbcore.backup.restore import create_database, inspect_target, pg_restore_command
@@ -38,15 +39,16 @@ class StreamRestore:
     caller drops the half-restored database.
     """
 
-    def __init__(self, into: Target, backup_env: str, progress: Progress | None = None):
+    def __init__(self, into: Target | None, backup_env: str, progress: BytesProgress | None = None):
         self.into, self.backup_env, self.progress = into, backup_env, progress
         self.size, self._digest = 0, hashlib.sha256()
-        self._proc: subprocess.Popen | None = None
-        self._writer: BackgroundWriter | None = None
+        self._proc: Any = None  # pg_restore, once entered
+        self._writer: Any = None  # its BackgroundWriter, while it runs
         self._stderr = tempfile.TemporaryFile()
         self.started = 0.0
 
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        assert self.into is not None  # ArchiveCheck, which has none, has its own command
         major = _prepare(self.into)
         return pg_restore_command(find_pg_tool("pg_restore", major), self.into, self.backup_env)
 
@@ -115,7 +117,7 @@ class ArchiveCheck(StreamRestore):
     included, and that they are the bytes uploaded (size and sha256, as for a restore).
     """
 
-    def __init__(self, server_major: int, progress: Progress | None = None):
+    def __init__(self, server_major: int, progress: BytesProgress | None = None):
         super().__init__(None, "", progress)
         self.server_major = server_major
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import peewee
 
@@ -198,6 +199,7 @@ def _expected_indexes(model: type[peewee.Model], notes: list[str]) -> tuple[list
             notes.append(f"index {name} on {table} is defined as raw SQL in the model")
             skipped.add(name)
             continue
+        index = cast(Any, index)  # peewee keeps what an Index was given in private attributes
         why = ("has a WHERE clause (partial index)" if index._where is not None else
                "indexes an expression" if not all(isinstance(e, peewee.Field) for e in index._expressions)
                else None)
@@ -296,8 +298,8 @@ def _model_drift(db: peewee.Database, model: type[peewee.Model],
         yield Difference("primary_key_mismatch", table, expected=", ".join(want_pk),
                          actual=", ".join(have_pk))
 
-    expected, skipped = _expected_indexes(model, notes)
-    yield from _index_drift(table, expected, skipped, _actual_indexes(db, table, schema), notes)
+    indexes, skipped = _expected_indexes(model, notes)
+    yield from _index_drift(table, indexes, skipped, _actual_indexes(db, table, schema), notes)
 
 
 def schema_drift(

@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 
 from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
 from dbcore.backup.restore import restore_backup, verify_backup
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Target, resolve_target
+from dbcore.deploy.plan import size_text
 
 
 @contextmanager
@@ -40,14 +41,6 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
         yield lambda done: bar.update(task, completed=done)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_backup(ctx: Context) -> int:
     """Back the target database up to S3; print key, size and sha256."""
     # pg_dump's output size is unknown beforehand: the bar shows bytes dumped and speed
@@ -57,7 +50,7 @@ def cmd_backup(ctx: Context) -> int:
         print(json.dumps(info.to_dict()))
     else:
         print(f"key:    {info.key}")
-        print(f"size:   {info.size} ({_size(info.size)}, {info.compression})")
+        print(f"size:   {info.size} ({size_text(info.size)}, {info.compression})")
         print(f"sha256: {info.sha256}")
     return 0
 
@@ -72,7 +65,7 @@ def cmd_backups(ctx: Context) -> int:
         print("no backups")
         return 0
     for b in backups:
-        print(f"{b.created_at:%Y-%m-%d %H:%M:%S}  {b.env:10} {b.database:20} {_size(b.size):>10}  "
+        print(f"{b.created_at:%Y-%m-%d %H:%M:%S}  {b.env:10} {b.database:20} {size_text(b.size):>10}  "
               f"{b.last_migration:30} {b.key}")
     return 0
 
@@ -121,13 +114,6 @@ def cmd_prune(ctx: Context) -> int:
     return 0
 
 
-def _jobs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the backup sub-commands to ``dbmigrate``."""
     p = sub.add_parser("backup", parents=[common],
@@ -152,7 +138,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--force", action="store_true", help="overwrite a database that is not empty")
     p.add_argument("--allow-production", action="store_true",
                    help="allow restoring into a production database")
-    p.add_argument("--jobs", "-j", type=_jobs, default=None, help="pg_restore jobs (default: cores, at most 4)")
+    p.add_argument("--jobs", "-j", type=positive_int, default=None, help="pg_restore jobs (default: cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_restore)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dbcore.connection import Env, Target, resolve_target
 from dbcore.settings import Settings
+
+if TYPE_CHECKING:  # the tunnel is imported only when the proxy environment needs it
+    from dbcore.proxy import Tunnel
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -18,7 +21,7 @@ class Context:
         self.args = args
         self.settings = settings
         self._target: Target | None = None
-        self._tunnel = None
+        self._tunnel: Tunnel | None = None
 
     @property
     def target(self) -> Target:
@@ -44,6 +47,14 @@ class Context:
 
 
 Handler = Callable[[Context], int]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (``--count``, ``--jobs``)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 def common_options() -> argparse.ArgumentParser:

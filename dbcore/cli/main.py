@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 #: command). A command missing here still works: every area is then loaded.
 AREAS = {"status": "migrations", "new": "migrations", "plan": "migrations", "apply": "migrations",
          "rollback": "migrations", "lint": "lint", "check": "lint", "backup": "backup",
-         "backups": "backup", "verify": "backup", "restore": "backup", "prune": "backup"}
-ALL_AREAS = ("migrations", "lint", "backup")
+         "backups": "backup", "verify": "backup", "restore": "backup", "prune": "backup",
+         "suggest-indexes": "advise"}
+ALL_AREAS = ("migrations", "lint", "backup", "advise")
 
 
 def _areas(argv: list[str] | None) -> tuple[str, ...]:

@@ -7,14 +7,20 @@ import json
 import sys
 from functools import partial
 
-from dbcore.cli.context import Context
+from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Env, connect
-from dbcore.deploy.plan import DeployPlan
-from dbcore.errors import ConfigError
-from dbcore.lint.engine import lint_pending
+from dbcore.deploy.plan import DeployPlan, plan_and_lint
+from dbcore.errors import ConfigError, LintStopped
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.phases import PhaseEvent, step_summary
-from dbcore.migrate.plan import Plan, ProgressEvent, RunReport, plan_apply, plan_rollback
+from dbcore.migrate.plan import (
+    Plan,
+    ProgressEvent,
+    RunReport,
+    left_behind,
+    plan_rollback,
+    undone_by_nothing,
+)
 from dbcore.migrate.retry import apply_retrying
 from dbcore.migrate.runner import execute
 
@@ -138,9 +144,9 @@ def cmd_plan(ctx: Context) -> int:
     """Print what apply would do; --sql rehearses it in a rolled-back transaction."""
     if ctx.args.sql:
         _refuse_live_dry_run(ctx)
-    plan = plan_apply(ctx.target, ctx.settings, upto=ctx.args.target)
-    deploy = DeployPlan(str(ctx.target.env), plan,
-                        lint_pending(ctx.settings.migrations_dir, [m.path for m in plan.migrations]))
+    plan, lint_report = plan_and_lint(ctx.target, ctx.settings, upto=ctx.args.target,
+                                      allow_destructive=ctx.args.allow_destructive)
+    deploy = DeployPlan(str(ctx.target.env), plan, lint_report)
     if ctx.args.json and not ctx.args.sql:
         print(json.dumps(deploy.to_dict(), indent=2, default=str))
         return 0 if deploy.lint.ok else 1
@@ -187,20 +193,27 @@ def _run(ctx: Context, plan: Plan) -> int:
 
 
 def cmd_apply(ctx: Context) -> int:
-    """Apply pending migrations in one transaction under the migration lock."""
-    return _run(ctx, plan_apply(ctx.target, ctx.settings, upto=ctx.args.target))
+    """Lint the pending migrations as the flow does, then apply them in one transaction under the lock."""
+    plan, report = plan_and_lint(ctx.target, ctx.settings, upto=ctx.args.target,
+                                 allow_destructive=ctx.args.allow_destructive)
+    if report.findings and not ctx.args.json:
+        print(report.text(), file=sys.stderr)
+    if not report.ok and ctx.args.ignore_lint_errors:
+        print(f"dbmigrate: warning: --ignore-lint-errors: applying despite {report.summary()}",
+              file=sys.stderr)
+    elif not report.ok:
+        raise LintStopped(f"lint: {report.summary()}, nothing was applied: {report.errors[0].text()} "
+                          "(fix it, or allow it knowingly: docs/lint-rules.md)")
+    return _run(ctx, plan)
 
 
 def cmd_rollback(ctx: Context) -> int:
-    """Roll back the newest N applied migrations in one transaction."""
-    return _run(ctx, plan_rollback(ctx.target, ctx.settings, count=ctx.args.count))
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
+    """Roll back the newest N applied migrations in one transaction (--force: see left_behind)."""
+    plan = plan_rollback(ctx.target, ctx.settings, count=ctx.args.count, force=ctx.args.force)
+    gaps = undone_by_nothing(plan)
+    if gaps:
+        print(f"dbmigrate: warning: --force: {left_behind(gaps)}", file=sys.stderr)
+    return _run(ctx, plan)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -230,6 +243,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--on-live", action="store_true",
                    help="allow --sql outside local (it takes the apply's table locks)")
+    p.add_argument("--allow-destructive", action="store_true",
+                   help="allow migrations that drop tables or columns (as the flow's flag)")
     p.set_defaults(handler=cmd_plan)
 
     for name, helptext in (("apply", "apply pending migrations in one transaction"),
@@ -237,9 +252,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p = sub.add_parser(name, parents=[common], help=helptext)
         if name == "apply":
             p.add_argument("--target", help="stop after this migration (name or number)")
+            p.add_argument("--allow-destructive", action="store_true",
+                           help="allow migrations that drop tables or columns (as the flow's flag)")
+            p.add_argument("--ignore-lint-errors", action="store_true",
+                           help="apply even with lint errors, printed first (e.g. a new development "
+                                "database built from a history other databases already ran)")
             p.set_defaults(handler=cmd_apply)
         else:
-            p.add_argument("--count", type=_positive, default=1, help="how many (default 1)")
+            p.add_argument("--count", type=positive_int, default=1, help="how many (default 1)")
+            p.add_argument("--force", action="store_true",
+                           help="roll back even a migration whose rollback() is missing or empty: "
+                                "only its history row goes, what its migrate() made stays")
             p.set_defaults(handler=cmd_rollback)
         p.add_argument("--dry-run", action="store_true",
                        help="run inside a transaction that is rolled back; print the SQL "

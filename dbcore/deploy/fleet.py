@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict
 
 from dbcore.backup.dump import database_size, list_backups
 from dbcore.connection import Env, Target, connect, resolve_target
-from dbcore.errors import ConfigError, DbcoreError
-from dbcore.lint import engine as lint
+from dbcore.deploy.plan import plan_and_lint
+from dbcore.errors import DbcoreError, FleetFileError, PlanNotApproved
 from dbcore.migrate.history import read_applied
-from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.migrate.plan import Plan
 from dbcore.settings import ENV_VAR_NAME, Settings
 
 DEFAULT_CANARY = 1
@@ -40,14 +40,6 @@ DEFAULT_CONCURRENCY = 4
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOP_KEYS = {"canary", "concurrency", "databases"}
 _TARGET_KEYS = {"name", "url_env"}
-
-
-class FleetFileError(ConfigError):
-    """The targets file is not a valid fleet document."""
-
-
-class PlanNotApproved(DbcoreError):
-    """A database's plan differs from the one the fleet's approval covered."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +163,7 @@ def plan_database(member: FleetTarget, target: Target, settings: Settings,
                   allow_destructive: bool = False) -> DatabasePlan:
     """Return one database's pending migrations, size and lint (a DbcoreError becomes ``error``)."""
     try:
-        plan = plan_apply(target, settings)
-        report = lint.lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
-                                   allow_destructive=allow_destructive)
+        plan, report = plan_and_lint(target, settings, allow_destructive=allow_destructive)
         size = database_size(target)
     except DbcoreError as exc:
         return DatabasePlan(member.name, member.url_env, target.dbname, error=str(exc))

@@ -21,7 +21,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from dbcore.backup.dump import BackupInfo
+from dbcore.backup.dump import BackupInfo, BytesProgress
 from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport, preflight
 from dbcore.deploy.rehearsal import ScratchCopy, backup_into_copy
@@ -113,11 +113,22 @@ class HeadStart:
         """Wait until the backup and the copy are done (or failed); True when finished."""
         return self._done.wait(timeout)
 
+    def follow(self, progress: BytesProgress | None = None, restore_progress: BytesProgress | None = None
+               ) -> tuple[BackupInfo, ScratchCopy]:
+        """Wait for the backup and the copy, telling the progress callbacks every second; return them."""
+        while not self.wait(timeout=1.0):
+            if progress:
+                progress(self.dumped)
+            if restore_progress:
+                restore_progress(self.restored)
+        return self.outcome()
+
     def outcome(self) -> tuple[BackupInfo, ScratchCopy]:
         """Return (backup, copy) once finished; raise what the head start raised."""
         self._done.wait()
         if self.error is not None:
             raise self.error
+        assert self.result is not None  # finished without an error: it has its backup and copy
         return self.result
 
     def discard(self) -> None:

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
+from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
-from dbcore.migrate.plan import Plan
+from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.settings import Settings
 
 
-def size_text(n: int) -> str:
+def size_text(n: float) -> str:
     """Return a byte count as people read it (512 B, 1.5 MiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -35,6 +38,18 @@ def _statement(captured: str) -> str:
     return sql.rstrip(";") + ";" + note
 
 
+def plan_and_lint(target: Target, settings: Settings, *, allow_destructive: bool = False,
+                  upto: str | None = None) -> tuple[Plan, LintReport]:
+    """Return the pending migrations (up to ``upto``) and the lint over the ones that will run.
+
+    The one way the flow, the fleet and ``dbmigrate plan`` judge what is pending.
+    """
+    plan = plan_apply(target, settings, upto=upto)
+    # numbers judged against the history: a plan that stops early leaves later files pending
+    return plan, lint_pending(settings.migrations_dir, [m.path for m in plan.migrations],
+                              allow_destructive=allow_destructive, applied=plan.applied_before)
+
+
 def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
     """Return 16 hex digits that change when the target, a migration (name or file) or the backup does.
 
@@ -43,6 +58,8 @@ def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
     """
     data = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
             "backup": backup_key}
+    if plan.steps_pending:  # a run continuing an earlier apply's phases 2-4: its own approval
+        data["steps"] = list(plan.steps_pending)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -95,14 +112,34 @@ class DeployPlan:
         """Rehearsal SQL findings the static lint did not already report for that migration."""
         if not self.rehearsal:
             return []
-        seen = {(Path(f.file).stem, f.rule) for f in self.lint.findings}
+        seen = {(Path(f.file).stem, f.line, f.rule, f.severity) for f in self.lint.findings}
         return [f for f in self.rehearsal.sql_findings
-                if (Path(f.file.split(" ")[0]).stem, f.rule) not in seen]
+                if (Path(f.file.split(" ")[0]).stem, f.line, f.rule, f.severity) not in seen]
 
     @property
     def ok(self) -> bool:
         """True when nothing found so far blocks the apply."""
         return self.lint.ok and (self.rehearsal is None or self.rehearsal.ok)
+
+    def stops(self) -> list[str]:
+        """Return one line for each thing that blocks the apply (empty when ``ok``)."""
+        out = [f"lint: {f.text()}" for f in self.lint.errors]
+        if self.rehearsal is not None:
+            out += [f"rehearsal on a copy: {f.text()}" for f in self.rehearsal.sql_findings
+                    if f.severity == "error"]
+            if self.rehearsal.checks is not None and not self.rehearsal.checks.ok:
+                problems = [line.strip() for line in self.rehearsal.checks.text().splitlines()
+                            if line.strip() and line.strip() != "no invalid indexes"]
+                out.append("post-checks on the copy failed: " + "; ".join(problems))
+        return out
+
+    def stop_reason(self) -> str:
+        """Return the one line a stopped run ends with: the first blocking finding, and how many more."""
+        stops = self.stops()
+        if not stops:
+            return ""
+        more = f" (and {len(stops) - 1} more)" if len(stops) > 1 else ""
+        return f"{stops[0]}{more}; all of it in the migration-plan artifact"
 
     @property
     def fingerprint(self) -> str:
@@ -119,8 +156,7 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
-        dbname = self.plan.database.rsplit("/", 1)[-1].split("?")[0]
-        return (f"**Apply {n} migration(s) to `{dbname}` ({self.env})**: {verdict}; "
+        return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
     def to_dict(self) -> dict:
@@ -136,8 +172,10 @@ class DeployPlan:
         """Return the plan as a markdown document (the approval artifact)."""
         # code spans, not bare text: the UI's markdown would turn a URL into a link
         backup = f"`{self.backup.key}`" if self.backup else "**none**"
-        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", "",
-               "### Migrations", ""]
+        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
+        if self.stops():
+            out += ["### What stops this run", ""] + [f"- {md_cell(s)}" for s in self.stops()] + [""]
+        out += ["### Migrations", ""]
         rehearsed = {r.name: r for r in self.rehearsal.results} if self.rehearsal else {}
         out += ["| # | migration | transaction | rehearsal time | sha256 |", "|---|---|---|---|---|"]
         for number, phase in enumerate(self.plan.phases, 1):
@@ -165,6 +203,12 @@ class DeployPlan:
                     f"{_copy_sentence(r)}, applied in {r.apply_seconds:.2f} s, then dropped the "
                     "copy.", ""]
             out += _leftover_lines(r)
+            if r.dropped_columns:
+                out += ["#### Columns dropped (their values are lost)", ""]
+                out += [f"- `{d.table}.{d.column}`: **{d.values}** non-null value(s) on the copy, "
+                        f"dropped by `{d.migration}.py`" + (f" line {d.line}" if d.line else "")
+                        for d in r.dropped_columns]
+                out.append("")
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
                 out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
@@ -200,9 +244,11 @@ class DeployPlan:
             out.append(f"rehearsal on a copy: {'passed' if r.ok else 'FAILED'}; "
                        f"{copied[:1].lower()}{copied[1:]}, apply {r.apply_seconds:.2f}s")
             out += ["  " + line.removeprefix("- ") for line in _leftover_lines(r, markdown=False)]
+            out += [f"  column dropped: {d.describe()}" for d in r.dropped_columns]
             out += [f"  {f.text()}" for f in self.new_sql_findings]
             if r.checks and not r.checks.ok:
                 out.append(r.checks.text())
+        out += [f"stops the run: {line}" for line in self.stops()]
         return "\n".join(out)
 
 

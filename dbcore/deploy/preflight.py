@@ -20,7 +20,7 @@ from typing import Callable
 
 from pglast import parser as pg_parser
 
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, raw_session
 from dbcore.errors import PreflightFailed
 from dbcore.migrate.locking import lock_holder
 from dbcore.settings import Settings, duration_seconds
@@ -64,6 +64,10 @@ _LITERAL = re.compile(r"""\$(?P<tag>[A-Za-z_]\w*)?\$.*?(\$(?P=tag)\$|$)
                         | (?:[EeBbXxNn]|[Uu]&)?'(?:[^']|'')*(?:'|$)
                         | \$\d+
                         | (?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?""", re.S | re.X)
+
+#: the two points a run looks at the live database; the words are the report's
+BEFORE_BACKUP = "before the backup"
+BEFORE_APPLY = "before the apply"
 
 
 def mask_query(query: str, limit: int = QUERY_CHARS) -> str:
@@ -168,8 +172,7 @@ def preflight(target: Target, settings: Settings, tables: set[str] | None, stage
     started = time.monotonic()
     deadline = started + settings.preflight_wait
     seen: dict[int, Blocker] = {}
-    conn = connect_raw(target, "dbmigrate preflight")
-    try:
+    with raw_session(target, "dbmigrate preflight") as conn:
         while True:
             blockers = find_blockers(conn, settings, tables)
             if not blockers:
@@ -193,5 +196,3 @@ def preflight(target: Target, settings: Settings, tables: set[str] | None, stage
                     + ": let them finish or end them (SELECT pg_terminate_backend(pid)), then "
                     "run again")
             sleep(POLL_SECONDS)
-    finally:
-        conn.close()

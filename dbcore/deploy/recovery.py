@@ -17,21 +17,17 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
-from dbcore.backup.dump import Progress
+from dbcore.backup.dump import BytesProgress
 from dbcore.backup.pgtools import find_pg_tool, libpq_args, server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.checks.post import check_no_invalid_indexes
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, raw_session
 from dbcore.deploy.scratch import derived_name
-from dbcore.errors import DbcoreError, RestoreFailed
+from dbcore.errors import RestoreFailed, SchemaSnapshotFailed
 from dbcore.redact import redact
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class SchemaSnapshotFailed(DbcoreError):
-    """pg_dump --schema-only could not read the database."""
 
 
 def schema_snapshot(target: Target) -> str:
@@ -40,14 +36,12 @@ def schema_snapshot(target: Target) -> str:
     pg_dump leaves INVALID indexes out (a failed CREATE INDEX CONCURRENTLY): they are listed
     at the end, so that a comparison sees them.
     """
-    conn = connect_raw(target, "dbmigrate-snapshot")
-    try:
-        major = server_major(conn)
-    except psycopg2.Error as exc:
-        raise SchemaSnapshotFailed(f"cannot read the schema of {target.dbname}: "
-                                   f"{redact(str(exc).strip(), target.password)}") from None
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate snapshot") as conn:
+        try:
+            major = server_major(conn)
+        except psycopg2.Error as exc:
+            raise SchemaSnapshotFailed(f"cannot read the schema of {target.dbname}: "
+                                       f"{redact(str(exc).strip(), target.password)}") from None
     invalid = [f"INVALID INDEX {i.schema}.{i.index}" for i in check_no_invalid_indexes(target)]
     pg_dump = find_pg_tool("pg_dump", major)
     conninfo, env = libpq_args(target)
@@ -88,7 +82,7 @@ class InPlaceRestore:
 
 
 def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: str,
-                     progress: Progress | None = None) -> InPlaceRestore:
+                     progress: BytesProgress | None = None) -> InPlaceRestore:
     """Replace ``target``'s database by the backup ``key``; the old one is kept renamed.
 
     Raises BackupCorrupt/RestoreFailed before the live database is touched when the backup is bad.
@@ -100,20 +94,18 @@ def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: st
     kept = derived_name(target.dbname, f"_failed_{suffix}")
     # Everything that can fail slowly happens on the new database: the live one is untouched.
     restore_backup(key, fresh, settings, allow_production=True, progress=progress)
-    admin = connect_raw(target.with_dbname("postgres"), "dbmigrate-restore")
-    try:
-        with admin.cursor() as cur:
-            _copy_database_properties(cur, target.dbname, fresh.dbname)
-            _swap(cur, target.dbname, fresh.dbname, kept)
-    except psycopg2.Error as exc:
-        raise RestoreFailed(
-            f"restored {key} into {fresh.dbname} but could not swap it in for {target.dbname}: "
-            f"{redact(str(exc).strip(), target.password)}: check that {target.dbname} exists and "
-            f"accepts connections (ALTER DATABASE ... ALLOW_CONNECTIONS true), then rename "
-            f"{fresh.dbname} to it by hand"
-        ) from None
-    finally:
-        admin.close()
+    with raw_session(target.with_dbname("postgres"), "dbmigrate restore") as admin:
+        try:
+            with admin.cursor() as cur:
+                _copy_database_properties(cur, target.dbname, fresh.dbname)
+                _swap(cur, target.dbname, fresh.dbname, kept)
+        except psycopg2.Error as exc:
+            raise RestoreFailed(
+                f"restored {key} into {fresh.dbname} but could not swap it in for {target.dbname}: "
+                f"{redact(str(exc).strip(), target.password)}: check that {target.dbname} exists and "
+                f"accepts connections (ALTER DATABASE ... ALLOW_CONNECTIONS true), then rename "
+                f"{fresh.dbname} to it by hand"
+            ) from None
     log.info("restored %s over %s; the previous database is kept as %s", key, target.dbname, kept)
     return InPlaceRestore(key, target.dbname, kept, round(time.monotonic() - started, 3))
 

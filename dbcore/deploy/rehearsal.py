@@ -14,17 +14,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import peewee
 import psycopg2
 
-from dbcore.backup.dump import BackupInfo, backup_to_s3
-from dbcore.backup.dump import Progress as BytesProgress
+from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
+from dbcore.checks.data import DataChecks
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, raw_session
+from dbcore.deploy.dropped import DropCounter, DroppedColumn
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -38,6 +41,7 @@ from dbcore.deploy.scratch import (
     scratch_name,
 )
 from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
+from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.backfill import LargeUpdates
@@ -62,6 +66,8 @@ class RehearsalReport:
     server: str = ""  # where the copy was made, and why there
     method: str = "restore"  # "restore" of the backup, or "template" (CREATE DATABASE ... TEMPLATE)
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: the columns the plan drops, with the non-null values each held on the copy
+    dropped_columns: tuple[DroppedColumn, ...] = ()
     #: the work the safe forms and backfills moved after the batch's commit, SQL by phase
     steps: tuple[str, ...] = field(default=())
     #: how long each of those steps took on the copy (a backfill's time: the ETA live)
@@ -72,6 +78,10 @@ class RehearsalReport:
         """True when the copy passed its post-checks and its SQL has no lint error."""
         sql_errors = any(f.severity == "error" for f in self.sql_findings)
         return (self.checks is None or self.checks.ok) and not sql_errors
+
+    def problem(self) -> str | None:
+        """Return one line naming the first failed check of the copy (None when it passed)."""
+        return self.checks.first_problem() if self.checks is not None else None
 
     @property
     def apply_seconds(self) -> float:
@@ -86,6 +96,7 @@ class RehearsalReport:
             "checks": self.checks.to_dict() if self.checks else None,
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
+            "dropped_columns": [d.to_dict() for d in self.dropped_columns],
         }
 
 
@@ -103,7 +114,7 @@ class ScratchCopy:
     method: str  # "stream" (restored from the backup's stream), "template" or "restore"
     seconds: float
     leftovers: Leftovers = field(default_factory=Leftovers)
-    holder: object = None  # the claiming session
+    holder: Any = None  # the claiming session (a psycopg2 connection)
 
     def release(self) -> None:
         """Close the claiming session (the copy is dropped, or left to the next run's sweep)."""
@@ -120,7 +131,7 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, object]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, Any]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
     leftovers = drop_leftovers(server, target.dbname)
@@ -131,11 +142,8 @@ def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[T
 
 
 def _server_major(target: Target) -> int:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
-    try:
+    with raw_session(target, "dbmigrate rehearsal") as conn:
         return server_major(conn)
-    finally:
-        conn.close()
 
 
 def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str, *,
@@ -206,11 +214,16 @@ def large_update_findings(large: LargeUpdates) -> list[Finding]:
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
-                      allow_destructive: bool = False) -> list[Finding]:
-    """Return the SQL lint findings on what each migration really sent.
+                      allow_destructive: bool = False,
+                      files: dict[str, Path] | None = None) -> list[Finding]:
+    """Return the SQL lint findings on what each migration really sent, judged as the static lint judges.
 
     The migrations of one transaction share one batch: a constraint added NOT VALID in one and
-    validated in the next is still one transaction's lock.
+    validated in the next is still one transaction's lock. Each finding carries the file and the
+    line of the migrator call that queued the statement, so that the file's own allows apply
+    (``allow_destructive = True``, a line's ``# dbmigrate: allow RULE``) as well as the run's
+    ``allow_destructive``. Statements the product sends itself (the history it reads, peewee's
+    introspection, a savepoint) have no line in the file and are not judged.
     """
     findings: list[Finding] = []
     batch: SqlBatch | None = None
@@ -219,24 +232,37 @@ def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set
             batch = SqlBatch(existing_tables=existing_tables, allow_destructive=allow_destructive,
                              in_transaction=r.atomic,
                              new_tables=batch.created if batch is not None else ())
-        batch.source = f"{r.name}.py (rehearsal)"
-        for line, captured in enumerate(r.sql, 1):
-            findings += batch.check(captured.split(" -- params: ")[0], line)
+        path = (files or {}).get(r.name)
+        source = _source_of(path)
+        batch.source = str(path) if path else f"{r.name}.py"
+        batch.allow_destructive = allow_destructive or declares_allow_destructive(source)
+        lines = r.lines or (None,) * len(r.sql)
+        found: list[Finding] = []
+        for number, (captured, line) in enumerate(zip(r.sql, lines), 1):
+            if line is None and r.lines:
+                continue  # the product's own statement
+            found += batch.check(captured.split(" -- params: ")[0], line or number)
+        findings += apply_allow_markers(found, source)
     return findings
 
 
-def _existing_tables(target: Target) -> set[str]:
-    conn = connect_raw(target, "dbmigrate-rehearsal")
+def _source_of(path: Path | None) -> str:
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
-                        "('pg_catalog', 'information_schema')")
-            return {row[0] for row in cur.fetchall()}
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"cannot read the tables of the copy: "
-                              f"{redact(str(exc).strip(), target.password)}") from None
-    finally:
-        conn.close()
+        return path.read_text(encoding="utf-8") if path else ""
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _existing_tables(target: Target) -> set[str]:
+    with raw_session(target, "dbmigrate rehearsal") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT tablename FROM pg_tables WHERE schemaname NOT IN "
+                            "('pg_catalog', 'information_schema')")
+                return {row[0] for row in cur.fetchall()}
+        except psycopg2.Error as exc:
+            raise RehearsalFailed(f"cannot read the tables of the copy: "
+                                  f"{redact(str(exc).strip(), target.password)}") from None
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
@@ -258,19 +284,25 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
+        drops = DropCounter()
         large = LargeUpdates(settings.large_update_rows)
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress, observers=[large])
+                             progress=progress, observers=[drops, large])
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        checks = run_post_checks(scratch, models, before=before)
-        findings = lint_captured_sql(report.results, existing, allow_destructive)
+        # the team's own checks of the data too: verify() of these migrations,
+        # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
+        data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
+        checks = run_post_checks(scratch, models, before=before, data=data)
+        findings = lint_captured_sql(report.results, existing, allow_destructive,
+                                     {m.name: m.path for m in plan.migrations})
         findings += large_update_findings(large)
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
-                                 method=copy.method, leftovers=copy.leftovers, steps=report.steps,
+                                 method=copy.method, leftovers=copy.leftovers,
+                                 dropped_columns=tuple(drops.dropped), steps=report.steps,
                                  phase_timings=report.phase_timings)
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported

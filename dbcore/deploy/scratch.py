@@ -17,12 +17,13 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2 import errorcodes, sql
 
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, connect_raw, raw_session
 from dbcore.errors import ConfigError, RehearsalFailed
 from dbcore.redact import error_line
 from dbcore.settings import Settings
@@ -72,13 +73,17 @@ class RehearsalServer:
         return self.admin.with_dbname(dbname)
 
 
-def rehearsal_server(target: Target, settings: Settings,
-                     local_cluster_url: str | None = None) -> RehearsalServer:
+def rehearsal_server(target: Target, settings: Settings, local_cluster_url: str | None = None, *,
+                     start_local: Callable[[Settings], str] | None = None) -> RehearsalServer:
     """Return where the rehearsal of ``target`` runs; raise ConfigError when nowhere is allowed.
 
     ``local_cluster_url`` is the laptop's embedded cluster, which the caller (the flow or the
-    CLI) starts for the proxy environment.
+    CLI) starts for the proxy environment: given ``start_local`` instead, it is started (and its
+    URL read) only when the proxy environment needs it.
     """
+    if (target.env is Env.PROXY and local_cluster_url is None and start_local is not None
+            and settings.rehearsal_database_url is None):
+        local_cluster_url = start_local(settings)
     if settings.rehearsal_database_url is not None:
         url = settings.rehearsal_database_url.get_secret_value()
         if not url.startswith(("postgres://", "postgresql://")):
@@ -109,15 +114,13 @@ def rehearsal_server(target: Target, settings: Settings,
 
 
 def _system_identifier(target: Target) -> int | None:
-    conn = connect_raw(target, "dbmigrate rehearsal: which cluster")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT system_identifier FROM pg_control_system()")
-            return int(cur.fetchone()[0])
-    except psycopg2.Error:
-        return None  # cannot tell (a managed server may hide it)
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate rehearsal: which cluster") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT system_identifier FROM pg_control_system()")
+                return int(cur.fetchone()[0])
+        except psycopg2.Error:
+            return None  # cannot tell (a managed server may hide it)
 
 
 def refuse_the_target_cluster(server: RehearsalServer, target: Target) -> None:
@@ -180,8 +183,7 @@ def drop_leftovers(server: RehearsalServer, dbname: str) -> Leftovers:
     """
     pattern = scratch_pattern(dbname)
     dropped, kept = [], []
-    conn = connect_raw(server.admin, "dbmigrate rehearsal: leftovers")
-    try:
+    with raw_session(server.admin, "dbmigrate rehearsal: leftovers") as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname")
             names = [row[0] for row in cur.fetchall() if pattern.fullmatch(row[0])]
@@ -207,8 +209,6 @@ def drop_leftovers(server: RehearsalServer, dbname: str) -> Leftovers:
                                 "finish left it", name, server.where)
                 finally:
                     _release(cur, name)
-    finally:
-        conn.close()
     for name, why in kept:
         log.warning("left scratch database %s on %s in place: %s", name, server.where, why)
     return Leftovers(tuple(dropped), tuple(kept))
@@ -221,8 +221,7 @@ def copy_with_template(server: RehearsalServer, source: str, dbname: str) -> boo
     (PostgreSQL then refuses the copy) or PostgreSQL refuses it for another reason (a role that
     may not copy that database): the caller restores the backup instead.
     """
-    conn = connect_raw(server.admin, "dbmigrate rehearsal: copy")
-    try:
+    with raw_session(server.admin, "dbmigrate rehearsal: copy") as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (source,))
             if cur.fetchone()[0]:
@@ -235,24 +234,20 @@ def copy_with_template(server: RehearsalServer, source: str, dbname: str) -> boo
                     log.info("no TEMPLATE copy of %s (%s): restoring the backup instead", source,
                              error_line(exc, server.admin.password))
                 return False
-    finally:
-        conn.close()
     return True
 
 
 def create_database(server: RehearsalServer, dbname: str) -> None:
     """Create the empty scratch database ``dbname`` from the server's maintenance database (which
     need not be called postgres on a managed server); raise RehearsalFailed."""
-    conn = connect_raw(server.admin, "dbmigrate rehearsal: create")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"cannot create the scratch database {dbname} on {server.where}: "
-                              f"{error_line(exc, server.admin.password)}: the user needs CREATEDB "
-                              "there") from None
-    finally:
-        conn.close()
+    with raw_session(server.admin, "dbmigrate rehearsal: create") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        except psycopg2.Error as exc:
+            raise RehearsalFailed(f"cannot create the scratch database {dbname} on {server.where}: "
+                                  f"{error_line(exc, server.admin.password)}: the user needs CREATEDB "
+                                  "there") from None
 
 
 def drop_database(server: RehearsalServer, dbname: str) -> None:
@@ -262,13 +257,11 @@ def drop_database(server: RehearsalServer, dbname: str) -> None:
     """
     if SCRATCH_INFIX not in dbname:
         raise RehearsalFailed(f"refusing to drop {dbname}: it is not a scratch database")
-    conn = connect_raw(server.admin, "dbmigrate rehearsal: drop")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
-    except psycopg2.Error as exc:
-        raise RehearsalFailed(f"could not drop the scratch database {dbname}: "
-                              f"{error_line(exc, server.admin.password)}: drop it by hand") from None
-    finally:
-        conn.close()
+    with raw_session(server.admin, "dbmigrate rehearsal: drop") as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(dbname)))
+        except psycopg2.Error as exc:
+            raise RehearsalFailed(f"could not drop the scratch database {dbname}: "
+                                  f"{error_line(exc, server.admin.password)}: drop it by hand") from None

@@ -61,26 +61,27 @@ def tables_in_files(paths: Iterable[Path]) -> set[str] | None:
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and node.bases:
                 tables.add(_default_table_name(node.name))
-            elif isinstance(node, ast.Assign) and _is_str(node.value) and any(
+            elif isinstance(node, ast.Assign) and (name := _string(node.value)) and any(
                     isinstance(t, ast.Name) and t.id == "table_name" for t in node.targets):
-                tables.add(node.value.value)
-            elif isinstance(node, ast.Subscript) and _is_str(node.slice) and \
+                tables.add(name)
+            elif isinstance(node, ast.Subscript) and (name := _string(node.slice)) and \
                     isinstance(node.value, ast.Attribute) and node.value.attr == "orm":
-                tables.add(_default_table_name(node.slice.value))
+                tables.add(_default_table_name(name))
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                literal = bool(node.args) and _is_str(node.args[0])
+                literal = _string(node.args[0]) if node.args else None
                 if node.func.attr == "sql":
-                    found = tables_in_sql([node.args[0].value]) if literal else None
+                    found = tables_in_sql([literal]) if literal is not None else None
                     if found is None:
                         return None
                     tables |= found
-                elif literal:  # migrator.add_index("table", ...), migrator.drop_table("x")
-                    tables.add(node.args[0].value)
+                elif literal is not None:  # migrator.add_index("table", ...), migrator.drop_table("x")
+                    tables.add(literal)
     return {t for t in tables if _IDENTIFIER.fullmatch(t)}
 
 
-def _is_str(node: ast.AST) -> bool:
-    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+def _string(node: ast.AST) -> str | None:
+    """Return the string ``node`` is a literal of, or None."""
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def tables_of_plan(paths: Iterable[Path], captured: Iterable[str] | None = None) -> set[str] | None:

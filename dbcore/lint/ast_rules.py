@@ -10,8 +10,8 @@ functions are read where they are called.
 from __future__ import annotations
 
 import ast
-import logging
 import re
+from collections.abc import Iterable
 
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import RECIPES, SqlBatch
@@ -27,8 +27,6 @@ from dbcore.lint.syntax import (
 )
 from dbcore.lint.values import Scope, table_of_class
 
-log = logging.getLogger(__name__)
-
 # migrator methods whose first argument is a model class (or a table name)
 MODEL_METHODS = {
     "create_model", "create_table", "remove_model", "drop_table", "add_fields", "add_columns",
@@ -38,10 +36,14 @@ MODEL_METHODS = {
 }
 MIGRATOR_METHODS = MODEL_METHODS | {"sql", "run", "python"}
 DROPS = {"remove_model", "drop_table"}
+COLUMN_DROPS = {"drop_columns", "remove_fields"}
 ADDS = {"add_fields", "add_columns", "add_column"}
 # database methods that end or open a transaction of their own
 _TRANSACTION_CALLS = {"commit", "rollback", "begin", "transaction", "atomic", "manual_commit",
                       "session_start", "session_commit", "session_rollback"}
+# on the migration's own `database`, nested in the batch's transaction (peewee 4.5): atomic() is a
+# savepoint, transaction() does nothing of its own; both end with the batch (docs/lint-rules.md)
+_NESTING_CALLS = {"atomic", "transaction"}
 # a `%` psycopg2 does not read as a placeholder or as an escaped percent sign
 _STRAY_PERCENT = re.compile(r"%(?!%|s|\([^)]*\)s)")
 _MAX_HELPER_DEPTH = 8
@@ -70,8 +72,8 @@ class ModuleLint:
                 self.imports |= {a.asname or a.name: node.module or "." for a in node.names}
         self.module_scope = Scope(tree, imports=self.imports)
         entry = [f for name, f in self.functions.items() if name in ("migrate", "rollback")]
-        self.database_names = aliases(tree, {"database", "db"} | {
-            f.args.args[1].arg for f in entry if len(f.args.args) > 1})
+        self.database_params = {f.args.args[1].arg for f in entry if len(f.args.args) > 1}
+        self.database_names = aliases(tree, {"database", "db"} | self.database_params)
         self.findings: list[Finding] = []
         self.visited: set[int] = set()  # the calls already judged
         self.read: set[int] = set()  # the functions already read as migrator code
@@ -81,24 +83,27 @@ class ModuleLint:
         for node in self.tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else \
                 [node.target] if isinstance(node, ast.AnnAssign) else []
-            if (any(isinstance(t, ast.Name) and t.id == name for t in targets)
-                    and isinstance(node.value, ast.Constant)):
-                return node.value.value
+            value = getattr(node, "value", None)
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets) and isinstance(value, ast.Constant):
+                return value.value
         return None
 
     def add(self, rule: str, line: int, message: str, severity=None) -> None:
         self.findings.append(finding(rule, self.file, line, message, severity))
 
-    def batch(self, droppable: set[str] = frozenset()) -> SqlBatch:
+    def batch(self, droppable: Iterable[str] = frozenset(),
+              droppable_columns: Iterable[tuple[str, str]] = frozenset()) -> SqlBatch:
         return SqlBatch(droppable_tables=droppable, allow_destructive=self.allowed,
-                        in_transaction=self.in_transaction, source=self.file)
+                        in_transaction=self.in_transaction, source=self.file,
+                        droppable_columns=droppable_columns)
 
     def run(self) -> list[Finding]:
         self._whole_file_rules()
         migrate, rollback = self.functions.get("migrate"), self.functions.get("rollback")
         made: set[str] = set()
+        added: set[tuple[str, str]] = set()
         if migrate is not None:
-            made = self._read_entry(migrate, self.batch())
+            made, added = self._read_entry(migrate, self.batch())
         if rollback is None:
             if migrate is not None and not is_trivial(migrate.body):
                 self.add("DM005", migrate.lineno,
@@ -109,22 +114,29 @@ class ModuleLint:
                 self.add("DM005", rollback.lineno,
                          "rollback() does nothing while migrate() changes the schema: make it "
                          "undo migrate(), or raise with the manual steps if it cannot")
-            self._read_entry(rollback, self.batch(made))
+            self._read_entry(rollback, self.batch(made, added))
         self._unread_helpers()
         self._unjudged_drops()
         return list(dict.fromkeys(self.findings))  # a helper read twice reports once
 
-    def _read_entry(self, fn: ast.FunctionDef, batch: SqlBatch) -> set[str]:
-        """Read migrate() or rollback() in one batch; return the tables it leaves created."""
+    def _read_entry(self, fn: ast.FunctionDef, batch: SqlBatch
+                    ) -> tuple[set[str], set[tuple[str, str]]]:
+        """Read migrate() or rollback() in one batch; return the tables and columns it leaves created."""
         migrator = fn.args.args[0].arg if fn.args.args else "migrator"
         self._read(fn, Scope(fn, self.module_scope), {migrator}, batch, fn.name, [])
-        return set(batch.created)
+        return set(batch.created), set(batch.added_columns)
 
     # -- file-wide rules ----------------------------------------------------------------------
 
     def _whole_file_rules(self) -> None:
-        """DM001, DM002, DM010 and DM011 apply anywhere in the file, helpers included."""
+        """DM001, DM002, DM010 and DM011 apply anywhere in the file, helpers included, except in
+        ``verify(database)``: the team's data check runs after the apply, read-only, on its own
+        connection (dbcore/checks/data.py), where ``database.execute_sql`` is the way to read."""
+        verify = self.functions.get("verify")
+        checked_apart = {id(n) for n in ast.walk(verify)} if verify is not None else set()
         for node in ast.walk(self.tree):
+            if id(node) in checked_apart:
+                continue
             if isinstance(node, ast.Attribute):
                 on_database = isinstance(node.value, ast.Name) and node.value.id in self.database_names
                 if node.attr == "execute_sql":
@@ -153,12 +165,49 @@ class ModuleLint:
             if attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
-            elif (attr in _TRANSACTION_CALLS and isinstance(node.func.value, ast.Name)
-                  and node.func.value.id in self.database_names):
-                self.add("DM010", node.lineno,
-                         f"database.{attr}() in a migration ends or splits the batch transaction, "
-                         "so a later failure can no longer undo what ran before: remove it (the "
-                         "runner already wraps every migration in one transaction)")
+            elif attr in _TRANSACTION_CALLS and isinstance(receiver, ast.Name):
+                self._transaction_call(node, receiver.id, attr)
+
+    def _app_database(self, name: str) -> str | None:
+        """Return the module an application's database object ``name`` is imported from (None: not one)."""
+        origin = self.imports.get(name)
+        if origin is None or name in self.database_params or origin.startswith(("peewee", "playhouse")):
+            return None
+        return origin
+
+    def _transaction_call(self, node: ast.Call, name: str, attr: str) -> None:
+        """DM010: transaction control on a database object; atomic()/transaction() on the migration's own is nesting."""
+        origin = self._app_database(name)
+        if origin is not None:
+            self.add("DM010", node.lineno,
+                     f"{name}.{attr}() is on the database object imported from {origin}: another "
+                     "connection, whose transaction commits on its own even if the batch is rolled "
+                     "back: use the migration's `database` argument (database.atomic() nests in the "
+                     "batch)")
+        elif attr in ("commit", "rollback") and name in self._nested_transactions():
+            self.add("DM010", node.lineno,
+                     f"{name}.{attr}() on a nested database.transaction() is the connection's own "
+                     f"{attr.upper()}: it ends the batch transaction, so a later failure can no "
+                     "longer undo what ran before: remove it")
+        elif name in self.database_names and attr not in _NESTING_CALLS:
+            self.add("DM010", node.lineno,
+                     f"database.{attr}() in a migration ends or splits the batch transaction, "
+                     "so a later failure can no longer undo what ran before: remove it (the "
+                     "runner already wraps every migration in one transaction)")
+
+    def _nested_transactions(self) -> set[str]:
+        """Names bound by ``with database.transaction() as NAME`` on the migration's own database."""
+        names = set()
+        for node in ast.walk(self.tree):
+            if isinstance(node, (ast.With, ast.AsyncWith)):
+                for item in node.items:
+                    call = item.context_expr
+                    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                            and call.func.attr == "transaction" and isinstance(call.func.value, ast.Name)
+                            and call.func.value.id in self.database_names
+                            and isinstance(item.optional_vars, ast.Name)):
+                        names.add(item.optional_vars.id)
+        return names
 
     def _unread_helpers(self) -> None:
         """Read helper functions never called with the migrator in a way the lint can follow."""
@@ -195,8 +244,8 @@ class ModuleLint:
 
     # -- migrate(), rollback() and their helpers ------------------------------------------------
 
-    def _read(self, fn: ast.FunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
-              where: str, stack: list[ast.FunctionDef]) -> None:
+    def _read(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, scope: Scope, migrator: set[str], batch: SqlBatch,
+              where: str, stack: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> None:
         self.read.add(id(fn))
         migrator = aliases(fn, migrator)
         # `pw_migrate create --auto` writes `@migrator.create_model class File(pw.Model): ...`:
@@ -217,15 +266,17 @@ class ModuleLint:
                 self._helper_call(fn, call, scope, migrator, batch, where, stack)
 
     def _helper_call(self, fn, call: ast.Call, scope: Scope, migrator: set[str], batch: SqlBatch,
-                     where: str, stack: list[ast.FunctionDef]) -> None:
+                     where: str, stack: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> None:
         """Read a helper function where it is called, its migrator parameters as the migrator."""
+        assert isinstance(call.func, ast.Name)  # _read calls it for a call of a plain name
         helper = scope.function_named(call.func.id)
         if helper is None or helper in stack or len(stack) >= _MAX_HELPER_DEPTH:
             return
         params = [a.arg for a in helper.args.posonlyargs + helper.args.args]
         passed = {params[i] for i, arg in enumerate(call.args[:len(params)])
                   if isinstance(arg, ast.Name) and arg.id in migrator}
-        passed |= {k.arg for k in call.keywords if isinstance(k.value, ast.Name) and k.value.id in migrator}
+        passed |= {k.arg for k in call.keywords
+                   if k.arg is not None and isinstance(k.value, ast.Name) and k.value.id in migrator}
         nested = helper.name in scope.functions and scope is not self.module_scope
         closure = (migrator - set(params)) if nested else set()
         if passed | closure:
@@ -233,6 +284,7 @@ class ModuleLint:
             self._read(helper, inner, passed | closure, batch, where, stack + [helper])
 
     def _migrator_call(self, where: str, call: ast.Call, scope: Scope, batch: SqlBatch) -> None:
+        assert isinstance(call.func, ast.Attribute)  # migrator.METHOD(...)
         method = call.func.attr
         first = call.args[0] if call.args else keyword(call, "model")
         table = None
@@ -250,17 +302,57 @@ class ModuleLint:
         elif method == "sql":
             self._check_sql_call(call, scope, batch)
         elif method == "backfill":
-            self.add("DM012", call.lineno,
+            self.add("DM013", call.lineno,
                      f"migrator.backfill on {table or 'a table'} is dbmigrate's own operation: "
                      "it runs after the batch's commit, in short batches (phase 3); pw_migrate "
                      "cannot run this file, keep the project on dbmigrate apply")
+        elif method in COLUMN_DROPS:
+            self._check_column_drops(where, method, call, first, table or "(unknown)", scope, batch)
         elif table is not None and not batch.is_existing(table):
             if method == "rename_table" and len(call.args) > 1:
                 batch.rename(table, scope.table(call.args[1], call) or "")
         elif method in ADDS:
             self._check_added_fields(call, table or "(unknown)", scope)
+            for name, _, _ in self._added_fields(call, scope):
+                batch.add_column(table or "(unknown)", "*" if name.startswith("**") else name)
         else:
             self._check_locking_method(method, call, table or "the table")
+
+    def _check_column_drops(self, where: str, method: str, call: ast.Call, model: ast.expr | None,
+                            table: str, scope: Scope, batch: SqlBatch) -> None:
+        """DM003 for each column dropped; DM012 where peewee-migrate versions read the call differently."""
+        names: list[str] = []
+        for arg in call.args[1:]:
+            value = scope.value(arg, call)
+            if isinstance(value, (ast.List, ast.Tuple)):
+                listed_names = [e.value for e in value.elts if isinstance(e, ast.Constant)
+                                and isinstance(e.value, str)]
+                shown = ", ".join(repr(n) for n in listed_names) or "..."
+                self.add("DM012", call.lineno,
+                         f"migrator.{method}({ast.unparse(model) if model else '...'}, [{shown}]) "
+                         "passes a list where column names are expected: peewee-migrate reads it "
+                         "as one name no field has and drops nothing, dbmigrate drops each column "
+                         f"listed: pass the names themselves, migrator.{method}(Model, {shown})")
+                names += listed_names
+            elif isinstance(value, ast.Constant) and isinstance(value.value, str):
+                names.append(value.value)
+        cls = scope.class_named(model.id) if isinstance(model, ast.Name) else None
+        if cls is not None:
+            # a column this file's migrate() added is undone as meant (peewee-migrate's rollback
+            # would leave it: its class never had the field)
+            known = _fields_of_class(cls) | {c for t, c in batch.droppable_columns | batch.added_columns
+                                             if t == table}
+            for name in (n for n in names if n not in known):
+                self.add("DM012", call.lineno,
+                         f"migrator.{method}({cls.name}, {name!r}): class {cls.name} in this file "
+                         f"has no field {name!r}: peewee-migrate skips it and drops nothing, dbmigrate "
+                         f"drops column {name}: add the field to the class, or drop it with "
+                         f"migrator.sql('ALTER TABLE {table} DROP COLUMN {name}')")
+        for name in names:
+            what = f"{where}() dropping column {table}.{name}" + \
+                ("" if where == "migrate" else " that its migrate() did not add")
+            for rule, message, severity in batch.drop_column(table, name, what):
+                self.add(rule, call.lineno, message, severity)
 
     def _check_model_arg(self, where: str, method: str, node: ast.expr, scope: Scope) -> None:
         root = node
@@ -320,7 +412,7 @@ class ModuleLint:
             fields = scope.value(kw.value, call)
             if isinstance(fields, ast.Dict) and all(isinstance(k, ast.Constant) for k in fields.keys):
                 for key, value in zip(fields.keys, fields.values):
-                    yield str(key.value), scope.value(value, call), value.lineno
+                    yield str(getattr(key, "value", "")), scope.value(value, call), value.lineno
             else:
                 yield f"**{ast.unparse(kw.value)}", None, kw.value.lineno
 
@@ -390,3 +482,14 @@ class ModuleLint:
         elif method == "add_index":
             self._migrator_form("DS101", call.lineno, f"migrator.add_index on existing table {table} builds "
                      f"the index without CONCURRENTLY: {RECIPES['DS101']}")
+
+
+def _fields_of_class(cls: ast.ClassDef) -> set[str]:
+    """Return the field names (and their column_name=) a model class body assigns, ``id`` included."""
+    names = {"id"}
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            names |= {k.value.value for k in node.value.keywords if k.arg == "column_name"
+                      and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)}
+    return names

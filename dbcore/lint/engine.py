@@ -10,7 +10,6 @@ Rule ids, severities and the safe recipes are documented in docs/lint-rules.md.
 from __future__ import annotations
 
 import ast
-import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -22,9 +21,8 @@ from dbcore.lint.sql_rules import lint_sql
 from dbcore.migrate.files import FILE_RE
 
 __all__ = ["RULES", "Finding", "LintReport", "lint_file", "lint_paths", "lint_pending",
-           "lint_source", "lint_sql", "check_names"]
+           "lint_source", "lint_sql", "check_names", "apply_allow_markers", "declares_allow_destructive"]
 
-log = logging.getLogger(__name__)
 
 _LEADING_NUMBER = re.compile(r"^(\d+)[_-]?(.*?)(\.py)?$")
 #: a line's own allow: `# dbmigrate: allow DS104` (several ids: separated by commas or spaces)
@@ -57,18 +55,19 @@ def as_history(item: Finding) -> Finding:
 
 
 def lint_pending(migrations_dir: Path, pending: Iterable[Path], *,
-                 allow_destructive: bool = False) -> LintReport:
+                 allow_destructive: bool = False, applied: Iterable[str] | None = None) -> LintReport:
     """Return the lint of the migrations about to run.
 
     Migrations applied long ago are history, not something to stop a deploy for, and renaming
     one would make peewee-migrate run it again: only the pending files are judged, their numbers
-    against the highest number already in the folder.
+    against the highest number already in the folder (or, given ``applied``, the highest applied:
+    a plan that stops early, ``--target``, leaves later files pending, not applied).
     """
     pending = [Path(p) for p in pending]
     findings: list[Finding] = []
     for path in pending:
         findings += lint_file(path, allow_destructive=allow_destructive)
-    findings += _pending_numbers(Path(migrations_dir), pending)
+    findings += _pending_numbers(Path(migrations_dir), pending, applied)
     return LintReport.of(findings, [str(p) for p in pending])
 
 
@@ -100,13 +99,27 @@ def lint_source(source: str, filename: str, *, allow_destructive: bool = False) 
     except RecursionError:
         return [finding("DM000", filename, 1, "the file is nested too deeply for the lint to read "
                         "it: simplify the expressions")]
-    return sorted(_apply_markers(findings, source), key=sort_key)
+    return sorted(apply_allow_markers(findings, source), key=sort_key)
 
 
-def _apply_markers(findings: list[Finding], source: str) -> list[Finding]:
+def declares_allow_destructive(source: str) -> bool:
+    """Return True when a migration's source sets ``allow_destructive = True`` at the top level."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return any(isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+               and node.value.value is True
+               and any(isinstance(t, ast.Name) and t.id == "allow_destructive" for t in node.targets)
+               for node in tree.body)
+
+
+def apply_allow_markers(findings: list[Finding], source: str) -> list[Finding]:
     """Drop what a line allows with ``# dbmigrate: allow RULE`` (on it or on the line above).
 
-    A drop (DM003) stays listed, as a warning, so that the approver still sees it.
+    A drop (DM003) stays listed, as a warning, so that the approver still sees it. The static
+    lint and the rehearsal's lint of the captured SQL (whose findings carry the line of the
+    migrator call that queued each statement) both judge allows here.
     """
     lines = source.splitlines()
     allowed: dict[int, set[str]] = defaultdict(set)
@@ -176,11 +189,16 @@ def check_names(files: Iterable[Path]) -> list[Finding]:
     return findings
 
 
-def _pending_numbers(folder: Path, pending: list[Path]) -> list[Finding]:
+def _pending_numbers(folder: Path, pending: list[Path], applied_names: Iterable[str] | None = None
+                     ) -> list[Finding]:
     """Return DM007 for pending files: duplicates, and numbers not following the highest applied."""
     numbered = _numbered(folder)
     waiting = {p.resolve() for p in pending}
-    applied = [n for n, paths in numbered.items() if any(p.resolve() not in waiting for p in paths)]
+    if applied_names is not None:
+        done = set(applied_names)
+        applied = [n for n, paths in numbered.items() if any(p.stem in done for p in paths)]
+    else:
+        applied = [n for n, paths in numbered.items() if any(p.resolve() not in waiting for p in paths)]
     expected = max(applied, default=0) + 1
     findings: list[Finding] = []
     for path in sorted(pending, key=lambda p: p.name):
@@ -191,7 +209,9 @@ def _pending_numbers(folder: Path, pending: list[Path]) -> list[Finding]:
         number = int(match.group(1))
         if len(numbered.get(number, ())) > 1:
             findings.append(_duplicate(path, number, numbered, max(numbered) + 1))
-        elif number != expected:
+            expected = max(expected, number + 1)  # the second of a pair is not out of order too
+            continue
+        if number != expected:
             why = (f"at or below {expected - 1:03d}, the highest applied, so it runs out of order"
                    if number < expected else f"leaving a gap after {expected - 1:03d}")
             findings.append(finding("DM007", str(path), 1,

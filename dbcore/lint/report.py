@@ -6,11 +6,8 @@ both return the same ``Finding`` and the flow can put them in one artifact.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import Literal
-
-log = logging.getLogger(__name__)
 
 #: "note": something worth knowing that judges nothing (a finding in an applied file)
 Severity = Literal["error", "warning", "note"]
@@ -29,7 +26,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DM000", "error", "migration file cannot be read or parsed"),
     Rule("DM001", "error", "database.execute_sql in a migration"),
     Rule("DM002", "error", "add_column / drop_column (singular)"),
-    Rule("DM003", "error", "table dropped without an explicit allow"),
+    Rule("DM003", "error", "table or column dropped without an explicit allow"),
     Rule("DM004", "error", "NOT NULL column added in one step without a default"),
     Rule("DM005", "warning", "rollback() missing or empty"),
     Rule("DM006", "error", "SQL built from values instead of parameters"),
@@ -38,7 +35,8 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DM009", "error", "migrator.sql placeholders that psycopg2 cannot fill"),
     Rule("DM010", "error", "a migration that commits or opens its own transaction"),
     Rule("DM011", "warning", "the application's own database object used in a migration"),
-    Rule("DM012", "note", "migrator.backfill: this product's own operation (pw_migrate cannot run the file)"),
+    Rule("DM012", "error", "a call peewee-migrate versions read differently"),
+    Rule("DM013", "note", "migrator.backfill: this product's own operation (pw_migrate cannot run the file)"),
     Rule("DS100", "error", "SQL that PostgreSQL cannot parse"),
     Rule("DS101", "warning", "index built without CONCURRENTLY on an existing table"),
     Rule("DS102", "warning", "foreign key or check constraint added without NOT VALID"),

@@ -10,18 +10,22 @@ of the same table are judged as they happen.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Iterator
 
 import pglast
 from pglast import ast
-from pglast.enums import AlterTableType, ConstrType, DropBehavior, NullTestType, ObjectType
+from pglast.enums import (
+    AlterTableType,
+    ConstrType,
+    DropBehavior,
+    NullTestType,
+    ObjectType,
+    TransactionStmtKind,
+)
 from pglast.parser import ParseError
 
 from dbcore.lint.report import Finding, finding
-
-log = logging.getLogger(__name__)
 
 # psycopg2 placeholders (%s, %(name)s) and the escaped %%: PostgreSQL's parser knows $1 and %
 _PLACEHOLDER = re.compile(r"%(%|s|\([^)]*\)s)")
@@ -47,8 +51,11 @@ NON_ATOMIC_FIX = ("move it to a migration of its own that declares atomic = Fals
                   "(DROP INDEX CONCURRENTLY IF EXISTS first, so that a rerun after a failure "
                   "rebuilds an INVALID index)")
 
-_ALLOW = ("set allow_destructive = True in the migration (or pass --allow-destructive) if that "
-          "is intended")
+_ALLOW = ("set allow_destructive = True in the migration (or pass --allow-destructive, or allow "
+          "the line with # dbmigrate: allow DM003) if that is intended")
+# `with database.atomic():` nested in the batch: SAVEPOINT, RELEASE, ROLLBACK TO
+_SAVEPOINTS = {TransactionStmtKind.TRANS_STMT_SAVEPOINT, TransactionStmtKind.TRANS_STMT_RELEASE,
+               TransactionStmtKind.TRANS_STMT_ROLLBACK_TO}
 # column types that bring their own default (nextval)
 _SERIAL_TYPES = {"serial", "bigserial", "smallserial", "serial2", "serial4", "serial8"}
 
@@ -62,7 +69,8 @@ def statements_of(sql: str) -> Iterator[tuple[int, ast.Node]]:
     """Yield (line offset inside ``sql``, statement node); raise pglast's ParseError."""
     text = for_parser(sql)
     for raw in pglast.parse_sql(text):
-        yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
+        if raw.stmt is not None:  # every statement the parser returns has one
+            yield text[: raw.stmt_location or 0].count("\n"), raw.stmt
 
 
 def dropped_tables(node: ast.Node) -> list[str]:
@@ -86,10 +94,14 @@ class SqlBatch:
     def __init__(self, *, existing_tables: set[str] | None = None, new_tables: Iterable[str] = (),
                  droppable_tables: Iterable[str] = (), allow_destructive: bool = False,
                  in_transaction: bool = True, source: str = "<sql>",
-                 validated_not_null: Iterable[tuple[str, str]] = ()):
+                 validated_not_null: Iterable[tuple[str, str]] = (),
+                 droppable_columns: Iterable[tuple[str, str]] = ()):
         self.existing = existing_tables
         self.created = set(new_tables)
         self.droppable = set(droppable_tables)
+        #: (table, column) added in the batch, and those a rollback may drop (its migrate() added them)
+        self.added_columns: set[tuple[str, str]] = set()
+        self.droppable_columns = set(droppable_columns)
         self.allow_destructive = allow_destructive
         self.in_transaction = in_transaction
         self.source = source
@@ -118,11 +130,27 @@ class SqlBatch:
         if table in self.created or table in self.droppable:
             self.created.discard(table)
             return
-        what = what or f"DROP TABLE {table}"
+        yield self._destroys(what or f"DROP TABLE {table}", "data")
+
+    def add_column(self, table: str, column: str) -> None:
+        """Record a column added in the batch (dropping it again destroys nothing)."""
+        self.added_columns.add((table, column))
+
+    def drop_column(self, table: str, column: str, what: str | None = None
+                    ) -> Iterator[tuple[str, str, str | None]]:
+        """Yield the DM003 finding of dropping ``table.column`` (none for one this batch made)."""
+        # "*": columns added that the lint could not name (add_columns(M, **fields))
+        if (table in self.created or {(table, column), (table, "*")} & self.added_columns
+                or {(table, column), (table, "*")} & self.droppable_columns or table in self.droppable):
+            self.added_columns.discard((table, column))
+            return
+        yield self._destroys(what or f"DROP COLUMN {table}.{column}", "values")
+
+    def _destroys(self, what: str, lost: str) -> tuple[str, str, str | None]:
+        """The DM003 finding: a warning when allowed explicitly, else the rule's error."""
         if self.allow_destructive:
-            yield "DM003", f"{what} destroys its data (allowed explicitly)", "warning"
-        else:
-            yield "DM003", f"{what} destroys its data: {_ALLOW}", None
+            return "DM003", f"{what} destroys its {lost} (allowed explicitly)", "warning"
+        return "DM003", f"{what} destroys its {lost}: {_ALLOW}", None
 
     def check(self, sql: str, line: int) -> list[Finding]:
         """Return the findings of one SQL string at ``line`` of the source, and record what it did."""
@@ -164,9 +192,7 @@ def lint_sql(
 def _check(node: ast.Node, batch: SqlBatch):
     """Yield (rule, message, severity or None) for one statement, and record what it did."""
     if isinstance(node, ast.TransactionStmt):
-        yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
-                        "later failure can no longer undo what ran before: remove it (every "
-                        "migration already runs in the runner's transaction)"), None
+        yield from _check_transaction(node)
     elif isinstance(node, ast.CreateStmt):
         batch.create(node.relation.relname, if_not_exists=bool(node.if_not_exists))
     elif isinstance(node, ast.CreateTableAsStmt) and node.objtype in (ObjectType.OBJECT_TABLE,
@@ -191,6 +217,14 @@ def _check(node: ast.Node, batch: SqlBatch):
                             f"queries until it is redeployed: {RECIPES['DS105']}"), None
         if node.renameType != ObjectType.OBJECT_COLUMN:
             batch.rename(table, node.newname)
+
+
+def _check_transaction(node: ast.TransactionStmt):
+    if node.kind in _SAVEPOINTS:
+        return  # a savepoint lives and dies inside the batch transaction: it ends nothing
+    yield "DS107", ("transaction control in a migration ends the batch transaction, so a "
+                    "later failure can no longer undo what ran before: remove it (every "
+                    "migration already runs in the runner's transaction)"), None
 
 
 def _check_drop(node: ast.DropStmt, batch: SqlBatch):
@@ -240,7 +274,10 @@ def _check_alter(node: ast.AlterTableStmt, batch: SqlBatch):
         elif cmd.subtype == AlterTableType.AT_AddConstraint:
             yield from _check_constraint(cmd.def_, table, existing, batch)
         elif cmd.subtype == AlterTableType.AT_AddColumn:
+            batch.add_column(table, cmd.def_.colname)
             yield from _check_added_column(cmd.def_, table, existing, batch)
+        elif cmd.subtype == AlterTableType.AT_DropColumn:
+            yield from batch.drop_column(table, cmd.name)
         elif not existing:
             continue
         elif cmd.subtype == AlterTableType.AT_AlterColumnType:

@@ -6,6 +6,7 @@ Small helpers shared by the rules in ``dbcore/lint/ast_rules.py``; nothing here 
 from __future__ import annotations
 
 import ast
+from typing import TypeGuard
 
 #: migrator methods that create a table (``@migrator.create_model`` decorates a class)
 CREATES = {"create_model", "create_table"}
@@ -17,11 +18,27 @@ def is_trivial(body: list[ast.stmt]) -> bool:
                or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body)
 
 
+def rollback_gap(source: str) -> str | None:
+    """Return why a migration's rollback() cannot undo it: "missing" or "empty" while migrate()
+    does something; None when it has one (or migrate() does nothing, or the file does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    migrate, rollback = functions.get("migrate"), functions.get("rollback")
+    if migrate is None or is_trivial(migrate.body):
+        return None
+    if rollback is None:
+        return "missing"
+    return "empty" if is_trivial(rollback.body) else None
+
+
 def position(node: ast.AST) -> tuple[int, int]:
     return (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))
 
 
-def calls_in_order(fn: ast.FunctionDef) -> list[ast.Call]:
+def calls_in_order(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.Call]:
     """Return the calls of a function's own body in source order (nested defs and classes aside)."""
     calls, stack = [], list(fn.body)
     while stack:
@@ -30,7 +47,7 @@ def calls_in_order(fn: ast.FunctionDef) -> list[ast.Call]:
             continue
         if isinstance(node, ast.Call):
             calls.append(node)
-        stack.extend(ast.iter_child_nodes(node))
+        stack.extend(ast.iter_child_nodes(node))  # type: ignore[arg-type]  # every child of a statement list
     return sorted(calls, key=position)
 
 
@@ -54,7 +71,7 @@ def is_migrator_create(node: ast.expr, migrator: set[str]) -> bool:
             and isinstance(node.value, ast.Name) and node.value.id in migrator)
 
 
-def is_call_of(node: ast.AST, attr: str) -> bool:
+def is_call_of(node: ast.AST, attr: str) -> TypeGuard[ast.Call]:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
 
 

@@ -56,9 +56,9 @@ class Scope:
     def __init__(self, body_owner: ast.AST, parent: Scope | None = None,
                  imports: dict[str, str] | None = None):
         self.parent = parent
-        self.imports = imports if imports is not None else (parent.imports if parent else {})
+        self.imports: dict[str, str] = imports if imports is not None else (parent.imports if parent else {})
         self.classes: dict[str, ast.ClassDef] = {}
-        self.functions: dict[str, ast.FunctionDef] = {}
+        self.functions: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = {}
         # name -> [(binding statement or node, the list of statements holding it or None)]
         self.bindings: dict[str, list[tuple[ast.AST, int | None]]] = defaultdict(list)
         self._containers: dict[int, int] = {}  # id(statement) -> id(list that holds it)
@@ -100,25 +100,33 @@ class Scope:
             self.functions[node.name] = node
             self.bindings[node.name].append((node, container))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                # a plain `name = ...` can be followed; unpacking and the like cannot
-                simple = isinstance(target, ast.Name) and (
-                    not isinstance(node, ast.AnnAssign) or node.value is not None)
-                for name in ast.walk(target):
-                    if isinstance(name, ast.Name):
-                        self.bindings[name.id].append((node if simple else name, container))
+            self._bind_assignment(node, container)
         elif isinstance(node, (ast.For, ast.AsyncFor, ast.withitem, ast.NamedExpr,
                                ast.comprehension, ast.ExceptHandler)):
-            target = getattr(node, "target", None) or getattr(node, "optional_vars", None)
-            for name in ast.walk(target) if isinstance(target, ast.AST) else ():
-                if isinstance(name, ast.Name):
-                    self.bindings[name.id].append((name, None))
-            if isinstance(node, ast.ExceptHandler) and node.name:
-                self.bindings[node.name].append((node, None))
+            self._bind_target(node)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 self.bindings[(alias.asname or alias.name).split(".")[0]].append((node, None))
+
+    def _bind_assignment(self, node: ast.Assign | ast.AugAssign | ast.AnnAssign,
+                         container: int | None) -> None:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        for target in targets:
+            # a plain `name = ...` can be followed; unpacking and the like cannot
+            simple = isinstance(target, ast.Name) and (
+                not isinstance(node, ast.AnnAssign) or node.value is not None)
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name):
+                    self.bindings[name.id].append((node if simple else name, container))
+
+    def _bind_target(self, node: ast.AST) -> None:
+        """Bind the names a loop, ``with``, walrus, comprehension or ``except`` introduces."""
+        target = getattr(node, "target", None) or getattr(node, "optional_vars", None)
+        for name in ast.walk(target) if isinstance(target, ast.AST) else ():
+            if isinstance(name, ast.Name):
+                self.bindings[name.id].append((name, None))
+        if isinstance(node, ast.ExceptHandler) and node.name:
+            self.bindings[node.name].append((node, None))
 
     def _enclosing_lists(self, node: ast.AST) -> set[int]:
         """Return the statement lists that hold ``node`` or any of its ancestors."""
@@ -141,12 +149,13 @@ class Scope:
             return self.classes[name]
         return self.parent.class_named(name) if self.parent else None
 
-    def function_named(self, name: str) -> ast.FunctionDef | None:
+    def function_named(self, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         if name in self.functions:
             return self.functions[name]
         return self.parent.function_named(name) if self.parent else None
 
-    def assignments(self, name: str, at: ast.AST | None) -> list[ast.stmt] | None:
+    def assignments(self, name: str, at: ast.AST | None
+                    ) -> list[ast.Assign | ast.AugAssign | ast.AnnAssign] | None:
         """Return the plain assignments to ``name`` that surely ran, in order, before ``at``.
 
         ``at`` None asks about the whole body (a module has run entirely before its functions
@@ -175,7 +184,7 @@ class Scope:
         seen = 0
         while isinstance(node, ast.Name) and seen < _MAX_DEPTH:
             chain = self.assignments(node.id, at or node)
-            if not chain or any(isinstance(s, ast.AugAssign) for s in chain):
+            if not chain or any(isinstance(s, ast.AugAssign) for s in chain) or chain[-1].value is None:
                 return node
             node, at, seen = chain[-1].value, chain[-1], seen + 1
         return node
@@ -188,8 +197,8 @@ class Scope:
             node = node.slice
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value
-        if isinstance(node, ast.Name) and self.class_named(node.id) is not None:
-            return table_of_class(self.class_named(node.id))
+        if isinstance(node, ast.Name) and (known := self.class_named(node.id)) is not None:
+            return table_of_class(known)
         return None
 
     def string(self, node: ast.expr, at: ast.AST | None = None, depth: int = 0) -> StrValue:
@@ -201,7 +210,7 @@ class Scope:
         if isinstance(node, ast.JoinedStr):
             if any(isinstance(v, ast.FormattedValue) for v in node.values):
                 return StrValue(built="an f-string")
-            return StrValue(text="".join(str(v.value) for v in node.values))
+            return StrValue(text="".join(str(getattr(v, "value", "")) for v in node.values))
         if isinstance(node, ast.Name):
             return self._name_string(node, at or node, depth)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod):
@@ -234,6 +243,8 @@ class Scope:
             return UNKNOWN
         value = UNKNOWN
         for stmt in chain:
+            if stmt.value is None:  # `name: str` alone
+                return UNKNOWN
             step = self.string(stmt.value, stmt, depth + 1)
             if isinstance(stmt, ast.AugAssign):
                 if not isinstance(stmt.op, ast.Add):
@@ -258,7 +269,7 @@ class Scope:
         if len(args) == 1 and isinstance(args[0], (ast.List, ast.Tuple)):
             parts = [self.string(e, at, depth + 1) for e in args[0].elts]
             if all(p.text is not None for p in parts):
-                return StrValue(text=separator.join(p.text for p in parts))
+                return StrValue(text=separator.join(p.text or "" for p in parts))
             return StrValue(built="str.join")
         # joining what peewee generated (throat's "".join(ctx.sql(index)._sql)): nothing shows
         # values in it, nor their absence; a warning that it cannot be read, not an error

@@ -1,6 +1,6 @@
 """The Migrator applied and replayed migrations get: peewee-migrate 2.x plus the 1.x API real projects wrote.
 
-peewee-migrate's API moved (FIELD_NOTES.md): 1.6 flushes the queued operations with a bare
+peewee-migrate's API moved between 1.x and 2.x: 1.6 flushes the queued operations with a bare
 ``migrator.run()``, 1.7-1.11 with ``migrator()``; 1.12 turned ``run(fn)`` into "queue a Python
 function"; 1.14 removed ``add_columns``/``drop_columns``/``drop_table``/``python``. A project's
 history holds files of every era, and each must still replay and apply. The supported surface
@@ -9,8 +9,11 @@ and what is refused are listed in docs/migrations.md.
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable, cast
 
 import peewee
 from peewee_migrate import Migrator as _PeeweeMigrateMigrator
@@ -18,17 +21,47 @@ from peewee_migrate.migrator import ORM as _ORM
 from peewee_migrate.migrator import SchemaMigrator
 from playhouse.migrate import Operation, make_index_name
 
-from dbcore.errors import MigrationFileError
+from dbcore.errors import MigrationFileError, UnknownModel
 from dbcore.migrate.backfill import Backfill
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where in a migration file a statement comes from: the line of the migrator call that queued it."""
+
+    file: str
+    line: int
 
 
-class UnknownModel(MigrationFileError, KeyError, ValueError):
-    """``migrator.orm[...]`` (or a table name passed to the migrator) names no model the history defines."""
+def site_in(path: str | None, frame) -> CallSite | None:
+    """Return the innermost line of file ``path`` on the stack from ``frame`` outwards (None if absent)."""
+    while path and frame is not None:
+        if frame.f_code.co_filename == path:
+            return CallSite(path, frame.f_lineno)
+        frame = frame.f_back
+    return None
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+
+class _Queue(list):
+    """The migrator's queued operations, each with the call site in the running migration that queued it.
+
+    Operations run later, at the flush (after migrate() returned, or at a 1.x ``migrator.run()``):
+    the line that queued one is only known now.
+    """
+
+    def __init__(self, owner: Migrator, ops=()):
+        super().__init__(ops)
+        self.owner = owner
+        self.sites: list[CallSite | None] = list(getattr(ops, "sites", [None] * len(self)))
+
+    def append(self, op) -> None:
+        super().append(op)
+        self.sites.append(site_in(self.owner.running_file, sys._getframe(1)))
+
+    def extend(self, ops) -> None:
+        ops = list(ops)
+        super().extend(ops)
+        self.sites.extend([site_in(self.owner.running_file, sys._getframe(1))] * len(ops))
 
 
 class ORM(_ORM):
@@ -83,17 +116,28 @@ class Migrator(_PeeweeMigrateMigrator):
     #: the apply's safe forms (dbcore.migrate.safe_forms.SafeForms): set by the runner; None runs
     #: every operation in its plain form, as pw_migrate does
     safe = None
+    #: the migration file running now (its path, as compiled): where call sites are looked for
+    running_file: str | None = None
+    #: the call site of the queued operation being flushed
+    flushing: CallSite | None = None
+    #: while replaying: the columns each table of the database has now (None: not known)
+    actual_columns: dict[str, set[str]] | None = None
 
     def __init__(self, database: peewee.Database, *, replay: Callable[[Migrator], None] | None = None):
         self._replay = replay
         super().__init__(database)
         self._orm = ORM()
 
-    @property
+    @property  # type: ignore[override]  # an attribute in peewee-migrate; here it replays when first read
     def orm(self) -> ORM:
         if self._replay is not None:
             replay, self._replay = self._replay, None
-            replay(self)
+            # what the replay reads (the history) is the product's, not the running migration's
+            running, self.running_file = self.running_file, None
+            try:
+                replay(self)
+            finally:
+                self.running_file = running
         return self._orm
 
     @orm.setter
@@ -110,7 +154,7 @@ class Migrator(_PeeweeMigrateMigrator):
     @property
     def database(self) -> peewee.Database:
         """The database the migrator runs on (1.x's ``migrator.database``)."""
-        return self.__database__
+        return cast(peewee.Database, self.__database__)  # never a Proxy here
 
     @property
     def ops(self) -> list:
@@ -119,6 +163,33 @@ class Migrator(_PeeweeMigrateMigrator):
     @property
     def migrator(self):
         return self.__migrator__
+
+    # peewee-migrate's plain list becomes a queue that also keeps each operation's call site
+    @property  # type: ignore[override]
+    def __ops__(self) -> _Queue:
+        return self._queue
+
+    @__ops__.setter
+    def __ops__(self, ops) -> None:
+        self._queue = ops if isinstance(ops, _Queue) else _Queue(self, ops)
+
+    @contextlib.contextmanager
+    def running(self, path) -> Iterator[None]:
+        """Record call sites in migration file ``path`` while its migrate() or rollback() runs."""
+        before, self.running_file = self.running_file, str(path)
+        try:
+            yield
+        finally:
+            self.running_file, self.flushing = before, None
+
+    def call_site(self) -> CallSite | None:
+        """Return the line of the running migration a statement sent now comes from.
+
+        During a flush, the call that queued the operation; otherwise the migration's own line on
+        the stack (``database.execute_sql``, a savepoint it opened). None: the product's own
+        statement (history, introspection), not the migration's.
+        """
+        return self.flushing or site_in(self.running_file, sys._getframe(1))
 
     def rebind(self, database: peewee.Database) -> None:
         """Run on ``database`` from now on: the schema migrator and every model of :attr:`orm`."""
@@ -135,18 +206,22 @@ class Migrator(_PeeweeMigrateMigrator):
         if self.replaying:
             return
         # Migrator.__call__ would wrap these in its own atomic(): the runner decides the transaction.
-        for op in ops:
-            if isinstance(op, Backfill):
-                if self.safe is None:
-                    raise MigrationFileError("migrator.backfill runs only under dbmigrate apply: "
-                                             "pw_migrate has no phase 3")
-                self.safe.defer(op.step(self.__database__))
-            elif self.safe is not None:
-                self.safe.run(op)
-            elif isinstance(op, Operation):
-                op.run()
-            else:
-                op()
+        try:
+            for op, site in zip(ops, ops.sites):
+                self.flushing = site
+                if isinstance(op, Backfill):
+                    if self.safe is None:
+                        raise MigrationFileError("migrator.backfill runs only under dbmigrate apply: "
+                                                 "pw_migrate has no phase 3")
+                    self.safe.defer(op.step(self.__database__))
+                elif self.safe is not None:
+                    self.safe.run(op)
+                elif isinstance(op, Operation):
+                    op.run()
+                else:
+                    op()
+        finally:
+            self.flushing = None
 
     def backfill(self, model, set: dict | None = None, where=None, *, function: Callable | None = None,
                  batch_size: int = 10_000, pause: float = 0.0):
@@ -193,7 +268,7 @@ class Migrator(_PeeweeMigrateMigrator):
 
     def add_columns(self, model, **fields: peewee.Field):
         """Add columns (the guide's and 1.x's name for ``add_fields``)."""
-        return self.add_fields(model, **fields)
+        return self.add_fields(model, **fields)  # type: ignore[arg-type]  # fields by name
 
     def change_columns(self, model, **fields: peewee.Field):
         return self.change_fields(model, **fields)
@@ -202,10 +277,18 @@ class Migrator(_PeeweeMigrateMigrator):
         return self.rename_field(model, old_name, new_name)
 
     def drop_columns(self, model, *names, cascade: bool = True):
-        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too."""
-        flat = [n for name in names for n in ([name] if isinstance(name, str) else name)]
+        """Drop columns by field or column name; ``drop_columns(M, ["a", "b"])`` works too.
+
+        A list is read two ways (docs/migrations.md): peewee-migrate takes it as one name no field
+        has and drops nothing; a pending file (the lint's DM012 made it explicit) drops each column.
+        Replaying an applied file, the database says which reading ran: a listed column it still
+        has was not dropped, so the replayed model keeps it.
+        """
         model = self.__get_model__(model)
         meta = model._meta
+        still_there = (self.actual_columns or {}).get(meta.table_name, set()) if self.replaying else set()
+        flat = [n for name in names for n in ([name] if isinstance(name, str) else
+                                              [x for x in name if x not in still_there])]
         known = {f.name for f in meta.fields.values()} | {f.column_name for f in meta.fields.values()}
         by_column = {f.column_name: f.name for f in meta.fields.values()}
         fields = [by_column.get(n, n) for n in flat if n in known]
@@ -231,8 +314,8 @@ class Migrator(_PeeweeMigrateMigrator):
         """Column names for ``names``, each a field name, a column name (1.x files use both) or as is."""
         fields = model._meta.fields
         by_column = {f.column_name: f for f in fields.values()}
-        return [(fields.get(n) or by_column.get(n)).column_name if (n in fields or n in by_column)
-                else n for n in names]
+        return [field.column_name if (field := fields.get(n) or by_column.get(n)) is not None else n
+                for n in names]
 
     def add_index(self, model, *columns: str, unique: bool = False, **index_params):
         """Create an index on fields named by field or column name (``add_index("wiki", "sid", "slug")``)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import datetime
 import hashlib
-import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +17,6 @@ import peewee
 
 from dbcore.errors import ConfigError, MigrationFileError
 from dbcore.migrate.history import read_applied
-
-log = logging.getLogger(__name__)
 
 #: peewee-migrate's own file mask: three digits, an underscore, a name
 FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")
@@ -81,7 +78,8 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
         targets = (node.targets if isinstance(node, ast.Assign)
                    else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Name) and t.id == "atomic" for t in targets):
-            return isinstance(node.value, ast.Constant) and node.value.value is False
+            value = getattr(node, "value", None)
+            return isinstance(value, ast.Constant) and value.value is False
     return False
 
 

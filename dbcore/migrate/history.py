@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import datetime
 import getpass
-import logging
 from dataclasses import dataclass
 
 import peewee
-
-log = logging.getLogger(__name__)
 
 HISTORY_TABLE = "migratehistory"
 AUDIT_TABLE = "migration_audit"

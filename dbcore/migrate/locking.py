@@ -14,7 +14,7 @@ from typing import Iterator
 
 import peewee
 
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, raw_session
 from dbcore.errors import MigrationLockTimeout
 from dbcore.settings import Settings
 
@@ -64,10 +64,10 @@ def _describe_holder(conn, key: int) -> str:
 @contextmanager
 def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -> Iterator[None]:
     """Hold the database's migration advisory lock for the block; raise MigrationLockTimeout."""
-    conn = connect_raw(target, application_name=f"dbmigrate lock: {purpose}"[:63])
     key = settings.advisory_lock_key
     deadline = time.monotonic() + settings.advisory_lock_wait
-    try:
+    # Closing the session releases the lock even if the unlock cannot be sent.
+    with raw_session(target, f"dbmigrate lock: {purpose}") as conn:
         with conn.cursor() as cur:
             # an idle lock session must not be closed under the apply by a server-wide timeout
             cur.execute("SELECT set_config('idle_session_timeout', '0', false)")
@@ -86,12 +86,9 @@ def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -
                 time.sleep(POLL_SECONDS)
         log.debug("migration lock %s taken on %s", key, target.masked_url)
         yield
-    finally:
-        # Closing the session releases the lock even if the unlock cannot be sent.
-        conn.close()
 
 
-def configure_session(db: peewee.PostgresqlDatabase, settings: Settings) -> None:
+def configure_session(db: peewee.Database, settings: Settings) -> None:
     """Set the timeouts of a migration session: short lock waits, bounded statements."""
     for name, value in (
         ("lock_timeout", settings.lock_timeout),

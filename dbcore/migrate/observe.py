@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import peewee
 
@@ -27,6 +27,8 @@ class Statement:
     sql: str
     params: Any
     db: peewee.Database  # the run's session: an observer may query it (neither recorded nor observed)
+    #: the line of the migrator call in the migration file that queued it (None: the product's own)
+    line: int | None = None
 
 
 class RunObserver:
@@ -92,15 +94,20 @@ class SqlRecorder:
         self.db = db
         self.observer = observer
         self._on: tuple[list[str], str, Phase] | None = None
+        #: the line of each statement recorded, from the ``where`` given to :meth:`recording`
+        self.lines: list[int | None] = []
+        self._where: Callable[[], Any] = lambda: None
         self._original = db.execute_sql
-        db.execute_sql = self._execute_sql
+        db.execute_sql = self._execute_sql  # type: ignore[method-assign]  # on this object only
 
     def _execute_sql(self, sql, params=None, *args, **kwargs):
         if self._on is None:
             return self._original(sql, params, *args, **kwargs)
         statements, migration, phase = self._on
         statements.append(sql if not params else f"{sql} -- params: {list(params)!r}")
-        statement = Statement(migration, phase, sql, params, self.db)
+        site = self._where()
+        self.lines.append(site.line if site else None)
+        statement = Statement(migration, phase, sql, params, self.db, self.lines[-1])
         with self._paused():
             self.observer.statement_started(statement)
         try:
@@ -122,9 +129,14 @@ class SqlRecorder:
             self._on = on
 
     @contextmanager
-    def recording(self, migration: str, phase: Phase) -> Iterator[list[str]]:
-        """Record what the block sends on behalf of ``migration``; yield the list it fills."""
+    def recording(self, migration: str, phase: Phase,
+                  where: Callable[[], Any] | None = None) -> Iterator[list[str]]:
+        """Record what the block sends on behalf of ``migration``; yield the list it fills.
+
+        ``where()`` tells the call site (``.line``) each statement comes from, or None.
+        """
         statements: list[str] = []
+        self.lines, self._where = [], where or (lambda: None)
         self._on = (statements, migration, phase)
         try:
             yield statements

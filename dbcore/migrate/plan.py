@@ -13,7 +13,14 @@ from typing import Callable, Literal
 import peewee
 
 from dbcore.connection import Target, connect
-from dbcore.errors import ConfigError, MigrationFileError, NothingToRollback, PlanOutdated
+from dbcore.errors import (
+    ConfigError,
+    MigrationFileError,
+    NothingToRollback,
+    PlanOutdated,
+    RollbackRefused,
+)
+from dbcore.lint.syntax import rollback_gap
 from dbcore.migrate.files import MigrationFile, discover, load
 from dbcore.migrate.history import read_applied
 from dbcore.migrate.phases import pending_steps
@@ -79,6 +86,7 @@ class Plan:
     database: str  # masked URL
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
+    dbname: str = ""  # the database's name, as the approver reads it
     #: steps an earlier apply left for its phases 2-4 (dbcore.migrate.phases): this apply continues them
     steps_pending: tuple[str, ...] = ()
 
@@ -114,6 +122,9 @@ class MigrationResult:
     seconds: float
     sql: tuple[str, ...] = ()
     atomic: bool = True
+    #: each statement's line in the migration file (of the migrator call that queued it); None
+    #: for the product's own statements (its history, peewee's introspection)
+    lines: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,12 +210,32 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     finally:
         if own:
             db.close()
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), left)
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname, left)
+
+
+def undone_by_nothing(plan: Plan) -> list[tuple[str, str]]:
+    """Return (name, "missing" or "empty") for each migration of a rollback plan whose rollback()
+    cannot undo what its migrate() did."""
+    gaps = [(m.name, rollback_gap(m.path.read_text(encoding="utf-8"))) for m in plan.migrations]
+    return [(name, why) for name, why in gaps if why]
+
+
+def left_behind(gaps: list[tuple[str, str]]) -> str:
+    """Return the sentence of what a forced rollback of ``gaps`` leaves in the database."""
+    names = ", ".join(f"{n}.py" for n, _ in gaps)
+    return (f"rollback() of {names} undoes nothing: what its migrate() made (tables, columns, "
+            "types, indexes) stays in the database while the history says it is pending, so the "
+            "next apply runs it again over them")
 
 
 def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
-                  names: list[str] | None = None, db: peewee.Database | None = None) -> Plan:
-    """Return the plan of rolling back the newest ``count`` applied migrations (or exactly ``names``)."""
+                  names: list[str] | None = None, db: peewee.Database | None = None,
+                  force: bool = False) -> Plan:
+    """Return the plan of rolling back the newest ``count`` applied migrations (or exactly ``names``).
+
+    Raises RollbackRefused, before anything runs, when a migration's rollback() is missing or
+    empty while its migrate() changed the schema, unless ``force`` (see :func:`left_behind`).
+    """
     files, applied = read_state(target, settings, db)
     if names is not None:
         count = len(names)
@@ -225,7 +256,14 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
             f"cannot roll back {', '.join(missing)}: the file is missing from "
             f"{settings.migrations_dir}: restore it from version control")
     for name in chosen:
-        if load(by_name[name]).rollback is None:
-            raise MigrationFileError(f"migration {name}.py has no rollback() function: write one, "
-                                     "or restore the database from its backup")
-    return Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen))
+        load(by_name[name])  # fail now, naming the file, rather than after newer ones were undone
+    plan = Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen),
+                target.dbname)
+    gaps = undone_by_nothing(plan)
+    if gaps and not force:
+        what = "; ".join(f"{n}.py has {'no' if why == 'missing' else 'an empty'} rollback() while its "
+                         "migrate() changes the schema" for n, why in gaps)
+        raise RollbackRefused(f"cannot roll back, nothing was changed: {what}: write its rollback(), "
+                              "or restore a backup (--force rolls back the history only: what "
+                              "migrate() made stays)")
+    return plan

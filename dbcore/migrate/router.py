@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import peewee
 from peewee_migrate import Router
@@ -58,19 +59,39 @@ class FileRouter(Router):
         model by its table (dbcore.migrate.replay: nothing they would send is sent); a plan of
         ``migrator.sql`` migrations never replays anything.
         """
-        return self.migrator_class(self.database, replay=self._replay_into)
+        return Migrator(self._database, replay=self._replay_into)
 
     def _replay_into(self, target: Migrator) -> None:
         version = getattr(self.database, "server_version", None)
         stand_in = ReplayDatabase(f"replay of {self.database.database}", server_version=version)
-        replaying = self.migrator_class(stand_in)
+        replaying = Migrator(stand_in)
         replaying.replaying = True
+        replaying.actual_columns = self._columns_now()
         names = list(self.done)
-        self.replayed = replay(replaying, names, self._read_for_replay, guarded=[self.database])
+        self.replayed = replay(replaying, names, self._read_for_replay, guarded=[self._database])
         orm = replaying.orm
         orm.problems = self.replayed.problems
         target.orm = orm
-        target.rebind(self.database)
+        target.rebind(self._database)
+
+    @property
+    def _database(self) -> peewee.Database:
+        """The target database (peewee-migrate types it as a Database or a Proxy; here it is a Database)."""
+        return cast(peewee.Database, self.database)
+
+    def _columns_now(self) -> dict[str, set[str]]:
+        """Return the columns of each table the database has now (read before the replay guards it).
+
+        Read through a cursor of its own, not ``execute_sql``: the product's read, not a statement
+        of the migration being run.
+        """
+        cursor = self.database.cursor()
+        cursor.execute("SELECT table_name, column_name FROM information_schema.columns "
+                       "WHERE table_schema = current_schema()")
+        columns: dict[str, set[str]] = {}
+        for table, column in cursor.fetchall():
+            columns.setdefault(table, set()).add(column)
+        return columns
 
     def _read_for_replay(self, name: str):
         loaded = load(self._file(name))

@@ -265,14 +265,17 @@ def _send(run: _Run, phase: Phase, loaded: LoadedMigration) -> MigrationResult:
     run.migrator.safe.begin_file(loaded.file.name, loaded.scope)
     if run.plan.action == "rollback":  # what is left of its phases would act on what it undoes
         cancel_steps(run.db, [loaded.file.name])
-    with run.recorder.recording(loaded.file.name, phase) as statements:
+    # each statement's line: the migrator call in the file that queued it (dbcore.migrate.compat)
+    with run.recorder.recording(loaded.file.name, phase, run.migrator.call_site) as statements, \
+            run.migrator.running(loaded.file.path):
         if run.plan.action == "apply":
             loaded.migrate(run.migrator, run.db, fake=False)
-        else:
+        elif loaded.rollback is not None:  # none: a forced rollback of the history only
             loaded.rollback(run.migrator, run.db, fake=False)
-        run.migrator.flush()
+        run.migrator.flush()  # queued operations are sent now
     seconds = time.monotonic() - started
-    return MigrationResult(loaded.file.name, seconds, tuple(statements), loaded.file.atomic)
+    return MigrationResult(loaded.file.name, seconds, tuple(statements), loaded.file.atomic,
+                           tuple(run.recorder.lines))
 
 
 def _record(run: _Run, m: MigrationFile, seconds: float) -> None:
@@ -350,7 +353,7 @@ def _rolled_back(db: peewee.Database) -> Iterator[None]:
         pass
 
 
-def _pgcode(exc: BaseException) -> str | None:
+def _pgcode(exc: BaseException | None) -> str | None:
     """Return the SQLSTATE behind a peewee/psycopg2 error, if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -27,13 +27,13 @@ def main(argv: list[str]) -> int:
             stopped = down(settings)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         elif verb == "status":
-            services = read_local_services(settings)
-            if services is None:
+            recorded = read_local_services(settings)
+            if recorded is None:
                 print("nothing recorded: run `make run`")
             else:
-                print(f"PostgreSQL: {mask_url(services.database_url) or 'configured elsewhere'}")
-                print(f"S3: {services.s3_endpoint_url or 'configured elsewhere'}")
-                print(f"Prefect UI: {services.prefect_ui_url or 'configured elsewhere (PREFECT_API_URL)'}")
+                print(f"PostgreSQL: {mask_url(recorded.database_url) or 'configured elsewhere'}")
+                print(f"S3: {recorded.s3_endpoint_url or 'configured elsewhere'}")
+                print(f"Prefect UI: {recorded.prefect_ui_url or 'configured elsewhere (PREFECT_API_URL)'}")
         else:
             print(f"usage: python -m dbcore.services up|down|status (not {verb!r})", file=sys.stderr)
             return 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,8 +19,6 @@ from dbcore.services.postgres import PostgresCluster, server_user_can_reach
 from dbcore.services.prefect_api import PrefectApiServer
 from dbcore.services.seaweed import embedded_server
 from dbcore.settings import Settings
-
-log = logging.getLogger(__name__)
 
 APP_DATABASE = "app"
 

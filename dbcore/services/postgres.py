@@ -7,7 +7,6 @@ user through ``runuser`` and the data folder is handed to that user.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import shutil
 import subprocess
@@ -17,8 +16,6 @@ from pathlib import Path
 from dbcore.backup.pgtools import major_of_path
 from dbcore.errors import ConfigError
 from dbcore.ports import free_port
-
-log = logging.getLogger(__name__)
 
 SERVER_USER = "postgres"
 
@@ -39,6 +36,11 @@ def find_pg_bindir(program: str = "initdb") -> Path:
         f"PostgreSQL's {program} was not found: install the server "
         "(apt-get install postgresql) or set PG_BINDIR"
     )
+
+
+def preloadable(library: str) -> bool:
+    """Return True when the server's lib folder holds ``library`` (contrib may be absent)."""
+    return (find_pg_bindir("postgres").parent / "lib" / f"{library}.so").exists()
 
 
 def _as_server_user(cmd: list[str]) -> list[str]:
@@ -135,6 +137,8 @@ class PostgresCluster:
         if not self.port:
             self.port = free_port()
         options = f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1"
+        if preloadable("pg_stat_statements"):  # the queries `dbmigrate suggest-indexes` reads
+            options += " -c shared_preload_libraries=pg_stat_statements"
         if fast:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         try:

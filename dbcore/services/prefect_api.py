@@ -26,7 +26,7 @@ from dbcore.ports import free_port
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-#: `prefect server start` is healthy in 4-11 s here (FIELD_NOTES), slower on a fresh PREFECT_HOME
+#: `prefect server start` is healthy in 4-11 s here (measured on 2 cores), slower on a fresh PREFECT_HOME
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 
@@ -125,16 +125,17 @@ class PrefectApiServer:
 
     def stop(self) -> None:
         """Stop the server and everything it started (its process group): SIGTERM, then SIGKILL."""
-        if self.is_running():
+        pid = self.pid
+        if pid is not None and self.is_running():
             for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
                 try:
-                    os.killpg(self.pid, sig)
+                    os.killpg(pid, sig)
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + grace
-                while _alive(self.pid) and time.monotonic() < deadline:
+                while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                if not _alive(self.pid):
+                if not _alive(pid):
                     break
         self.pid = None
         if self.root.exists():

@@ -196,17 +196,18 @@ class SeaweedServer:
 
     def stop(self) -> None:
         """Stop the server by its pid (SIGTERM, then SIGKILL) and remove the sockets it leaves."""
-        if self.is_running():
-            os.kill(self.pid, signal.SIGTERM)
+        pid = self.pid
+        if pid is not None and self.is_running():
+            os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT
             # wait for the process itself, not its command line: it empties while ports still close
-            while _alive(self.pid) and time.monotonic() < deadline:
-                _reap(self.pid)
+            while _alive(pid) and time.monotonic() < deadline:
+                _reap(pid)
                 time.sleep(0.1)
-            if _alive(self.pid):
-                os.kill(self.pid, signal.SIGKILL)
-                while _alive(self.pid):
-                    _reap(self.pid)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                while _alive(pid):
+                    _reap(pid)
                     time.sleep(0.05)
         # SIGTERM removes them, SIGKILL does not: they are named after our gRPC ports
         for name in PORT_NAMES:

@@ -16,7 +16,7 @@ import dbcore
 
 DBCORE = Path(dbcore.__file__).parent
 REPO = DBCORE.parent
-LAYERS = {"migrate": 1, "backup": 1, "lint": 1, "checks": 1, "deploy": 2, "cli": 3, "services": 4}
+LAYERS = {"migrate": 1, "backup": 1, "lint": 1, "checks": 1, "deploy": 2, "advise": 2, "cli": 3, "services": 4}
 MAY_IMPORT_SERVICES = ("dbcore.cli", "dbcore.services", "flows")
 
 

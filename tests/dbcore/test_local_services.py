@@ -17,7 +17,9 @@ def run(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_up_apply_reuse_and_down_with_no_database_url(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PREFECT_API_URL")}
+    # the defaults a user has: .local/ under the working directory (here the test's own folder)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "PREFECT_API_URL", "MIGRATE_LOCAL_DIR")}
     env["MIGRATE_MIGRATIONS_DIR"] = str(SAMPLE_MIGRATIONS)
     up = run("dbcore.services", "up", cwd=tmp_path, env=env)
     try:

@@ -106,7 +106,8 @@ def adopted(make_database):
 @pytest.mark.parametrize("project", PROJECTS)
 def test_dbmigrate_builds_the_schema_pw_migrate_built(project, fresh):
     url = fresh(project)
-    dbmigrate(project, url, REAL / project / "migrations", "apply")
+    # a history other databases ran long ago: its genuine lint errors (GENUINE) are known
+    dbmigrate(project, url, REAL / project / "migrations", "apply", "--ignore-lint-errors")
     ours = without_ours(schema_of(url))
     expected = without_ours((REAL / project / "expected_schema.sql").read_text())
     for theirs, mine in KNOWN.get(project, ()):  # see KNOWN
@@ -210,6 +211,9 @@ GENUINE = {
         ("022_fixcommentreportlog1.py", "DM003"),  # migrate() drops a table, no allow_destructive
         ("023_fixcommentreportlog2.py", "DM003"),  # the same
         ("028_message_types_and_mailboxes.py", "DM003"),  # rollback() removes a table 028 never made
+        ("029_message_read.py", "DM003"),  # migrate() drops column message.read, no allow_destructive
+        ("042_message_threads.py", "DM003"),  # migrate() drops message.subject and 6 more columns
+        ("045_sub_status.py", "DM003"),  # migrate() drops column sub.status
         ("032_archive_sticky_posts.py", "DM007"), ("032_nsfw_preferences.py", "DM007"),  # both 032
         ("035_user_block.py", "DM003"),  # migrate() drops user_ignores, no allow_destructive
         ("045_sub_status.py", "DM007"),  # no 044

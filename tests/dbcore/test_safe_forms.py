@@ -333,7 +333,7 @@ def test_the_lint_says_backfill_is_dbmigrate_s_own_and_the_safe_forms_are_notes(
 
     source = change_file(PIPELINE.replace("PAUSE", "0") + 'migrator.add_index("item", "title")\n', locks=False)
     found = {f.rule: f for f in lint_source(source, "002_change.py")}
-    assert found["DM012"].severity == "note" and "pw_migrate cannot run this file" in found["DM012"].message
+    assert found["DM013"].severity == "note" and "pw_migrate cannot run this file" in found["DM013"].message
     assert found["DS101"].severity == "note" and "CONCURRENTLY after the batch's commit" in found["DS101"].message
     off = {f.rule: f for f in lint_source("safe_forms = False\n" + source, "002_change.py")}
     assert off["DS101"].severity == "warning"

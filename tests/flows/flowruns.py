@@ -69,3 +69,27 @@ def final_state(thread: threading.Thread, result: dict, timeout: float = 120):
     thread.join(timeout)
     assert "state" in result, f"the run did not end within {timeout:g}s, or raised (see stderr)"
     return result["state"]
+
+
+#: models that disagree with what the sample's 004 builds (a difference the batch introduces: one
+#: that was there before the apply would only be a note), so that the post-checks fail after it
+MODELS_AHEAD = """\
+import peewee as pw
+from dbcore.models import Document, Project, SourceDir
+
+class SourceDirAhead(SourceDir):
+    language = pw.CharField(max_length=5)  # 004 adds it as varchar(2)
+
+    class Meta:
+        table_name = "sourcedir"
+        indexes = ((("project", "path", "language"), True),)
+
+MODELS = [Project, SourceDirAhead, Document]
+"""
+
+
+def use_models_ahead(monkeypatch, folder) -> None:
+    """Set MIGRATE_MODELS to :data:`MODELS_AHEAD`, written as a module in ``folder``."""
+    (folder / "models_ahead.py").write_text(MODELS_AHEAD)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")

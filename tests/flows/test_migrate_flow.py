@@ -7,7 +7,14 @@ import subprocess
 import textwrap
 
 import pytest
-from flowruns import applied, artifacts, final_state, run_in_background, wait_for_pause
+from flowruns import (
+    applied,
+    artifacts,
+    final_state,
+    run_in_background,
+    use_models_ahead,
+    wait_for_pause,
+)
 from helpers import REAL_CORPUS, apply_pending, needs_real_corpus, query, rollback_last, schema_dump
 from prefect import flow
 from prefect.flow_runs import resume_flow_run
@@ -15,6 +22,10 @@ from prefect.flow_runs import resume_flow_run
 from dbcore.backup.dump import list_backups
 from dbcore.connection import Env, Target
 from dbcore.deploy.recovery import schema_snapshot
+from dbcore.deploy.run import DeployRun, RunOptions
+from dbcore.deploy.steps import ApprovedChange
+from dbcore.migrate.history import ApprovalRecord
+from dbcore.migrate.plan import plan_apply
 from flows.migrate import migrate
 from flows.rollback import rollback_after_failed_apply
 
@@ -72,23 +83,7 @@ def test_failed_post_checks_roll_back_by_the_rollback_functions(flow_env, db_url
                                                                 tmp_path):
     apply_pending(Target(Env.LOCAL, db_url), flow_env, upto="003")
     before = schema_dump(db_url)
-    # Models that disagree with what 004 builds (a difference the batch introduced: one that was
-    # there before the apply would only be a note): the post-checks must fail.
-    (tmp_path / "models_ahead.py").write_text(textwrap.dedent("""\
-        import peewee as pw
-        from dbcore.models import Document, Project, SourceDir
-
-        class SourceDirAhead(SourceDir):
-            language = pw.CharField(max_length=5)  # 004 adds it as varchar(2)
-
-            class Meta:
-                table_name = "sourcedir"
-                indexes = ((("project", "path", "language"), True),)
-
-        MODELS = [Project, SourceDirAhead, Document]
-        """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("MIGRATE_MODELS", "models_ahead:MODELS")
+    use_models_ahead(monkeypatch, tmp_path)  # the post-checks must fail
     state = migrate(backup=False, return_state=True)
     assert state.is_failed()
     assert state.message.startswith("failed after apply at post-checks")
@@ -116,10 +111,10 @@ def test_the_rollback_subflow_restores_the_backup_when_rollback_functions_fail(
 
     @flow
     def after_a_failed_apply():
-        return rollback_after_failed_apply(
-            target=target, settings=flow_env, names=["004_fix_sourcedir_language"],
-            before=before, backup_key=backup.key, require_approval=False, approval_timeout=60,
-            run_id="abcdef123456")
+        run = DeployRun(target, flow_env, "abcdef123456", RunOptions(approval_timeout=60))
+        approved = ApprovedChange(plan_apply(target, flow_env), None, backup.key, None, before, None,
+                                  ApprovalRecord(None, None, "f" * 16))
+        return rollback_after_failed_apply(run, ["004_fix_sourcedir_language"], approved)
 
     how = after_a_failed_apply()
     assert how.startswith(f"restoring backup {backup.key}")
@@ -285,3 +280,13 @@ def test_a_project_migrated_by_pw_migrate_1_6_takes_a_new_migration_through_the_
     cfg = flow_env.model_copy(update={"migrations_dir": folder})
     assert rollback_last(Target(Env.LOCAL, db_url), cfg).names == ["047_add_column"]
     assert applied(db_url)[-1] == "046_email_forwarded_notifications"
+
+
+def test_a_terminal_run_takes_over_its_head_start_one_backup_stored(flow_env, db_url, capsys):
+    from flows.migrate import main
+
+    assert main(["--env", "local"]) == 0
+    assert "migrate: applied 4" in capsys.readouterr().out
+    assert applied(db_url)[-1] == "004_fix_sourcedir_language"
+    assert len(list_backups(flow_env)) == 1  # begun before Prefect started, taken over by the flow
+    assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE '%rehearsal%'") == [(0,)]

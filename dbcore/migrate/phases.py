@@ -24,7 +24,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import peewee
@@ -370,7 +369,3 @@ def describe_steps(steps: list[Step]) -> list[str]:
                                            f"{d['batch_size']}"]
         lines += [f"    {s};" for s in body]
     return lines
-
-
-def path_of(migrations_dir: Path, name: str) -> Path:
-    return Path(migrations_dir) / f"{name}.py"

@@ -101,6 +101,10 @@ class RehearsalFailed(DbcoreError):
     """The plan failed on the scratch copy: the live database was not touched."""
 
 
+class RehearsalMajorMismatch(RehearsalFailed):
+    """The rehearsal server runs another PostgreSQL major than the target, and the same was required."""
+
+
 class RollbackFailed(DbcoreError):
     """Neither the rollback functions nor the backup brought the database back."""
 

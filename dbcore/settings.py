@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     rehearsal_database_url: SecretStr | None = None
     #: production: let the rehearsal copy be made on the target's own cluster
     rehearsal_on_target: bool = False
+    #: refuse a rehearsal server whose PostgreSQL major differs from the target's: which
+    #: statements rewrite or scan a table differs between majors
+    rehearsal_same_major: bool = False
+    #: seconds a table's writes may stay blocked, as measured on the rehearsal's copy, before a
+    #: live run stops (rule DL001; locally a warning)
+    lock_budget: float = Field(default=5.0, ge=0)
 
     # -- index proposals and the team's own data checks (dbcore/advise/, dbcore/checks/data.py)
     #: `dbmigrate suggest-indexes`: an index is proposed only if it lowers some query's planned

@@ -139,6 +139,7 @@ def migrate_fleet(
     deployment: Optional[str] = None,
     concurrency_limit: str = DEFAULT_LIMIT,
     database_timeout_seconds: int = 6 * 3600,
+    allow_long_locks: bool = False,
 ):
     """Migrate every database of the fleet; return a state whose message counts the outcomes."""
     tasks.show_dbcore_logs()
@@ -153,7 +154,7 @@ def migrate_fleet(
         return _nothing_changed("configuration", exc)
     env_name = str(resolved)
     common = {"migrations_dir": migrations_dir, "backup": backup,
-              "allow_destructive": allow_destructive}
+              "allow_destructive": allow_destructive, "allow_long_locks": allow_long_locks}
     run_one = {"deployment": deployment, "limit": concurrency_limit,
                "timeout": float(database_timeout_seconds)}
     # through the proxy, this run reads every database through one tunnel of its own
@@ -210,6 +211,9 @@ def main(argv: Optional[list] = None) -> int:
                         help="local only: skip the backups and the rehearsals")
     parser.add_argument("--allow-destructive", action="store_true",
                         help="allow migrations that drop tables")
+    parser.add_argument("--allow-long-locks", action="store_true",
+                        help="go on when a table's writes stay blocked longer than "
+                             "MIGRATE_LOCK_BUDGET on a rehearsal's copy (recorded)")
     parser.add_argument("--deployment", help="run each database as a run of this `migrate` "
                                              "deployment on its work pool (e.g. migrate/migrate-fleet-member)")
     parser.add_argument("--concurrency-limit", default=DEFAULT_LIMIT,
@@ -219,7 +223,8 @@ def main(argv: Optional[list] = None) -> int:
                         dry_run=args.dry_run, require_approval=args.require_approval,
                         backup=args.backup, allow_destructive=args.allow_destructive,
                         migrations_dir=args.migrations_dir, deployment=args.deployment,
-                        concurrency_limit=args.concurrency_limit, return_state=True)
+                        concurrency_limit=args.concurrency_limit,
+                        allow_long_locks=args.allow_long_locks, return_state=True)
     state = cast(State, ran)  # a sync flow: the state itself
     print(f"migrate-fleet: {state.message or state.name}")
     return 0 if state.is_completed() else 1

@@ -66,10 +66,13 @@ def set_concurrency_limit(name: str, limit: int) -> None:
 
 def member_parameters(member: fleets.FleetTarget, env: str, *, migrations_dir: Optional[str],
                       backup: bool, allow_destructive: bool, dry_run: bool = False,
-                      approval: Optional[fleets.FleetApproval] = None) -> dict:
+                      approval: Optional[fleets.FleetApproval] = None,
+                      allow_long_locks: bool = False) -> dict:
     """Return the parameters of one database's `migrate` run: names and fingerprints, never a URL."""
     parameters = {"env": env, "database_url_env": member.url_env, "backup": backup,
                   "allow_destructive": allow_destructive, "dry_run": dry_run}
+    if allow_long_locks:
+        parameters["allow_long_locks"] = True
     if migrations_dir:
         parameters["migrations_dir"] = migrations_dir
     if approval is not None:

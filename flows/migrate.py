@@ -297,11 +297,13 @@ def migrate(
     migrations_dir: Optional[str] = None,
     database_url_env: Optional[str] = None,
     fleet_approval: Optional[FleetApproval] = None,
+    allow_long_locks: bool = False,
 ):
     """Apply every pending migration; return a Completed or Failed state whose message says what happened."""
     tasks.show_dbcore_logs()
     options = RunOptions(env, dry_run, backup, allow_destructive, require_approval,
-                         approval_timeout_seconds, migrations_dir, database_url_env)
+                         approval_timeout_seconds, migrations_dir, database_url_env,
+                         allow_long_locks=allow_long_locks)
     try:
         with _stage("configuration"):
             run = _resolve(options)
@@ -354,16 +356,21 @@ def main(argv: Optional[list] = None) -> int:
                         help="local only: skip the backup and the rehearsal")
     parser.add_argument("--allow-destructive", action="store_true",
                         help="allow migrations that drop tables")
+    parser.add_argument("--allow-long-locks", action="store_true",
+                        help="go on when a table's writes stay blocked longer than "
+                             "MIGRATE_LOCK_BUDGET on the copy (recorded in the plan and the audit)")
     parser.add_argument("--migrations-dir", help="default: ./migrations")
     args = parser.parse_args(argv)
     options = RunOptions(args.env, args.dry_run, args.backup, args.allow_destructive,
-                         args.require_approval, migrations_dir=args.migrations_dir)
+                         args.require_approval, migrations_dir=args.migrations_dir,
+                         allow_long_locks=args.allow_long_locks)
     prepared = _head_start(options)
     try:
         with handing_over(prepared) if prepared else contextlib.nullcontext():
             ran = migrate(env=args.env, dry_run=args.dry_run, require_approval=args.require_approval,
                           backup=args.backup, allow_destructive=args.allow_destructive,
-                          migrations_dir=args.migrations_dir, return_state=True)
+                          migrations_dir=args.migrations_dir,
+                          allow_long_locks=args.allow_long_locks, return_state=True)
         state = cast(State, ran)  # a sync flow: the state itself
     finally:
         if prepared is not None and prepared.head_start is not None:

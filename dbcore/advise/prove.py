@@ -1,8 +1,9 @@
 """Prove candidate indexes with HypoPG on a copy: the planner's cost of every query before and after.
 
-Runs on a copy (a rehearsal scratch database), never on the live database: ANALYZE first (a fresh
-restore has no statistics), then each candidate is created hypothetically (``hypopg_create_index``:
-nothing is built, only the planner sees it) and every query on its table is EXPLAINed again.
+Runs on a copy (a rehearsal scratch database), never on the live database: VACUUM ANALYZE first
+(a fresh restore has no statistics and no page marked all-visible), then each candidate is created
+hypothetically (``hypopg_create_index``: nothing is built, only the planner sees it) and every
+query on its table is EXPLAINed again.
 
 Queries with ``$n`` parameters (pg_stat_statements' normalised texts) are planned as PostgreSQL's
 generic plan: ``PREPARE`` under ``plan_cache_mode = force_generic_plan``, then ``EXPLAIN EXECUTE``
@@ -124,7 +125,7 @@ class _Planner:
 
 
 def prepare_copy(copy: Target, where: str) -> None:
-    """ANALYZE the copy and create HypoPG there; raise ConfigError saying how to install it."""
+    """VACUUM ANALYZE the copy and create HypoPG there; raise ConfigError saying how to install it."""
     conn = connect_raw(copy, "dbmigrate suggest-indexes")
     try:
         with conn.cursor() as cur:
@@ -136,7 +137,9 @@ def prepare_copy(copy: Target, where: str) -> None:
                     f"HypoPG is not installed on {where}: install it there (Debian: apt-get "
                     f"install postgresql-{major}-hypopg; `make setup` does it locally), then run again")
             cur.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
-            cur.execute("ANALYZE")  # a fresh restore has no statistics
+            # a fresh restore has no statistics, and no page marked all-visible (which would make
+            # every index-only scan look as dear as a heap scan): VACUUM ANALYZE it, as production is
+            cur.execute("VACUUM (ANALYZE)")
     except psycopg2.Error as exc:
         raise DbcoreError(f"cannot prepare the copy on {where}: "
                           f"{error_line(exc, copy.password)}") from None

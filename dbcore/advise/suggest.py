@@ -4,7 +4,7 @@ The target is only read (pg_stat_statements, the tables' write statistics). The 
 copy on the rehearsal server (dbcore.deploy.scratch decides where; never production's cluster
 unless MIGRATE_REHEARSAL_ON_TARGET=1): locally a ``CREATE DATABASE ... TEMPLATE`` copy, else the
 newest backup (or ``backup_key``) restored there. ``copy_url`` names a copy that already exists
-(a staging restore): it is ANALYZEd and used as it is.
+(a staging restore): it is VACUUM ANALYZEd and used as it is.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
 from dbcore.backup.restore import restore_backup, verify_backup
 from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Target, resolve_target
-from dbcore.deploy.plan import size_text
+from dbcore.deploy.verdict import size_text
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dbcore.deploy.fleet import DatabasePlan, Fleet, fleet_fingerprint
-from dbcore.deploy.plan import size_text
+from dbcore.deploy.verdict import size_text
 
 Outcome = Literal["applied", "up to date", "failed", "not started", "dry run"]
 #: outcomes a fleet run may end with and still exit 0

@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dbcore.backup.dump import BackupInfo
 from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
+from dbcore.deploy.verdict import LockVerdict, size_text
 from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
+from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, plan_apply
 from dbcore.settings import Settings
-
-
-def size_text(n: float) -> str:
-    """Return a byte count as people read it (512 B, 1.5 MiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _statement(captured: str) -> str:
@@ -96,6 +89,24 @@ def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
     return lines + [""] if lines and markdown else lines
 
 
+def lock_lines(verdict: LockVerdict, enforced: bool, markdown: bool = True) -> list[str]:
+    """Return the lock verdict: where it was measured, one line per table, then the budget's word."""
+    lines = [verdict.headline() + ("." if markdown else ":")]
+    if markdown:
+        lines.append("")
+    lines += [("- " if markdown else "  ") + line for line in verdict.lines()]
+    if not verdict.tables:
+        lines.append(("- " if markdown else "  ") + "no table of the application is locked")
+    for b in verdict.breaches:
+        if b.allowed_by:
+            word = f"ALLOWED over the {b.budget:g} s budget by {b.allowed_by}"
+        else:
+            word = "STOPS THE RUN" if enforced else "WARNING (local: the budget only warns)"
+        lines.append(("- " if markdown else "  ") + f"{'**' if markdown else ''}{word}"
+                     f"{'**' if markdown else ''}: {b.text()}")
+    return lines
+
+
 @dataclass(frozen=True)
 class DeployPlan:
     """What will happen to a database if the run is approved."""
@@ -131,6 +142,8 @@ class DeployPlan:
                 problems = [line.strip() for line in self.rehearsal.checks.text().splitlines()
                             if line.strip() and line.strip() != "no invalid indexes"]
                 out.append("post-checks on the copy failed: " + "; ".join(problems))
+            if self.rehearsal.over_budget and self.rehearsal.locks is not None:
+                out += [b.text() for b in self.rehearsal.locks.stopping]
         return out
 
     def stop_reason(self) -> str:
@@ -140,6 +153,16 @@ class DeployPlan:
             return ""
         more = f" (and {len(stops) - 1} more)" if len(stops) > 1 else ""
         return f"{stops[0]}{more}; all of it in the migration-plan artifact"
+
+    def record_allowances(self, approval: ApprovalRecord) -> ApprovalRecord:
+        """Return ``approval`` with the lock budget breaches that were allowed added to its comment (the audit)."""
+        r = self.rehearsal
+        allowed = [b for b in (r.locks.breaches if r and r.locks else ()) if b.allowed_by]
+        if not allowed:
+            return approval
+        note = "long locks allowed: " + ", ".join(
+            f"{b.verdict.table} {b.verdict.seconds:.1f} s (by {b.allowed_by})" for b in allowed)
+        return replace(approval, comment=f"{approval.comment}; {note}" if approval.comment else note)
 
     @property
     def fingerprint(self) -> str:
@@ -156,6 +179,9 @@ class DeployPlan:
         n = len(self.plan.migrations)
         verdict = "rehearsed on a copy: passed" if self.rehearsal and self.rehearsal.ok else (
             "rehearsal on a copy FAILED" if self.rehearsal else "not rehearsed on a copy")
+        locks = self.rehearsal.locks if self.rehearsal else None
+        if locks and locks.other_major:
+            verdict += f" (on PostgreSQL {locks.rehearsal_major}, production runs {locks.target_major})"
         return (f"**Apply {n} migration(s) to `{self.plan.dbname}` ({self.env})**: {verdict}; "
                 f"plan fingerprint `{self.fingerprint}`")
 
@@ -172,7 +198,11 @@ class DeployPlan:
         """Return the plan as a markdown document (the approval artifact)."""
         # code spans, not bare text: the UI's markdown would turn a URL into a link
         backup = f"`{self.backup.key}`" if self.backup else "**none**"
-        out = [self.summary(), "", f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
+        out = [self.summary(), ""]
+        if self.rehearsal and self.rehearsal.locks:
+            out += ["### What the live application will feel", ""]
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced) + [""]
+        out += [f"- database: `{self.plan.database}`", f"- backup: {backup}", ""]
         if self.stops():
             out += ["### What stops this run", ""] + [f"- {md_cell(s)}" for s in self.stops()] + [""]
         out += ["### Migrations", ""]
@@ -211,7 +241,7 @@ class DeployPlan:
                 out.append("")
             if self.new_sql_findings:
                 out += ["| severity | rule | where | message |", "|---|---|---|---|"]
-                out += [f"| {f.severity} | {f.rule} | `{f.file}` | {md_cell(f.message)} |"
+                out += [f"| {f.severity} | {f.rule} | `{f.file}:{f.line}` | {md_cell(f.message)} |"
                         for f in self.new_sql_findings]
                 out.append("")
             if r.checks:
@@ -227,6 +257,8 @@ class DeployPlan:
     def text(self) -> str:
         """Return the plan for a terminal."""
         out = [self.headline(), f"plan fingerprint: {self.fingerprint}"]
+        if self.rehearsal and self.rehearsal.locks:
+            out += lock_lines(self.rehearsal.locks, self.rehearsal.budget_enforced, markdown=False)
         for phase in self.plan.phases:
             kind = "one transaction" if phase.atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in phase.migrations]

@@ -28,6 +28,7 @@ from dbcore.checks.data import DataChecks
 from dbcore.checks.post import CheckReport, drift_before, run_post_checks
 from dbcore.connection import Env, Target, raw_session
 from dbcore.deploy.dropped import DropCounter, DroppedColumn
+from dbcore.deploy.locks import LockMeter
 from dbcore.deploy.scratch import (
     Leftovers,
     RehearsalServer,
@@ -40,7 +41,15 @@ from dbcore.deploy.scratch import (
     rehearsal_server,
     scratch_name,
 )
-from dbcore.errors import BackupCorrupt, DbcoreError, RehearsalFailed, RestoreFailed, RestoreRefused
+from dbcore.deploy.verdict import LockVerdict, judge
+from dbcore.errors import (
+    BackupCorrupt,
+    DbcoreError,
+    RehearsalFailed,
+    RehearsalMajorMismatch,
+    RestoreFailed,
+    RestoreRefused,
+)
 from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import SqlBatch
@@ -72,12 +81,19 @@ class RehearsalReport:
     steps: tuple[str, ...] = field(default=())
     #: how long each of those steps took on the copy (a backfill's time: the ETA live)
     phase_timings: tuple[str, ...] = field(default=())
+    locks: LockVerdict | None = None  # what each table's lock will do to the live application
+    budget_enforced: bool = False  # a live target: a table over the lock budget stops the run
+
+    @property
+    def over_budget(self) -> bool:
+        """True when a table's writes stay blocked longer than the budget, unallowed, on a live target."""
+        return bool(self.budget_enforced and self.locks and self.locks.stopping)
 
     @property
     def ok(self) -> bool:
-        """True when the copy passed its post-checks and its SQL has no lint error."""
+        """True when the copy passed its post-checks, its SQL has no lint error and no lock breaks the budget."""
         sql_errors = any(f.severity == "error" for f in self.sql_findings)
-        return (self.checks is None or self.checks.ok) and not sql_errors
+        return (self.checks is None or self.checks.ok) and not sql_errors and not self.over_budget
 
     def problem(self) -> str | None:
         """Return one line naming the first failed check of the copy (None when it passed)."""
@@ -97,6 +113,8 @@ class RehearsalReport:
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
             "dropped_columns": [d.to_dict() for d in self.dropped_columns],
+            "locks": self.locks.to_dict() if self.locks else None,
+            "budget_enforced": self.budget_enforced,
         }
 
 
@@ -131,9 +149,12 @@ class ScratchCopy:
         return {**self.__dict__, "holder": None}
 
 
-def _start_copy(target: Target, server: RehearsalServer, run_id: str) -> tuple[Target, Leftovers, Any]:
+def _start_copy(target: Target, server: RehearsalServer, run_id: str,
+                settings: Settings) -> tuple[Target, Leftovers, Any]:
     """Check ``server`` is allowed, drop what dead runs left there, then claim this run's scratch name."""
     refuse_the_target_cluster(server, target)
+    if settings.rehearsal_same_major:  # before any copy is made: it would be measured on the wrong major
+        check_major(_server_major(server.admin), _server_major(target), settings)
     leftovers = drop_leftovers(server, target.dbname)
     scratch = server.scratch(scratch_name(target.dbname, run_id))
     if server.on_target and scratch.dbname == target.dbname:  # never; the one line that must hold
@@ -158,7 +179,7 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
     backup. Returns the stored backup and the claimed copy; raises BackupFailed for the backup,
     RehearsalFailed for the copy (then no backup is stored either, and the copy is dropped).
     """
-    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    scratch, leftovers, holder = _start_copy(target, server, run_id, settings)
     started = time.monotonic()
     try:
         if (template and server.on_target and target.env is Env.LOCAL
@@ -190,7 +211,7 @@ def backup_into_copy(target: Target, server: RehearsalServer, settings: Settings
 def restore_into_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,
                       backup_key: str, progress: BytesProgress | None = None) -> ScratchCopy:
     """Make the rehearsal's copy on ``server`` by restoring ``backup_key``; raise RehearsalFailed."""
-    scratch, leftovers, holder = _start_copy(target, server, run_id)
+    scratch, leftovers, holder = _start_copy(target, server, run_id, settings)
     started = time.monotonic()
     try:
         create_database(server, scratch.dbname)
@@ -211,6 +232,16 @@ def large_update_findings(large: LargeUpdates) -> list[Finding]:
                     "until the commit (the application's writes to them wait): use migrator.backfill, "
                     "which updates in short batches after the commit (docs/migrations.md)")
             for name, number, rows, sql in large.found]
+
+
+def check_major(rehearsal_major: int, target_major: int, settings: Settings) -> None:
+    """Refuse a rehearsal server of another major when MIGRATE_REHEARSAL_SAME_MAJOR is set."""
+    if settings.rehearsal_same_major and rehearsal_major != target_major:
+        raise RehearsalMajorMismatch(
+            f"the rehearsal server runs PostgreSQL {rehearsal_major} and the target runs "
+            f"{target_major}, and MIGRATE_REHEARSAL_SAME_MAJOR=1 requires the same major: point "
+            f"MIGRATE_REHEARSAL_DATABASE_URL at a PostgreSQL {target_major} server "
+            "(docs/lock-verdict.md), or unset MIGRATE_REHEARSAL_SAME_MAJOR")
 
 
 def lint_captured_sql(results: tuple[MigrationResult, ...], existing_tables: set[str] | None,
@@ -269,12 +300,16 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                      copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
                      models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
-                     restore_progress: BytesProgress | None = None) -> RehearsalReport:
-    """Apply ``plan`` on a scratch copy of ``target``, check it, drop it.
+                     restore_progress: BytesProgress | None = None, allow_long_locks: bool = False,
+                     target_major: int | None = None) -> RehearsalReport:
+    """Apply ``plan`` on a scratch copy of ``target``, measuring every lock, check it, drop it.
 
     ``copy`` is the one :func:`backup_into_copy` made; without it, ``backup_key`` is restored
-    into a new one on ``server`` (default: :func:`rehearsal_server` of the target). Returns the
-    report; raises RehearsalFailed (the copy is always dropped).
+    into a new one on ``server`` (default: :func:`rehearsal_server` of the target).
+    ``target_major`` is the live server's PostgreSQL major (read from ``target`` when None).
+    Returns the report, with the lock verdict judged against MIGRATE_LOCK_BUDGET; raises
+    RehearsalFailed (RehearsalMajorMismatch for another major when the same is required; the
+    copy is always dropped).
     """
     run_id = run_id or uuid.uuid4().hex
     if copy is None:
@@ -284,14 +319,20 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     try:
         existing = _existing_tables(scratch)
         before = drift_before(scratch, models)
-        drops = DropCounter()
+        target_major = target_major or _server_major(target)
+        check_major(_server_major(scratch), target_major, settings)
+        drops, meter = DropCounter(), LockMeter(scratch)
         large = LargeUpdates(settings.large_update_rows)
         try:
             report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress, observers=[drops, large])
+                             progress=progress, observers=[drops, meter, large])
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
+        verdict = judge(meter.report(), budget=settings.lock_budget,
+                        files={m.name: m.path for m in plan.migrations},
+                        allow_long_locks=allow_long_locks, target_major=target_major,
+                        server=copy.server.where)
         # the team's own checks of the data too: verify() of these migrations,
         # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
         data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
@@ -302,7 +343,8 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
                                  checks, tuple(findings), server=copy.server.where,
                                  method=copy.method, leftovers=copy.leftovers,
-                                 dropped_columns=tuple(drops.dropped), steps=report.steps,
+                                 dropped_columns=tuple(drops.dropped), locks=verdict,
+                                 budget_enforced=target.env is not Env.LOCAL, steps=report.steps,
                                  phase_timings=report.phase_timings)
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported

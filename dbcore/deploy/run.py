@@ -36,6 +36,8 @@ class RunOptions:
     approval_timeout: int = 3600
     migrations_dir: str | None = None
     database_url_env: str | None = None
+    #: go on when a table's writes stay blocked longer than the lock budget (recorded)
+    allow_long_locks: bool = False
 
     def settings(self) -> Settings:
         """Return the settings from the environment, with the chosen migrations folder."""

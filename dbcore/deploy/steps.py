@@ -100,7 +100,8 @@ def rehearse(run: DeployRun, plan: Plan, backup_info: BackupInfo, models: Models
     return rehearse_on_copy(plan, run.target, run.settings, backup_info.key, copy=copy,
                             server=None if copy else rehearsal_server(run), models=models,
                             run_id=run.run_id, allow_destructive=run.options.allow_destructive,
-                            restore_progress=restore_progress)
+                            restore_progress=restore_progress,
+                            allow_long_locks=run.options.allow_long_locks)
 
 
 def plan_again(run: DeployRun, deploy: DeployPlan) -> Plan | None:
@@ -134,9 +135,13 @@ class ApprovedChange:
 
 def snapshot_before(run: DeployRun, deploy: DeployPlan, models: Models | None, actor: str | None,
                     approval: ApprovalRecord) -> ApprovedChange:
-    """Take the schema snapshot and the drift of the live database right before the apply."""
+    """Take the schema snapshot and the drift of the live database right before the apply.
+
+    The lock budget breaches that were allowed go into the approval's comment: the audit rows.
+    """
     return ApprovedChange(deploy.plan, models, deploy.backup.key if deploy.backup else None, actor,
-                          schema_snapshot(run.target), drift_before(run.target, models), approval)
+                          schema_snapshot(run.target), drift_before(run.target, models),
+                          deploy.record_allowances(approval))
 
 
 def apply(run: DeployRun, approved: ApprovedChange, phase_progress=None) -> RunReport:

@@ -114,6 +114,23 @@ def declares_allow_destructive(source: str) -> bool:
                for node in tree.body)
 
 
+def allow_markers(source: str) -> dict[int, set[str]]:
+    """Return {line: rule ids} of the ``# dbmigrate: allow RULE`` markers of a file's source.
+
+    A marker alone on its line allows the line below it too. The rehearsal's lock budget (DL001,
+    dbcore/deploy/verdict.py) reads its allows here as well.
+    """
+    allowed: dict[int, set[str]] = defaultdict(set)
+    for number, text in enumerate(source.splitlines(), start=1):
+        match = _ALLOW_MARKER.search(text)
+        if match:
+            rules = set(re.findall(r"[A-Z]{2}\d{3}", match.group(1)))
+            allowed[number] |= rules
+            if text.lstrip().startswith("#"):  # a comment line allows the statement below it
+                allowed[number + 1] |= rules
+    return allowed
+
+
 def apply_allow_markers(findings: list[Finding], source: str) -> list[Finding]:
     """Drop what a line allows with ``# dbmigrate: allow RULE`` (on it or on the line above).
 
@@ -121,15 +138,7 @@ def apply_allow_markers(findings: list[Finding], source: str) -> list[Finding]:
     lint and the rehearsal's lint of the captured SQL (whose findings carry the line of the
     migrator call that queued each statement) both judge allows here.
     """
-    lines = source.splitlines()
-    allowed: dict[int, set[str]] = defaultdict(set)
-    for number, text in enumerate(lines, start=1):
-        match = _ALLOW_MARKER.search(text)
-        if match:
-            rules = set(re.findall(r"[A-Z]{2}\d{3}", match.group(1)))
-            allowed[number] |= rules
-            if text.lstrip().startswith("#"):  # a comment line allows the statement below it
-                allowed[number + 1] |= rules
+    allowed = allow_markers(source)
     kept = []
     for item in findings:
         if item.rule in _FILE_RULES or item.rule not in allowed.get(item.line, ()):

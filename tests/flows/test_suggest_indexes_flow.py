@@ -25,7 +25,8 @@ def test_the_flow_publishes_the_proposals(workload_url, prefect_api, monkeypatch
     monkeypatch.setenv("MIGRATE_LOCAL_DIR", str(tmp_path / ".local"))
     state = suggest_indexes(env="local", return_state=True)
     assert state.is_completed(), state.message
-    assert state.message.startswith("2 index(es) proposed for advise_")
+    table = artifacts(state.state_details.flow_run_id)["index-proposals"]
+    assert state.message.startswith("2 index(es) proposed for advise_"), table
     table = artifacts(state.state_details.flow_run_id)["index-proposals"]
     assert "CREATE INDEX CONCURRENTLY customers_email_idx ON customers (email)" in table
     assert "CREATE INDEX CONCURRENTLY orders_sku_idx ON orders (sku)" in table

@@ -19,7 +19,7 @@ import psycopg2
 
 from dbcore.embedded import embedded_database_url
 from dbcore.errors import ConfigError, DatabaseUnavailable, EnvMismatch
-from dbcore.redact import error_line, mask_url, url_password
+from dbcore.redact import error_line, mask_url, normalize_db_url, url_password
 from dbcore.settings import Settings, url_from_variable
 
 
@@ -73,6 +73,14 @@ class Target:
     env: Env
     url: str
 
+    def __post_init__(self) -> None:
+        # one spelling of the URL (user and password percent-encoded), so that every parser
+        # downstream (urlsplit, libpq) reads a password holding "#", "?" or "/" the same way
+        try:
+            object.__setattr__(self, "url", normalize_db_url(self.url))
+        except ValueError:
+            pass  # resolve_target refuses it with its own words
+
     @property
     def masked_url(self) -> str:
         return mask_url(self.url)
@@ -80,6 +88,12 @@ class Target:
     @property
     def password(self) -> str | None:
         return url_password(self.url)
+
+    @property
+    def server(self) -> str:
+        """HOST:PORT of the server (no user, no password), for messages."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname or 'local socket'}:{parts.port or 5432}"
 
     @property
     def dbname(self) -> str:
@@ -130,6 +144,14 @@ def resolve_target(
             f"the database address in {source} is not a postgres:// URL: "
             "use postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         )
+    try:
+        url = normalize_db_url(url)
+    except ValueError:
+        # never echoed: the password is what could not be told apart
+        raise ConfigError(
+            f"the database URL in {source} cannot be read (the password cannot be told from the "
+            "host): percent-encode the password's special characters (@ as %40, # as %23, "
+            "? as %3F, / as %2F)") from None
     try:
         _ = urlsplit(url).port  # raises on a port that is not a number
     except ValueError:

@@ -33,6 +33,10 @@ class MigrationFileError(DbcoreError):
     """A migration file cannot be read or compiled (syntax error, missing file, bad name)."""
 
 
+class MigrationExited(DbcoreError):
+    """Migration code called sys.exit(): a failure, never a quiet end."""
+
+
 class MigrationFailed(DbcoreError):
     """A migration raised while running; its batch was rolled back."""
 
@@ -42,6 +46,10 @@ class MigrationFailed(DbcoreError):
         #: migrations committed before the failing one (only when an ``atomic = False`` one split
         #: the plan into several transactions); empty means the database is exactly as before
         self.committed: tuple[str, ...] = tuple(committed)
+
+
+class SqlDiffers(MigrationFailed):
+    """The apply would send other schema SQL than the rehearsal did; stopped before it committed."""
 
 
 class TransactionBroken(MigrationFailed):
@@ -59,7 +67,7 @@ class UnsafeChange(MigrationFileError):
 class PhaseFailed(MigrationFailed):
     """A step after the batch's commit (index build, backfill, validation) failed; a rerun continues it."""
 
-    def __init__(self, message: str, *, phase: int, committed: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, message: str, *, phase: int = 0, committed: tuple[str, ...] | list[str] = ()) -> None:
         super().__init__(message, committed=committed)
         #: the phase the run reached (2 index builds, 3 backfills, 4 validation)
         self.phase = phase
@@ -164,6 +172,10 @@ class SchemaSnapshotFailed(DbcoreError):
 
 class FleetFileError(ConfigError):
     """The targets file is not a valid fleet document."""
+
+
+class FleetApprovalRefused(DbcoreError):
+    """A run was handed a fleet approval that Prefect's record of the fleet run does not bear out."""
 
 
 class PlanNotApproved(DbcoreError):

@@ -34,7 +34,7 @@ def notify(settings: Settings, text: str) -> bool:
     if not settings.notify_url:
         return False
     url = settings.notify_url.get_secret_value()
-    body = json.dumps({"text": redact(text, settings.database_password())}).encode()
+    body = json.dumps({"text": redact(text, *settings.secrets())}).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:

@@ -31,9 +31,13 @@ _NAME_WHEN_APPROVING: JsonDict = {
 
 
 class Approval(RunInput):
-    """Approve or reject applying the plan shown in the run's artifacts."""
+    """Approve or reject applying the plan shown in the run's artifacts.
 
-    model_config = ConfigDict(json_schema_extra=_NAME_WHEN_APPROVING)
+    Strict: an answer written straight into the run's input (not through the resume endpoint,
+    whose schema check would refuse it) with ``"approve": "true"`` is malformed, not an approval.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_NAME_WHEN_APPROVING, strict=True)
 
     approve: bool = Field(default=False, description="Apply the migrations of the plan artifact")
     approver: str = Field(default="", description="Your name, recorded in migration_audit")
@@ -72,6 +76,16 @@ def fingerprint_of(key: Optional[str]) -> Optional[str]:
     return parts[1] if len(parts) >= 2 and parts[0] == "plan" else None
 
 
+def malformed(exc: ValidationError) -> str:
+    """Return why a stored answer is not a valid approval, in one line (no value is echoed)."""
+    errors = exc.errors()
+    if any("approver's name" in str(e.get("msg", "")) for e in errors):
+        return "an approval must give the approver's name"
+    where = ", ".join(".".join(map(str, e["loc"])) or "answer" for e in errors[:3])
+    return (f"a malformed answer was stored ({where}: {errors[0]['msg']}); approve through the "
+            "form or `python flows/approve.py`")
+
+
 @dataclass(frozen=True)
 class Decision:
     """The approver's answer: approved (by whom, why), or else the refusal in words."""
@@ -101,9 +115,10 @@ def ask_approval(description: str, *, headline: str, fingerprint: str, timeout: 
             client.set_flow_run_state(current_flow_run().id,
                                       Failed(message=f"{refusal}, {consequence}"), force=True)
         return Decision(False, refusal=refusal)
-    except ValidationError:
-        # The form's schema cannot say "a name when approving"; the model does, at load.
-        return Decision(False, refusal="rejected (an approval must give the approver's name)")
+    except ValidationError as exc:
+        # The form's schema cannot say "a name when approving"; the model does, at load. Any
+        # other invalid answer was written around the form: it is a rejection, never coerced.
+        return Decision(False, refusal=f"rejected ({malformed(exc)})")
     why = f": {answer.comment}" if answer.comment else ""
     if not answer.approve:
         who = f" by {answer.approver}" if answer.approver else ""

@@ -53,10 +53,11 @@ _HEADLINE_TARGET = re.compile(r" to apply to (\S+) \((\w+)\)$")
 
 
 def plan_headline(client: SyncPrefectClient, run_id: UUID) -> Optional[str]:
-    """Return the one-line summary of the run's newest `migration-plan` artifact, or None if it has none."""
+    """Return the one-line summary of the run's newest plan artifact (a fleet's too), or None if it has none."""
     found = client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
-        key=ArtifactFilterKey(any_=["migration-plan"])), sort=ArtifactSort.CREATED_DESC, limit=1)
+        key=ArtifactFilterKey(any_=["migration-plan", "fleet-plan"])), sort=ArtifactSort.CREATED_DESC,
+        limit=1)
     return found[0].description if found else None
 
 
@@ -73,10 +74,11 @@ def _since(moment: datetime) -> str:
 
 
 def list_paused() -> list[str]:
-    """Return one line per `migrate` run waiting for an approval, oldest first."""
+    """Return one line per `migrate` (or `migrate-fleet`) run waiting for an approval, oldest first."""
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["migrate", "rollback-migrations"])),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["migrate", "rollback-migrations",
+                                                            "migrate-fleet"])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                 type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
             sort=FlowRunSort.START_TIME_ASC)
@@ -84,7 +86,8 @@ def list_paused() -> list[str]:
         for run in runs:
             headline = plan_headline(client, run.id) or "(no plan artifact)"
             found = _HEADLINE_TARGET.search(headline)
-            target = f"{found.group(1)} ({found.group(2)})" if found else "?"
+            target = (f"{found.group(1)} ({found.group(2)})" if found else
+                      "a fleet (see its plan)" if run.name.startswith("migrate-fleet") else "?")
             since = _since(run.state.timestamp) if run.state else "?"
             lines.append(f"{run.id}  {run.name}  target {target}  paused since "
                          f"{since}  plan {waiting_fingerprint(run) or '?'}\n"

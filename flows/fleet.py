@@ -29,7 +29,6 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
     use_local_api()
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
@@ -40,9 +39,10 @@ from dbcore.deploy.fleet_report import FleetPlan, all_succeeded, final_line, not
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.proxy import Tunnel
 from dbcore.settings import Settings, describe_invalid
-from flows import fleet_tasks, tasks
+from flows import fleet_check, fleet_tasks, tasks
 from flows.approval import ask_approval
 from flows.current import current_flow_run
+from flows.scrub import create_markdown_artifact, create_table_artifact
 
 EnvName = Literal["local", "proxy", "production"]
 #: the global concurrency limit every database's run holds a slot of
@@ -62,6 +62,7 @@ def _configure(env, targets, targets_variable, migrations_dir, backup, require_a
     """Return (fleet, settings, env, approval needed? by the live-target policy); raise ConfigError."""
     fleet = fleet_tasks.read_fleet(targets, targets_variable)
     settings = Settings(**({"migrations_dir": Path(migrations_dir)} if migrations_dir else {}))
+    fleets.check_size(fleet, settings.fleet_max_databases, targets or f"Prefect Variable {targets_variable}")
     resolved = resolve_env(settings, env)
     needed = policy.approval_needed(resolved, backup=backup, require_approval=require_approval)
     if resolved is Env.PROXY and settings.proxy_local_port != 0:
@@ -113,7 +114,8 @@ def _run_waves(plan: FleetPlan, targets_of: dict, approver: str, settings: Setti
         for member in wave:
             part = next(p for p in plan.databases if p.name == member.name)
             approval = fleets.FleetApproval(fleet_fingerprint=plan.fingerprint, database=member.name,
-                                            plan_fingerprint=part.fingerprint, approver=approver)
+                                            plan_fingerprint=part.fingerprint, approver=approver,
+                                            fleet_run_id=str(current_flow_run().id))
             parameters = fleet_tasks.member_parameters(member, env_name, approval=approval, **common)
             pending = [name for name, _ in part.migrations]
             futures.append(fleet_tasks.migrate_database.submit(
@@ -162,7 +164,11 @@ def migrate_fleet(
         if resolved is Env.PROXY:
             tunnel: Tunnel = stack.enter_context(tasks.open_tunnel(settings))
             members = [(m, tunnel.target_for(t)) for m, t in members]
-        plans = [fleet_tasks.plan_database(m, t, settings, allow_destructive) for m, t in members]
+        plans = []
+        for number, (m, t) in enumerate(members, 1):
+            plans.append(fleet_tasks.plan_database(m, t, settings, allow_destructive))
+            if number % 25 == 0 and number < len(members):
+                logger.info("planned %s of %s databases", number, len(members))
         pending = {p.name: [name for name, _ in p.migrations] for p in plans}
         fleet_tasks.set_concurrency_limit(concurrency_limit, fleet.concurrency)
         rehearsals = []
@@ -182,6 +188,8 @@ def migrate_fleet(
         if not plan.pending:
             return Completed(message=f"all {len(plans)} databases up to date")
         approver = settings.actor or ""
+        # what the approval will cover, kept where each database's run checks it
+        fleet_check.record_parts(plan.fingerprint, fleets.fleet_parts(list(plans)))
         if approval_needed:
             approver, refusal = _ask(plan, approval_timeout_seconds)
             if refusal is not None:

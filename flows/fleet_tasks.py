@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional, cast
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -28,6 +28,7 @@ from dbcore.deploy.fleet_report import DatabaseOutcome, Outcome
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.redact import error_line
 from dbcore.settings import Settings
+from flows.scrub import task
 
 
 def read_fleet(targets: Optional[str], variable: Optional[str]) -> fleets.Fleet:

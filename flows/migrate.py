@@ -28,11 +28,10 @@ if __name__ == "__main__":  # a terminal run: the local Prefect API of `make run
     use_local_api()
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
-from dbcore.checks.post import CheckReport, load_models
+from dbcore.checks.post import CheckReport
 from dbcore.connection import Env
 from dbcore.deploy import head_start, steps
 from dbcore.deploy.fleet import FleetApproval
@@ -52,11 +51,12 @@ from dbcore.migrate.plan import Plan
 from dbcore.redact import error_line
 from dbcore.services.local import ensure_local_cluster
 from dbcore.settings import describe_invalid
-from flows import notifications, tasks
+from flows import fleet_check, notifications, tasks
 from flows.approval import ask_approval
 from flows.current import current_flow_run
 from flows.deploy_slot import one_deploy_at_a_time
 from flows.rollback import rollback_after_failed_apply
+from flows.scrub import create_markdown_artifact, scrub
 
 EnvName = Literal["local", "proxy", "production"]
 
@@ -91,14 +91,14 @@ def _run_name() -> str:
 
 
 def _failed_at(stage: str, detail: object) -> State:
-    return Failed(message=f"failed at {stage}, nothing changed: {detail}")
+    return Failed(message=scrub(f"failed at {stage}, nothing changed: {detail}"))
 
 
 def _unexpected(stage: str, exc: Exception, secret: Optional[str], what_changed: str) -> State:
     """A bug or an unexpected driver error: one line, and what we know of the database."""
     get_run_logger().exception("unexpected error at %s", stage)
-    return Failed(message=f"failed at {stage} ({type(exc).__name__}: {error_line(exc, secret)}); "
-                          f"{what_changed}")
+    return Failed(message=scrub(f"failed at {stage} ({type(exc).__name__}: "
+                                f"{error_line(exc, secret)}); {what_changed}"))
 
 
 @contextlib.contextmanager
@@ -140,7 +140,8 @@ def _rehearsed_plan(run: DeployRun) -> tuple[DeployPlan, Optional[Models]]:
         tasks.check_connection(run)
     with _stage("plan", run.secret):
         plan, lint_report = tasks.make_plan(run)
-        models = load_models(run.settings.models)
+        # the app's models: imported in the rehearsal's child, by the run only once approved
+        models: Optional[Models] = None
     if plan.empty:
         raise _RunEnds(Completed(message="up to date"))
     if not lint_report.ok:
@@ -307,6 +308,8 @@ def migrate(
     try:
         with _stage("configuration"):
             run = _resolve(options)
+            # a fleet approval counts only as Prefect's record of the fleet run bears it out
+            fleet_approval = fleet_check.verified(fleet_approval, database_url_env, run.live)
         with contextlib.ExitStack() as held:
             if run.live:  # locally, the migration lock keeps applies apart
                 with _stage("waiting for another deploy"):

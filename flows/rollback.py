@@ -14,7 +14,7 @@ import hashlib
 from contextvars import ContextVar
 from typing import Optional
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from dbcore.connection import Target
@@ -22,10 +22,11 @@ from dbcore.deploy import recovery
 from dbcore.deploy.run import DeployRun
 from dbcore.deploy.steps import ApprovedChange
 from dbcore.errors import DbcoreError, RollbackFailed, RollbackRefused
+from dbcore.migrate import isolated
 from dbcore.migrate import plan as planning
-from dbcore.migrate import runner
 from dbcore.settings import Settings
 from flows.approval import ask_approval
+from flows.scrub import task
 
 #: the run and its approved change, handed to the subflow started in the same thread
 _HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("dbmigrate_rollback", default=None)
@@ -35,7 +36,8 @@ _HANDED: ContextVar[Optional[tuple[DeployRun, ApprovedChange]]] = ContextVar("db
 def run_rollback_functions(target: Target, settings: Settings, names: list, run_id: str) -> list:
     """Run the rollback() of ``names`` (newest first), one transaction per phase; return what was undone."""
     plan = planning.plan_rollback(target, settings, names=list(names))
-    return runner.execute(plan, target, settings, actor="rollback-subflow", run_id=run_id).names
+    return isolated.execute_isolated(plan, target, settings, actor="rollback-subflow",
+                                     run_id=run_id).names  # in a child: an exit is a failure
 
 
 @task(name="verify-schema", cache_policy=NO_CACHE)

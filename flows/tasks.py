@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Iterator, cast
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
@@ -36,6 +36,7 @@ from dbcore.migrate.plan import Plan, RunReport
 from dbcore.proxy import Tunnel
 from dbcore.proxy import open_tunnel as start_tunnel
 from dbcore.settings import Settings
+from flows.scrub import task
 
 
 def _retry_if_retryable(task, task_run, state) -> bool:

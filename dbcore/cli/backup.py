@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from dbcore.backup.dump import backup_to_s3, list_backups, prune_backups
-from dbcore.backup.restore import restore_backup, verify_backup
+from dbcore.backup.restore import verify_backup
 from dbcore.cli.context import Context, positive_int
 from dbcore.connection import Target, resolve_target
 from dbcore.deploy.verdict import size_text
@@ -89,16 +89,21 @@ def _into(ctx: Context) -> Target:
 
 def cmd_restore(ctx: Context) -> int:
     """Restore a backup into a database (created if missing)."""
+    from dbcore.deploy.policy import restore_guarded  # the live-target policy
+
     into = _into(ctx)
     with progress_bar(f"restoring into {into.dbname}") as progress:
-        report = restore_backup(ctx.args.key, into, ctx.settings, force=ctx.args.force,
-                                allow_production=ctx.args.allow_production,
-                                jobs=ctx.args.jobs, progress=progress)
+        done = restore_guarded(ctx.args.key, into, ctx.settings, actor=ctx.args.actor,
+                               force=ctx.args.force, allow_production=ctx.args.allow_production,
+                               jobs=ctx.args.jobs, progress=progress, run_id=ctx.args.run_id)
+    report = done.report
     if ctx.args.json:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps({**report.to_dict(), "kept_as": done.kept_as}))
     else:
         print(f"restored {report.key} into {report.database} in {report.seconds:.1f}s "
               f"(pg_restore -j {report.jobs})")
+        if done.kept_as:
+            print(f"the database it replaced is kept as {done.kept_as} (drop it once you are sure)")
     return 0
 
 
@@ -138,6 +143,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--force", action="store_true", help="overwrite a database that is not empty")
     p.add_argument("--allow-production", action="store_true",
                    help="allow restoring into a production database")
+    p.add_argument("--actor", help="who restores (recorded in migration_audit and the backup's "
+                                   "metadata); required on production or proxy")
+    p.add_argument("--run-id", help="an id to record with the restore")
     p.add_argument("--jobs", "-j", type=positive_int, default=None, help="pg_restore jobs (default: cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_restore)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dbcore.cli.context import EXIT_FAILED, EXIT_USAGE, Context, common_options
 from dbcore.errors import ConfigError, DbcoreError
-from dbcore.redact import error_line, redact
+from dbcore.redact import error_line, install_log_scrubber, redact
 from dbcore.settings import Settings, describe_invalid
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    install_log_scrubber()  # a --verbose traceback holds what the error holds
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -111,4 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dbmigrate: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or an error nobody foresaw: one scrubbed line, not a raw traceback
+        if args.verbose:
+            log.exception("%s", type(exc).__name__)
+        print(f"dbmigrate: error: unexpected {type(exc).__name__}: {error_line(exc)} (run again "
+              "with --verbose for the traceback, and report it)", file=sys.stderr)
+        return EXIT_FAILED
 

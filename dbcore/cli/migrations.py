@@ -12,6 +12,7 @@ from dbcore.connection import Env, connect
 from dbcore.deploy.plan import DeployPlan, plan_and_lint
 from dbcore.errors import ConfigError, LintStopped
 from dbcore.migrate.files import new_migration, status
+from dbcore.migrate.isolated import execute_isolated as execute  # migration code in a child
 from dbcore.migrate.phases import PhaseEvent, step_summary
 from dbcore.migrate.plan import (
     Plan,
@@ -22,7 +23,6 @@ from dbcore.migrate.plan import (
     undone_by_nothing,
 )
 from dbcore.migrate.retry import apply_retrying
-from dbcore.migrate.runner import execute
 
 
 def _print_progress(event: ProgressEvent) -> None:
@@ -116,10 +116,10 @@ def cmd_status(ctx: Context) -> int:
 
 def cmd_baseline(ctx: Context) -> int:
     """Mark every migration up to NNN as applied without running it; record their checksums."""
-    from dbcore.migrate.baseline import baseline
+    from dbcore.deploy.policy import baseline_guarded  # the live-target policy
 
-    report = baseline(ctx.target, ctx.settings, ctx.args.upto, actor=ctx.args.actor,
-                      run_id=ctx.args.run_id)
+    report = baseline_guarded(ctx.target, ctx.settings, ctx.args.upto, actor=ctx.args.actor,
+                              run_id=ctx.args.run_id)
     print(f"{report.database}: {report.summary()}")
     return 0
 
@@ -160,15 +160,16 @@ def cmd_plan(ctx: Context) -> int:
 
 
 def _backed_up(info) -> None:
-    print(f"backup before the apply: {info.key} ({info.size} bytes, sha256 {info.sha256[:16]}...)",
+    print(f"backup before the change (verified): {info.key} ({info.size} bytes, sha256 {info.sha256[:16]}...)",
           file=sys.stderr, flush=True)
 
 
 def _run(ctx: Context, plan: Plan) -> int:
     """Show the plan, run it with progress on stderr, print what happened.
 
-    An apply obeys the live-target policy: on production or proxy --actor names who approves the
-    printed plan, and a backup is taken right before it (a dry run changes nothing, needs neither).
+    An apply or a rollback obeys the live-target policy: on production or proxy --actor names who
+    approves the printed plan, and a verified backup is taken right before it (a dry run changes
+    nothing, needs neither).
     """
     if ctx.args.dry_run:
         _refuse_live_dry_run(ctx)
@@ -178,10 +179,9 @@ def _run(ctx: Context, plan: Plan) -> int:
     # an apply rolled back at lock_timeout is tried again with backoff (a dry run is not)
     run = apply_retrying if plan.action == "apply" and not ctx.args.dry_run else execute
     run = partial(run, phase_progress=None if quiet else _print_phase)
-    if plan.action == "apply":
-        from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
+    from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
 
-        run = partial(apply_guarded, backed_up=_backed_up, run=run)
+    run = partial(apply_guarded, backed_up=_backed_up, run=run)
     settings = ctx.settings
     if getattr(ctx.args, "no_safe_forms", False):
         settings = settings.model_copy(update={"safe_forms": False})
@@ -228,7 +228,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                    "it (a schema made outside migrations), and the checksum of "
                                    "each (a history pw_migrate wrote); audited in migration_audit.")
     p.add_argument("upto", metavar="NNN", help="the last migration the database already has (name or number)")
-    p.add_argument("--actor", help="who to record in migration_audit (default: OS user)")
+    p.add_argument("--actor", help="who to record in migration_audit (default: OS user); on "
+                                   "production or proxy it is required: who approves the baseline")
     p.add_argument("--run-id", help="an id to record in migration_audit")
     p.set_defaults(handler=cmd_baseline)
 
@@ -270,7 +271,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p.add_argument("--on-live", action="store_true",
                        help="allow --dry-run outside local")
         p.add_argument("--actor", help="who to record in migration_audit (default: OS user); "
-                                       "apply on production or proxy needs it: the approver")
+                                       f"{name} on production or proxy needs it: the approver")
         p.add_argument("--run-id", help="an id to record in migration_audit (a CI job, a ticket)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.add_argument("--no-safe-forms", action="store_true",

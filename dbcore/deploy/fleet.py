@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from dbcore.backup.dump import database_size, list_backups
 from dbcore.connection import Env, Target, connect, resolve_target
 from dbcore.deploy.plan import plan_and_lint
-from dbcore.errors import DbcoreError, FleetFileError, PlanNotApproved
+from dbcore.errors import DbcoreError, FleetApprovalRefused, FleetFileError, PlanNotApproved
 from dbcore.migrate.history import read_applied
 from dbcore.migrate.plan import Plan
 from dbcore.settings import ENV_VAR_NAME, Settings
@@ -40,6 +40,11 @@ DEFAULT_CONCURRENCY = 4
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOP_KEYS = {"canary", "concurrency", "databases"}
 _TARGET_KEYS = {"name", "url_env"}
+
+
+#: the flow whose approval a database's run may be handed, and the only deployment that takes it
+FLEET_FLOW = "migrate-fleet"
+FLEET_MEMBER_DEPLOYMENT = "migrate-fleet-member"
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,28 @@ def load_fleet(text: str, where: str = "targets") -> Fleet:
     return Fleet(canary, _count(doc, "concurrency", DEFAULT_CONCURRENCY, 1, where), databases)
 
 
+def check_size(fleet: Fleet, limit: int, where: str = "targets") -> None:
+    """Refuse a fleet of more than ``limit`` databases (FleetFileError): split it into several files."""
+    if len(fleet.databases) > limit:
+        raise FleetFileError(
+            f"{where} names {len(fleet.databases)} databases, more than the {limit} one fleet run "
+            "takes (each is planned before the approval and runs as its own flow run): split it "
+            "into several targets files, or raise MIGRATE_FLEET_MAX_DATABASES")
+
+
 def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def database_fingerprint(name: str, migrations: list[tuple[str, str]]) -> str:
-    """Return the fingerprint of one database's part of a fleet plan: its name, pending names and sha256s."""
-    return _digest({"database": name, "migrations": [list(m) for m in migrations]})
+def database_fingerprint(name: str, migrations: list[tuple[str, str]],
+                         inputs: tuple[tuple[str, str], ...] = ()) -> str:
+    """Return the fingerprint of one database's part of a fleet plan: its name, pending names and
+    sha256s, and every file of the migrations folder (``Plan.inputs``: data files too) when
+    anything is pending."""
+    data = {"database": name, "migrations": [list(m) for m in migrations]}
+    if migrations and inputs:
+        data["inputs"] = [list(i) for i in inputs]
+    return _digest(data)
 
 
 @dataclass(frozen=True)
@@ -144,10 +164,11 @@ class DatabasePlan:
     lint_summary: str = ""
     lint_ok: bool = True
     error: str = ""
+    inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of every file of the migrations folder
 
     @property
     def fingerprint(self) -> str:
-        return database_fingerprint(self.name, list(self.migrations))
+        return database_fingerprint(self.name, list(self.migrations), self.inputs)
 
     @property
     def ok(self) -> bool:
@@ -169,12 +190,22 @@ def plan_database(member: FleetTarget, target: Target, settings: Settings,
         return DatabasePlan(member.name, member.url_env, target.dbname, error=str(exc))
     return DatabasePlan(member.name, member.url_env, target.dbname,
                         tuple((m.name, m.sha256) for m in plan.migrations), size,
-                        report.summary(), report.ok)
+                        report.summary(), report.ok, inputs=plan.inputs)
+
+
+def fleet_parts(plans: list[DatabasePlan]) -> list[list[str]]:
+    """Return what the fleet's fingerprint covers: each database's name, URL variable and plan, in order."""
+    return [[p.name, p.url_env, p.fingerprint] for p in plans]
 
 
 def fleet_fingerprint(plans: list[DatabasePlan]) -> str:
     """Return the fingerprint the fleet's approval covers: every database's part, in order."""
-    return _digest([[p.name, p.fingerprint] for p in plans])
+    return parts_fingerprint(fleet_parts(plans))
+
+
+def parts_fingerprint(parts: list[list[str]]) -> str:
+    """Return the fingerprint of a fleet's parts (as :func:`fleet_parts` lists them)."""
+    return _digest(parts)
 
 
 class FleetApproval(BaseModel):
@@ -188,17 +219,80 @@ class FleetApproval(BaseModel):
     fleet_fingerprint: str
     database: str
     plan_fingerprint: str
+    #: who approved: informative only; the run records the approver stored on the fleet run
     approver: str = ""
+    #: the `migrate-fleet` run that asked for the approval (its record is checked, see below)
+    fleet_run_id: str = ""
 
     def check(self, plan: Plan) -> str | None:
         """Return the approver (None if nobody approved) if ``plan`` is the approved one; else raise PlanNotApproved."""
-        mine = database_fingerprint(self.database, [(m.name, m.sha256) for m in plan.migrations])
+        mine = database_fingerprint(self.database, [(m.name, m.sha256) for m in plan.migrations],
+                                    plan.inputs)
         if mine != self.plan_fingerprint:
             raise PlanNotApproved(
                 f"the plan of {self.database} ({', '.join(plan.names) or 'nothing'}) is not the one the "
                 f"fleet approval {self.fleet_fingerprint[:12]} covered (migration files or history "
                 "changed since): run the fleet again and approve the new plan")
         return self.approver or None
+
+
+@dataclass(frozen=True)
+class FleetRunRecord:
+    """What Prefect's API holds about the fleet run an approval names, and about the run handed it.
+
+    Read by the flow (dbcore never talks to Prefect); judged by :func:`verify_fleet_approval`.
+    """
+
+    member_deployment: str | None  # the deployment of the run handed the approval; None: none
+    found: bool = False  # the named fleet run exists
+    flow_name: str = ""
+    state: str = ""  # its state type: RUNNING while it runs its databases
+    member_is_child: bool = False  # the run handed the approval was started by that fleet run
+    parts: list | None = None  # what the fleet run stored of its plan (fleet_parts), if anything
+    approvers: tuple[str, ...] = ()  # the names of its stored, valid approvals of that fingerprint
+
+
+def verify_fleet_approval(approval: FleetApproval, url_env: str | None, record: FleetRunRecord, *,
+                          needs_person: bool) -> FleetApproval:
+    """Return ``approval`` with the approver Prefect's record names, if the record bears it out.
+
+    A made-up approval (any run can be started with any parameters) is refused: it must name a
+    `migrate-fleet` run that is running, started this run, stored a plan whose fingerprint is the
+    approved one and that holds this database (name, URL variable, plan), and, where a person
+    must approve (``needs_person``: a live database), holds a stored approval of that fingerprint.
+    Raises FleetApprovalRefused naming what does not hold; the plan itself is compared later
+    (:meth:`FleetApproval.check`).
+    """
+    def refuse(why: str) -> FleetApprovalRefused:
+        return FleetApprovalRefused(f"fleet_approval refused: {why}")
+
+    if record.member_deployment not in (None, FLEET_MEMBER_DEPLOYMENT):
+        raise refuse(f"the {record.member_deployment} deployment never takes one (only "
+                     f"{FLEET_MEMBER_DEPLOYMENT} runs started by a {FLEET_FLOW} run do): start it "
+                     "without fleet_approval, and approve its own plan when it pauses")
+    fleet = approval.fleet_run_id or "(none)"
+    if not record.found:
+        raise refuse(f"it names no {FLEET_FLOW} run that exists (fleet_run_id {fleet[:36]}): "
+                     f"run the fleet with flows/fleet.py and approve it there")
+    if record.flow_name != FLEET_FLOW:
+        raise refuse(f"run {fleet} is a {record.flow_name} run, not a {FLEET_FLOW} run")
+    if record.state != "RUNNING":
+        raise refuse(f"the {FLEET_FLOW} run {fleet} is {record.state or 'not running'}, so it "
+                     "starts no database: run the fleet again")
+    if not record.member_is_child:
+        raise refuse(f"this run was not started by the {FLEET_FLOW} run {fleet}: only the fleet "
+                     "starts its databases' runs")
+    if record.parts is None or parts_fingerprint(record.parts) != approval.fleet_fingerprint:
+        raise refuse(f"the {FLEET_FLOW} run {fleet} holds no plan of fingerprint "
+                     f"{approval.fleet_fingerprint[:12]}")
+    if [approval.database, url_env or "", approval.plan_fingerprint] not in record.parts:
+        raise refuse(f"the approved fleet plan {approval.fleet_fingerprint[:12]} has no database "
+                     f"{approval.database} read from {url_env or 'DATABASE_URL'} with this plan")
+    if needs_person and not record.approvers:
+        raise refuse(f"nobody approved the fleet plan {approval.fleet_fingerprint[:12]} on run "
+                     f"{fleet}: approve the fleet run, not its databases")
+    approver = record.approvers[-1] if record.approvers else ""
+    return approval.model_copy(update={"approver": approver})
 
 
 def applied_of(target: Target, pending: list[str]) -> tuple[str, ...]:

@@ -5,8 +5,9 @@ first task runs, and the backup and the copy are the long part of a run. :func:`
 thread and, when there is something to apply and the lint lets it through, starts the backup
 with the copy restored from its stream (:func:`dbcore.deploy.rehearsal.backup_into_copy`). The
 flow's backup task :meth:`HeadStart.claim`\\ s it only for the same plan (same target, history and
-files); anything else, or a head start nobody claimed, is discarded: its copy dropped, its backup
-left in the bucket as any other backup.
+files); anything else, or a head start nobody claimed, is discarded: its copy dropped and its
+backup deleted (a run that stopped before its own backup, at the preflight say, leaves no backup
+object behind: no change followed it).
 
 Only a read of the database happens ahead: the plan, the lint, the preflight, ``pg_dump``.
 Nothing is applied. It starts the backup only when the preflight finds nothing in the way right
@@ -21,7 +22,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from dbcore.backup.dump import BackupInfo, BytesProgress
+from dbcore.backup.dump import S3_ERRORS, BackupInfo, BytesProgress
+from dbcore.backup.storage import delete, open_storage
 from dbcore.connection import Target
 from dbcore.deploy.preflight import PreflightReport, preflight
 from dbcore.deploy.rehearsal import ScratchCopy, backup_into_copy
@@ -30,6 +32,7 @@ from dbcore.deploy.touched import tables_of_plan
 from dbcore.errors import PreflightFailed
 from dbcore.lint.engine import lint_pending
 from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.redact import error_line
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,15 +135,21 @@ class HeadStart:
         return self.result
 
     def discard(self) -> None:
-        """Wait for an unclaimed head start to end and drop its copy (its backup stays stored)."""
+        """Wait for an unclaimed head start to end; drop its copy and delete its backup."""
         if self.claimed:
             return
         self._done.wait()
         if self.result is not None:
-            copy = self.result[1]
+            info, copy = self.result
             log.info("head start not used (the run planned something else or stopped before "
-                     "its backup): dropping its copy %s", copy.target.dbname)
+                     "its backup): dropping its copy %s and its backup %s", copy.target.dbname,
+                     info.key)
             copy.discard()
+            try:
+                delete(open_storage(self.settings), info.key)
+            except S3_ERRORS as exc:
+                log.warning("the unused head start's backup %s could not be deleted: %s", info.key,
+                            error_line(exc))
 
 
 def begin(target: Target, settings: Settings, server: RehearsalServer, *,

@@ -21,6 +21,7 @@ from dbcore.lint.engine import lint_pending
 from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, plan_apply
+from dbcore.migrate.sqlcheck import sql_digest
 from dbcore.settings import Settings
 
 
@@ -43,14 +44,19 @@ def plan_and_lint(target: Target, settings: Settings, *, allow_destructive: bool
                               allow_destructive=allow_destructive, applied=plan.applied_before)
 
 
-def plan_fingerprint(plan: Plan, backup_key: str | None) -> str:
-    """Return 16 hex digits that change when the target, a migration (name or file) or the backup does.
+def plan_fingerprint(plan: Plan, backup_key: str | None, sql: str | None = None) -> str:
+    """Return 16 hex digits that change when the target, a migration (name or file), any file
+    of the migrations folder (or of a checks folder beside it), the backup or the SQL the
+    rehearsal sent (``sql``: :func:`dbcore.migrate.sqlcheck.sql_digest`) does.
 
     An approval covers the plan of one fingerprint: the flow re-makes the plan right before the
-    apply and refuses to go on when the fingerprint differs from the approved one.
+    apply and refuses to go on when the fingerprint differs from the approved one; the apply then
+    compares the SQL it sends with the rehearsal's (dbcore.migrate.sqlcheck).
     """
     data = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
-            "backup": backup_key}
+            "backup": backup_key, "inputs": [list(i) for i in plan.inputs]}
+    if sql is not None:
+        data["sql"] = sql
     if plan.steps_pending:  # a run continuing an earlier apply's phases 2-4: its own approval
         data["steps"] = list(plan.steps_pending)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -62,6 +68,12 @@ def plan_changes(before: Plan, after: Plan) -> str:
     words = [f"{n}.py changed on disk" for n in new if n in old and new[n] != old[n]]
     words += [f"{n}.py is new" for n in new if n not in old]
     words += [f"{n}.py is no longer pending" for n in old if n not in new]
+    migration_paths = {m.path.name for m in after.migrations} | {m.path.name for m in before.migrations}
+    was, now = dict(before.inputs), dict(after.inputs)
+    for path in sorted(set(was) | set(now)):
+        if was.get(path) != now.get(path) and path.rsplit("/", 1)[-1] not in migration_paths:
+            state = "is new" if path not in was else "is gone" if path not in now else "changed"
+            words.append(f"{path} {state}")
     if before.database != after.database:
         words.append("the target database is another")
     return ", ".join(words) or "the backup is another"
@@ -80,12 +92,23 @@ def _copy_sentence(r: RehearsalReport, markdown: bool = True) -> str:
             f"in {r.restore_seconds:.2f} s")
 
 
+#: said in the plan when the rehearsal's copy was on the production cluster (MIGRATE_REHEARSAL_ON_TARGET=1)
+ON_PRODUCTION_CLUSTER = (
+    "the copy was made on the production cluster itself, under production's user "
+    "(MIGRATE_REHEARSAL_ON_TARGET=1): the migration code of the rehearsal ran with production's "
+    "credentials (pointed at the copy) and on production's server")
+
+
 def _leftover_lines(r: RehearsalReport, markdown: bool = True) -> list[str]:
-    """Return what the rehearsal found of earlier runs that died: dropped, or kept and why."""
+    """Return where the copy was, when that is production's cluster, and what the rehearsal found
+    of earlier runs that died: dropped, or kept and why."""
+    notes = [f"- **note**: {ON_PRODUCTION_CLUSTER}" if markdown else f"- note: {ON_PRODUCTION_CLUSTER}"
+             ] if r.on_production_cluster else []
     tick = "`" if markdown else ""
     lines = [f"- dropped scratch database {tick}{name}{tick}, left by an earlier run that did "
              "not finish" for name in r.leftovers.dropped]
     lines += [f"- kept scratch database {tick}{name}{tick}: {why}" for name, why in r.leftovers.kept]
+    lines = notes + lines
     return lines + [""] if lines and markdown else lines
 
 
@@ -165,9 +188,18 @@ class DeployPlan:
         return replace(approval, comment=f"{approval.comment}; {note}" if approval.comment else note)
 
     @property
+    def sql_digest(self) -> str | None:
+        """The digest of the SQL the rehearsal sent (None without a rehearsal)."""
+        return sql_digest(self.rehearsal.results) if self.rehearsal else None
+
+    @property
     def fingerprint(self) -> str:
         """The plan's fingerprint (:func:`plan_fingerprint`): what an approval covers."""
-        return plan_fingerprint(self.plan, self.backup.key if self.backup else None)
+        return self.fingerprint_of(self.plan)
+
+    def fingerprint_of(self, plan: Plan) -> str:
+        """Return the fingerprint ``plan`` (made again, before the apply) would have with this backup and SQL."""
+        return plan_fingerprint(plan, self.backup.key if self.backup else None, self.sql_digest)
 
     def headline(self) -> str:
         """One line: what would be applied where."""

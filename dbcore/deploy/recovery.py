@@ -82,8 +82,9 @@ class InPlaceRestore:
 
 
 def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: str,
-                     progress: BytesProgress | None = None) -> InPlaceRestore:
-    """Replace ``target``'s database by the backup ``key``; the old one is kept renamed.
+                     progress: BytesProgress | None = None, kept_infix: str = "_failed_"
+                     ) -> InPlaceRestore:
+    """Replace ``target``'s database by the backup ``key``; the old one is kept renamed (``kept_infix``).
 
     Raises BackupCorrupt/RestoreFailed before the live database is touched when the backup is bad.
     Writes made after the backup was taken stay only in the kept database.
@@ -91,7 +92,7 @@ def restore_in_place(key: str, target: Target, settings: Settings, *, run_id: st
     started = time.monotonic()
     suffix = run_id.replace("-", "")[:8]
     fresh = target.with_dbname(derived_name(target.dbname, f"_restored_{suffix}"))
-    kept = derived_name(target.dbname, f"_failed_{suffix}")
+    kept = derived_name(target.dbname, f"{kept_infix}{suffix}")
     # Everything that can fail slowly happens on the new database: the live one is untouched.
     restore_backup(key, fresh, settings, allow_production=True, progress=progress)
     with raw_session(target.with_dbname("postgres"), "dbmigrate restore") as admin:

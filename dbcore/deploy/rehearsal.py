@@ -19,13 +19,14 @@ from typing import Any
 
 import peewee
 import psycopg2
+from pydantic import SecretStr
 
 from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.pgtools import server_major
 from dbcore.backup.restore import restore_backup
 from dbcore.backup.stream import ArchiveCheck, StreamRestore
 from dbcore.checks.data import DataChecks
-from dbcore.checks.post import CheckReport, drift_before, run_post_checks
+from dbcore.checks.post import CheckReport, drift_before, load_models, run_post_checks
 from dbcore.connection import Env, Target, raw_session
 from dbcore.deploy.dropped import DropCounter, DroppedColumn
 from dbcore.deploy.locks import LockMeter
@@ -54,6 +55,8 @@ from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
 from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import SqlBatch
 from dbcore.migrate.backfill import LargeUpdates
+from dbcore.migrate.files import review_env
+from dbcore.migrate.isolated import call_with_plan
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
 from dbcore.migrate.runner import execute
 from dbcore.redact import error_line, redact
@@ -77,6 +80,8 @@ class RehearsalReport:
     leftovers: Leftovers = field(default_factory=Leftovers)
     #: the columns the plan drops, with the non-null values each held on the copy
     dropped_columns: tuple[DroppedColumn, ...] = ()
+    #: the copy was made on a live target's own cluster, under its user (MIGRATE_REHEARSAL_ON_TARGET=1)
+    on_production_cluster: bool = False
     #: the work the safe forms and backfills moved after the batch's commit, SQL by phase
     steps: tuple[str, ...] = field(default=())
     #: how long each of those steps took on the copy (a backfill's time: the ETA live)
@@ -113,6 +118,7 @@ class RehearsalReport:
             "sql_findings": [f.to_dict() for f in self.sql_findings],
             "server": self.server, "method": self.method, "leftovers": self.leftovers.to_dict(),
             "dropped_columns": [d.to_dict() for d in self.dropped_columns],
+            "on_production_cluster": self.on_production_cluster,
             "locks": self.locks.to_dict() if self.locks else None,
             "budget_enforced": self.budget_enforced,
         }
@@ -296,9 +302,40 @@ def _existing_tables(target: Target) -> set[str]:
                                   f"{redact(str(exc).strip(), target.password)}") from None
 
 
+def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id: str,
+                 allow_destructive: bool, locks: tuple[bool, int, str],
+                 progress: Progress | None = None
+                 ) -> tuple[tuple[MigrationResult, ...], CheckReport | None, list[Finding],
+                            tuple[DroppedColumn, ...], LockVerdict, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(In a child process.) Apply ``plan`` on the copy measuring its locks, check it, lint the SQL it sent.
+
+    ``locks`` is (allow_long_locks, the live server's major, where the copy is) for the verdict.
+    """
+    if isinstance(models, str):  # the application's models, imported here, never in the run
+        models = load_models(models)
+    allow_long_locks, target_major, where = locks
+    existing = _existing_tables(scratch)
+    before = drift_before(scratch, models)
+    drops, meter = DropCounter(), LockMeter(scratch)
+    large = LargeUpdates(settings.large_update_rows)
+    report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
+                     progress=progress, observers=[drops, meter, large])
+    files = {m.name: m.path for m in plan.migrations}
+    verdict = judge(meter.report(), budget=settings.lock_budget, files=files,
+                    allow_long_locks=allow_long_locks, target_major=target_major, server=where)
+    # the team's own checks of the data too: verify() of these migrations,
+    # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
+    data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
+    checks = run_post_checks(scratch, models, before=before, data=data)
+    findings = lint_captured_sql(report.results, existing, allow_destructive, files)
+    findings += large_update_findings(large)
+    return (report.results, checks, findings, tuple(drops.dropped), verdict,
+            (report.steps, report.phase_timings))
+
+
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
                      copy: ScratchCopy | None = None, server: RehearsalServer | None = None,
-                     models: list[type[peewee.Model]] | None = None, run_id: str | None = None,
+                     models: str | list[type[peewee.Model]] | None = None, run_id: str | None = None,
                      allow_destructive: bool = False, progress: Progress | None = None,
                      restore_progress: BytesProgress | None = None, allow_long_locks: bool = False,
                      target_major: int | None = None) -> RehearsalReport:
@@ -309,43 +346,40 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
     ``target_major`` is the live server's PostgreSQL major (read from ``target`` when None).
     Returns the report, with the lock verdict judged against MIGRATE_LOCK_BUDGET; raises
     RehearsalFailed (RehearsalMajorMismatch for another major when the same is required; the
-    copy is always dropped).
+    copy is always dropped). The migration code (and the application's ``models``, given as
+    ``module:LIST``) runs in a child process whose environment names the copy and no other
+    database (dbcore.sandbox): code that connects to ``DATABASE_URL`` by itself reaches the
+    copy, never the target.
     """
     run_id = run_id or uuid.uuid4().hex
     if copy is None:
         copy = restore_into_copy(target, server or rehearsal_server(target, settings), settings,
                                  run_id, backup_key, restore_progress)
     scratch = copy.target
+    # what the child sees: the copy as DATABASE_URL, no password of the target's
+    env = review_env(target.password, *settings.secrets(), database_url=scratch.url)
+    seen = settings.model_copy(update={"database_url": SecretStr(scratch.url),
+                                       "rehearsal_database_url": None})
     try:
-        existing = _existing_tables(scratch)
-        before = drift_before(scratch, models)
         target_major = target_major or _server_major(target)
         check_major(_server_major(scratch), target_major, settings)
-        drops, meter = DropCounter(), LockMeter(scratch)
-        large = LargeUpdates(settings.large_update_rows)
         try:
-            report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                             progress=progress, observers=[drops, meter, large])
+            results, checks, findings, dropped, verdict, phases = call_with_plan(
+                _on_the_copy, plan, scratch, seen, models, run_id, allow_destructive,
+                (allow_long_locks, target_major, copy.server.where), plan=plan,
+                target=scratch, settings=settings, env=env, progress=progress,
+                what="the rehearsal")
         except DbcoreError as exc:
             raise RehearsalFailed(f"rehearsal on a copy failed, the live database was not "
                                   f"touched: {exc}") from exc
-        verdict = judge(meter.report(), budget=settings.lock_budget,
-                        files={m.name: m.path for m in plan.migrations},
-                        allow_long_locks=allow_long_locks, target_major=target_major,
-                        server=copy.server.where)
-        # the team's own checks of the data too: verify() of these migrations,
-        # migrations/checks/*.sql and MIGRATE_VERIFY_COMMAND against the copy
-        data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
-        checks = run_post_checks(scratch, models, before=before, data=data)
-        findings = lint_captured_sql(report.results, existing, allow_destructive,
-                                     {m.name: m.path for m in plan.migrations})
-        findings += large_update_findings(large)
-        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, report.results,
+        result = RehearsalReport(scratch.dbname, backup_key, copy.seconds, results,
                                  checks, tuple(findings), server=copy.server.where,
                                  method=copy.method, leftovers=copy.leftovers,
-                                 dropped_columns=tuple(drops.dropped), locks=verdict,
-                                 budget_enforced=target.env is not Env.LOCAL, steps=report.steps,
-                                 phase_timings=report.phase_timings)
+                                 dropped_columns=dropped, locks=verdict,
+                                 budget_enforced=target.env is not Env.LOCAL,
+                                 on_production_cluster=copy.server.on_target
+                                 and target.env is not Env.LOCAL,
+                                 steps=phases[0], phase_timings=phases[1])
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

@@ -15,10 +15,10 @@ import peewee
 from dbcore.backup.dump import BackupInfo, BytesProgress, backup_to_s3
 from dbcore.checks.data import DataChecks
 from dbcore.checks.drift import DriftReport
-from dbcore.checks.post import CheckReport, drift_before, run_post_checks
+from dbcore.checks.post import CheckReport, drift_before, load_models, run_post_checks
 from dbcore.deploy import plan as plans
 from dbcore.deploy import preflight as preflights
-from dbcore.deploy.plan import DeployPlan, plan_changes, plan_fingerprint
+from dbcore.deploy.plan import DeployPlan, plan_changes
 from dbcore.deploy.recovery import schema_snapshot
 from dbcore.deploy.rehearsal import RehearsalReport, ScratchCopy, backup_into_copy, rehearse_on_copy
 from dbcore.deploy.run import DeployRun
@@ -30,6 +30,7 @@ from dbcore.lint.report import LintReport
 from dbcore.migrate import retry
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, ProgressEvent, RunReport
+from dbcore.migrate.sqlcheck import SameSqlAsRehearsed, rehearsed_sql
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,14 @@ def backup(run: DeployRun, plan: Plan, server: RehearsalServer | None = None, *,
 def rehearse(run: DeployRun, plan: Plan, backup_info: BackupInfo, models: Models | None,
              copy: ScratchCopy | None = None, *, restore_progress: BytesProgress | None = None
              ) -> RehearsalReport:
-    """Apply the plan on the copy (else on the backup restored now, where the rehearsal runs), check it, drop it."""
+    """Apply the plan on the copy (else on the backup restored now, where the rehearsal runs), check it, drop it.
+
+    The migration code runs in a child process whose DATABASE_URL is the copy; so do the
+    application's models (``MIGRATE_MODELS``) when ``models`` is None: imported there, not here.
+    """
     return rehearse_on_copy(plan, run.target, run.settings, backup_info.key, copy=copy,
-                            server=None if copy else rehearsal_server(run), models=models,
+                            server=None if copy else rehearsal_server(run),
+                            models=models if models is not None else run.settings.models,
                             run_id=run.run_id, allow_destructive=run.options.allow_destructive,
                             restore_progress=restore_progress,
                             allow_long_locks=run.options.allow_long_locks)
@@ -112,8 +118,7 @@ def plan_again(run: DeployRun, deploy: DeployPlan) -> Plan | None:
     again, _ = plan_and_lint(run)
     if again.empty:
         return None
-    backup_key = deploy.backup.key if deploy.backup else None
-    if plan_fingerprint(again, backup_key) != deploy.fingerprint:
+    if deploy.fingerprint_of(again) != deploy.fingerprint:  # the files, the folder, the rehearsed SQL
         raise PlanChangedSinceApproval(
             f"plan changed since it was approved, nothing changed: {plan_changes(deploy.plan, again)}; "
             "run again and approve the new plan")
@@ -131,27 +136,36 @@ class ApprovedChange:
     schema_before: str  # to verify a rollback against
     drift_before: DriftReport | None  # the live database's drift before the apply, judged after it
     approval: ApprovalRecord  # who approved (if anyone), why, and the fingerprint of the plan
+    #: the SQL the rehearsal sent, by migration: the apply sends the same (dbcore.migrate.sqlcheck)
+    rehearsed: dict[str, tuple[str, ...]] | None = None
 
 
 def snapshot_before(run: DeployRun, deploy: DeployPlan, models: Models | None, actor: str | None,
                     approval: ApprovalRecord) -> ApprovedChange:
     """Take the schema snapshot and the drift of the live database right before the apply.
 
+    ``models`` None: the application's models (``MIGRATE_MODELS``) are imported now, approved.
     The lock budget breaches that were allowed go into the approval's comment: the audit rows.
     """
+    if models is None:
+        models = load_models(run.settings.models)
+    rehearsed = rehearsed_sql(deploy.rehearsal.results) if deploy.rehearsal else None
     return ApprovedChange(deploy.plan, models, deploy.backup.key if deploy.backup else None, actor,
                           schema_snapshot(run.target), drift_before(run.target, models),
-                          deploy.record_allowances(approval))
+                          deploy.record_allowances(approval), rehearsed)
 
 
 def apply(run: DeployRun, approved: ApprovedChange, phase_progress=None) -> RunReport:
     """Apply the plan under the migration lock, a table lock timeout retried with jittered backoff.
 
-    ``phase_progress`` is told the steps after the batch's commit (dbcore.migrate.phases).
+    In a child process (an exit is a failure naming the file); it stops where it would send
+    other SQL than the rehearsal did (dbcore.migrate.sqlcheck). ``phase_progress`` is told the
+    steps after the batch's commit (dbcore.migrate.phases).
     """
+    observers = [SameSqlAsRehearsed(approved.rehearsed)] if approved.rehearsed else []
     return retry.apply_retrying(approved.plan, run.target, run.settings, actor=approved.actor,
                                 run_id=run.run_id, progress=_log_applied, approval=approved.approval,
-                                phase_progress=phase_progress)
+                                observers=observers, phase_progress=phase_progress)
 
 
 def post_checks(run: DeployRun, approved: ApprovedChange) -> CheckReport:

@@ -92,3 +92,76 @@ def tables_of_plan(paths: Iterable[Path], captured: Iterable[str] | None = None)
         if found is not None:
             return found
     return tables_in_files(paths)
+
+
+_CREATES = {"create_model", "create_table"}
+_DROPS = {"remove_model", "drop_table"}
+
+
+def _class_table(node: ast.ClassDef) -> str:
+    """The table of a model class: its ``Meta.table_name``, else peewee's default."""
+    for item in node.body:
+        if isinstance(item, ast.ClassDef) and item.name == "Meta":
+            for assign in item.body:
+                if isinstance(assign, ast.Assign) and (name := _string(assign.value)) and any(
+                        isinstance(t, ast.Name) and t.id == "table_name" for t in assign.targets):
+                    return name
+    return _default_table_name(node.name)
+
+
+def _sql_tables(text: str) -> tuple[set[str], set[str]]:
+    """The tables a literal SQL text creates and drops (what pglast can read of it)."""
+    created: set[str] = set()
+    dropped: set[str] = set()
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(_PLACEHOLDER.sub("NULL", text).replace("%%", "%")))
+    except pg_parser.ParseError:
+        return created, dropped
+    for raw in tree.get("stmts", []):
+        stmt = raw.get("stmt", {})
+        if "CreateStmt" in stmt:
+            created.add(stmt["CreateStmt"]["relation"]["relname"])
+        elif "DropStmt" in stmt and stmt["DropStmt"].get("removeType") == "OBJECT_TABLE":
+            for names in stmt["DropStmt"].get("objects", []):
+                items = names.get("List", {}).get("items", [])
+                if items:
+                    dropped.add(items[-1].get("String", {}).get("sval", ""))
+    return created, dropped
+
+
+def _creates(decorator: ast.expr) -> bool:
+    """Whether a class decorator is ``@migrator.create_model`` (or ``create_table``), called or not."""
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(target, ast.Attribute) and target.attr in _CREATES
+
+
+def tables_created_by_files(paths: Iterable[Path]) -> set[str]:
+    """Return the tables the migration files create and that a later one of them does not drop.
+
+    Read from each file's ``migrate()`` (``@migrator.create_model`` classes, ``create_model(X)``,
+    literal ``CREATE TABLE`` SQL); what the code does not spell out literally is not counted.
+    """
+    tables: set[str] = set()
+    for path in paths:
+        try:
+            tree = ast.parse(Path(path).read_bytes(), str(path))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        classes = {n.name: _class_table(n) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        forward = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "migrate"]
+        for node in (inner for f in forward for inner in ast.walk(f)):  # not rollback()'s drops
+            if isinstance(node, ast.ClassDef) and any(_creates(d) for d in node.decorator_list):
+                tables.add(classes[node.name])
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                first, attr = node.args[0], node.func.attr
+                literal = _string(first)
+                model = (classes.get(first.id, _default_table_name(first.id))
+                         if isinstance(first, ast.Name) else None)
+                if attr in _CREATES and model:
+                    tables.add(model)
+                elif attr in _DROPS and (literal or model):
+                    tables.discard(literal or model or "")
+                elif attr == "sql" and literal is not None:
+                    created, dropped = _sql_tables(literal)
+                    tables = (tables | created) - dropped
+    return {t for t in tables if t and _IDENTIFIER.fullmatch(t)}

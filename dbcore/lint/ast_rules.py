@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from collections.abc import Iterable
 
 from dbcore.lint.report import Finding, finding
@@ -26,6 +27,15 @@ from dbcore.lint.syntax import (
     listed,
 )
 from dbcore.lint.values import Scope, table_of_class
+
+#: calls on an imported database object that DM011 flags
+_APP_DATABASE_CALLS = {"create_tables", "drop_tables", "execute_sql", "execute", "connect", "cursor"}
+#: calls on an imported model class (a query through the app's own database) that DM011 flags
+_APP_MODEL_CALLS = {"select", "update", "insert", "insert_many", "insert_from", "delete", "create",
+                    "get", "get_or_none", "get_or_create", "get_by_id", "bulk_create",
+                    "bulk_update", "raw", "replace", "create_table", "drop_table", "truncate_table"}
+#: modules whose names are never "the application's"
+_NOT_THE_APP = {"peewee", "playhouse", "peewee_migrate", "pw", "dbcore", "."}
 
 # migrator methods whose first argument is a model class (or a table name)
 MODEL_METHODS = {
@@ -154,14 +164,7 @@ class ModuleLint:
                 continue
             attr = node.func.attr
             receiver = node.func.value
-            if (isinstance(receiver, ast.Name) and receiver.id in self.imports
-                    and attr in ("create_tables", "drop_tables", "execute_sql", "execute")
-                    and not self.imports[receiver.id].startswith(("peewee", "playhouse"))):
-                self.add("DM011", node.lineno,
-                         f"{ast.unparse(node.func)}() uses the database object imported from "
-                         f"{self.imports[receiver.id]}: it runs on the application's own connection, "
-                         "outside the batch transaction (it stays even if the batch is rolled back): "
-                         "use the migration's `database` argument or the migrator")
+            self._app_call(node.func, receiver, attr)
             if attr in ("add_column", "drop_column"):
                 self.add("DM002", node.lineno,
                          f"{attr} is not the migrator's API: use {attr}s(Model, ...) instead")
@@ -208,6 +211,35 @@ class ModuleLint:
                             and isinstance(item.optional_vars, ast.Name)):
                         names.add(item.optional_vars.id)
         return names
+
+    def _app_call(self, func: ast.Attribute, receiver: ast.expr, attr: str) -> None:
+        """DM011: a call on the application's own database object or models, imported by the file."""
+        source = self._app_import(receiver)
+        if source and attr in _APP_DATABASE_CALLS:
+            self.add("DM011", func.lineno,
+                     f"{ast.unparse(func)}() uses the database object imported from "
+                     f"{source}: it runs on the application's own connection, "
+                     "outside the batch transaction (it stays even if the batch is rolled back): "
+                     "use the migration's `database` argument or the migrator")
+        elif source and attr in _APP_MODEL_CALLS:
+            self.add("DM011", func.lineno,
+                     f"{ast.unparse(func)}() uses the application's model imported from "
+                     f"{source}: it queries through the application's own database (the one "
+                     "its DATABASE_URL names), outside the batch transaction; before the "
+                     "approval it reaches only the rehearsal's copy: define the model in the "
+                     "migration (or use migrator.orm[...]) and change data with migrator.sql")
+
+    def _app_import(self, receiver: ast.expr) -> str:
+        """Return the module ``receiver`` (a name, or a.b.c) was imported from, if it is the app's; else ""."""
+        root = receiver
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if not isinstance(root, ast.Name) or root.id not in self.imports or root.id in self.database_params:
+            return ""
+        module = self.imports[root.id]
+        if module.split(".")[0] in _NOT_THE_APP or module.split(".")[0] in sys.stdlib_module_names:
+            return ""
+        return module
 
     def _unread_helpers(self) -> None:
         """Read helper functions never called with the migrator in a way the lint can follow."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import datetime
+import functools
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,8 +16,9 @@ from typing import Any, Callable
 
 import peewee
 
-from dbcore.errors import ConfigError, MigrationFileError
+from dbcore.errors import ConfigError, MigrationExited, MigrationFileError
 from dbcore.migrate.history import read_applied
+from dbcore.sandbox import ChildEnded, child_env, emit, run_in_child
 
 #: peewee-migrate's own file mask: three digits, an underscore, a name
 FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")
@@ -83,6 +85,33 @@ def _declares_non_atomic(source: str, path: Path) -> bool:
     return False
 
 
+#: what is never an input of a plan: Python's caches, editors' and version control's files
+_NOT_INPUTS = ("__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".ruff_cache")
+
+
+def folder_inputs(migrations_dir: Path) -> tuple[tuple[str, str], ...]:
+    """Return (path, sha256) of every file the migrations may read, in order.
+
+    That is every file under the migrations folder (the migrations, SQL and data files they
+    open, helper modules) and under a ``checks`` folder beside it, if there is one; paths are
+    relative to the folder holding both. Compiled caches and version-control folders are left out.
+    """
+    migrations_dir = Path(migrations_dir)
+    base = migrations_dir.parent
+    found = []
+    for folder in (migrations_dir, base / "checks"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            parts = path.relative_to(folder).parts
+            if (not path.is_file() or any(p in _NOT_INPUTS for p in parts)
+                    or path.suffix in (".pyc", ".pyo") or path.name.endswith(("~", ".swp"))):
+                continue
+            found.append((path.relative_to(base).as_posix(),
+                          hashlib.sha256(path.read_bytes()).hexdigest()))
+    return tuple(found)
+
+
 def _syntax_message(path: Path, exc: SyntaxError) -> str:
     return (f"migration {path.name} has a syntax error at line {exc.lineno}: {exc.msg}: "
             "fix the file; nothing was applied")
@@ -100,9 +129,14 @@ def discover(migrations_dir: Path) -> list[MigrationFile]:
     files = []
     for path in sorted(migrations_dir.iterdir()):
         if FILE_RE.match(path.name):
-            source = path.read_text(encoding="utf-8")
             # A broken file is recorded, not raised: `status` and `new` must still work;
             # planning it (load) refuses.
+            try:
+                source = read_source(path)
+            except MigrationFileError as exc:
+                files.append(MigrationFile(name=path.stem, path=path, atomic=True, error=str(exc),
+                                           sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+                continue
             try:
                 atomic, error = not _declares_non_atomic(source, path), None
             except MigrationFileError as exc:
@@ -114,9 +148,21 @@ def discover(migrations_dir: Path) -> list[MigrationFile]:
     return files
 
 
+def read_source(path: Path) -> str:
+    """Return a migration file's text; raise MigrationFileError (one line) when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data[:exc.start].count(b"\n") + 1
+        raise MigrationFileError(
+            f"migration {path.name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}): "
+            "save it as UTF-8; nothing was applied") from None
+
+
 def load(file: MigrationFile) -> LoadedMigration:
     """Compile and execute a migration file's module; raise MigrationFileError naming the file."""
-    source = file.path.read_text(encoding="utf-8")
+    source = read_source(file.path)
     try:
         # Compiled under its real file name, so that tracebacks and errors point at it.
         code = compile(source, str(file.path), "exec", dont_inherit=True)
@@ -125,6 +171,10 @@ def load(file: MigrationFile) -> LoadedMigration:
     scope: dict[str, Any] = {"__file__": str(file.path), "__name__": f"migration_{file.name}"}
     try:
         exec(code, scope)
+    except SystemExit as exc:  # sys.exit() at module level: a failure, never a quiet end
+        raise MigrationFileError(
+            f"migration {file.path.name} calls sys.exit({exc.code!r}) on load: remove it; "
+            "nothing was applied") from None
     except Exception as exc:  # a broken import or module-level code
         raise MigrationFileError(
             f"migration {file.path.name} fails on load: {type(exc).__name__}: {exc}: fix the "
@@ -137,7 +187,56 @@ def load(file: MigrationFile) -> LoadedMigration:
             "function: add one (`dbmigrate new` writes the template)"
         )
     rollback = scope.get("rollback")
-    return LoadedMigration(file, migrate, rollback if callable(rollback) else None, scope)
+    return LoadedMigration(file, _no_exit(file, migrate, "migrate()"),
+                           _no_exit(file, rollback, "rollback()") if callable(rollback) else None,
+                           scope)
+
+
+def review_env(*secrets: str | None, database_url: str | None = None) -> dict[str, str]:
+    """Return the environment of code under review: no database at all, or only ``database_url`` (a copy).
+
+    ``secrets`` are the target's passwords: a variable holding one is left out too.
+    """
+    return child_env(database_url=database_url, secrets=[s for s in secrets if s])
+
+
+def _load_each(files: list[MigrationFile]) -> None:
+    """(In the child.) Compile and run each file's module, announcing it first."""
+    for f in files:
+        emit("loading", f.name)
+        load(f)
+
+
+def load_checked(files: list[MigrationFile], env: dict[str, str], deadline: float) -> None:
+    """Load every file in a child process with environment ``env``; raise MigrationFileError naming one.
+
+    Module-level code of a migration (and whatever it imports) runs there, never in this process:
+    before an approval ``env`` names no database (:func:`review_env`).
+    """
+    if not files:
+        return
+    try:
+        run_in_child(_load_each, list(files), env=env, what="loading the migration files",
+                     deadline=deadline)
+    except ChildEnded as exc:
+        loading = [v for k, v in exc.events if k == "loading"]
+        name = f"{loading[-1]}.py" if loading else "a migration file"
+        raise MigrationFileError(f"migration {name}: the process loading it {exc.reason}: remove "
+                                 "what ends the process from its module-level code; nothing was "
+                                 "applied") from None
+
+
+def _no_exit(file: MigrationFile, function: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """Return ``function`` with a SystemExit it raises turned into MigrationExited (an error)."""
+
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except SystemExit as exc:
+            raise MigrationExited(f"{what} of {file.path.name} called sys.exit({exc.code!r}): "
+                                  "a migration ends by returning or raising") from None
+
+    return functools.wraps(function)(call)
 
 
 def status(db: peewee.Database, migrations_dir: Path) -> list[MigrationStatus]:

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     id          bigserial PRIMARY KEY,
     name        text        NOT NULL,
     action      text        NOT NULL CONSTRAINT migration_audit_action_check
-                            CHECK (action IN ('apply', 'rollback', 'baseline')),
+                            CHECK (action IN ('apply', 'rollback', 'baseline', 'restore')),
     checksum    text,
     at          timestamptz NOT NULL DEFAULT now(),
     actor       text        NOT NULL,
@@ -107,10 +107,11 @@ def ensure_audit_table(db: peewee.Database) -> None:
 
 
 def allow_baseline_rows(db: peewee.Database) -> None:
-    """Let an audit table made before ``dbmigrate baseline`` existed take 'baseline' rows."""
+    """Let an audit table made before ``dbmigrate baseline`` (or ``restore``'s audit) existed take
+    'baseline' and 'restore' rows."""
     db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} DROP CONSTRAINT IF EXISTS migration_audit_action_check")
     db.execute_sql(f"ALTER TABLE {AUDIT_TABLE} ADD CONSTRAINT migration_audit_action_check "
-                   "CHECK (action IN ('apply', 'rollback', 'baseline'))")
+                   "CHECK (action IN ('apply', 'rollback', 'baseline', 'restore'))")
 
 
 def record_audit(db: peewee.Database, *, name: str, action: str, checksum: str | None,

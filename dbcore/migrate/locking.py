@@ -16,6 +16,7 @@ import peewee
 
 from dbcore.connection import Target, raw_session
 from dbcore.errors import MigrationLockTimeout
+from dbcore.sandbox import report_backend
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,17 @@ def migration_lock(target: Target, settings: Settings, purpose: str = "apply") -
 
 
 def configure_session(db: peewee.Database, settings: Settings) -> None:
-    """Set the timeouts of a migration session: short lock waits, bounded statements."""
+    """Set the timeouts of a migration session: short lock waits, bounded statements, bounded idling.
+
+    In a child process (dbcore.sandbox) its backend pid is reported to the parent, which ends
+    the session at the deadline.
+    """
+    report_backend(db.connection().info.backend_pid)
     for name, value in (
         ("lock_timeout", settings.lock_timeout),
         ("statement_timeout", settings.statement_timeout),
+        # Python-side waiting inside the batch (a sleep, a slow loop) holds the table locks too
+        ("idle_in_transaction_session_timeout", settings.idle_in_transaction_timeout),
         # a killed client's statement would otherwise run on, holding its locks, until it ends
         ("client_connection_check_interval", "500ms"),
     ):

@@ -21,7 +21,7 @@ from dbcore.errors import (
     RollbackRefused,
 )
 from dbcore.lint.syntax import rollback_gap
-from dbcore.migrate.files import MigrationFile, discover, load
+from dbcore.migrate.files import MigrationFile, discover, folder_inputs, load_checked, review_env
 from dbcore.migrate.history import read_applied
 from dbcore.migrate.phases import pending_steps
 from dbcore.settings import Settings
@@ -87,6 +87,9 @@ class Plan:
     applied_before: tuple[str, ...]
     migrations: tuple[MigrationFile, ...]
     dbname: str = ""  # the database's name, as the approver reads it
+    #: (path, sha256) of every file the plan may read: the whole migrations folder (data files
+    #: such as sql/006_up.sql, helpers) and a checks folder beside it (:func:`folder_inputs`)
+    inputs: tuple[tuple[str, str], ...] = ()
     #: steps an earlier apply left for its phases 2-4 (dbcore.migrate.phases): this apply continues them
     steps_pending: tuple[str, ...] = ()
 
@@ -200,8 +203,9 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     """Return the plan of pending migrations (up to ``upto``), every file compiled and checked."""
     files, applied = read_state(target, settings, db)
     pending = pending_files(files, applied, upto)
-    for f in pending:
-        load(f)  # fail now, naming the file, rather than after earlier ones ran
+    # fail now, naming the file, rather than after earlier ones ran; in a child process whose
+    # environment names no database: the files are code under review (dbcore.sandbox)
+    load_checked(pending, review_env(*settings.secrets(), target.password), settings.apply_deadline)
     own = db is None
     db = db or connect(target)
     try:
@@ -210,7 +214,8 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     finally:
         if own:
             db.close()
-    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname, left)
+    return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname,
+                folder_inputs(settings.migrations_dir), left)
 
 
 def undone_by_nothing(plan: Plan) -> list[tuple[str, str]]:
@@ -255,10 +260,11 @@ def plan_rollback(target: Target, settings: Settings, *, count: int = 1,
         raise MigrationFileError(
             f"cannot roll back {', '.join(missing)}: the file is missing from "
             f"{settings.migrations_dir}: restore it from version control")
-    for name in chosen:
-        load(by_name[name])  # fail now, naming the file, rather than after newer ones were undone
+    # fail now, naming the file, rather than after newer ones were undone (in a child: dbcore.sandbox)
+    load_checked([by_name[n] for n in chosen], review_env(*settings.secrets(), target.password),
+                 settings.apply_deadline)
     plan = Plan("rollback", target.masked_url, tuple(applied), tuple(by_name[n] for n in chosen),
-                target.dbname)
+                target.dbname, folder_inputs(settings.migrations_dir))
     gaps = undone_by_nothing(plan)
     if gaps and not force:
         what = "; ".join(f"{n}.py has {'no' if why == 'missing' else 'an empty'} rollback() while its "

@@ -15,8 +15,8 @@ from typing import Callable
 
 from dbcore.connection import Target
 from dbcore.errors import TableLockTimeout
+from dbcore.migrate.isolated import execute_isolated
 from dbcore.migrate.plan import Plan, RunReport
-from dbcore.migrate.runner import execute
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,16 @@ def backoff(base: float, attempt: int, rng: Callable[[], float] = random.random)
 
 def apply_retrying(plan: Plan, target: Target, settings: Settings, *,
                    sleep: Callable[[float], None] = time.sleep, **kwargs) -> RunReport:
-    """Apply ``plan`` (see :func:`dbcore.migrate.runner.execute`), retrying up to ``settings.lock_retries`` times
-    when it gave up at lock_timeout with nothing committed.
+    """Apply ``plan`` in a child process (:func:`dbcore.migrate.isolated.execute_isolated`),
+    retrying up to ``settings.lock_retries`` times when it gave up at lock_timeout with nothing
+    committed.
 
     Raises the last TableLockTimeout (then no longer retryable) or any other error at once.
     """
     tries = settings.lock_retries + 1
     for attempt in range(tries):
         try:
-            return execute(plan, target, settings, **kwargs)
+            return execute_isolated(plan, target, settings, **kwargs)
         except TableLockTimeout as exc:
             if not exc.retryable:  # something was committed: never repeat
                 raise

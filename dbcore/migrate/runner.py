@@ -16,6 +16,7 @@ each COMMIT; a new kind of phase is one function in ``_PHASE_RUNNERS``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -32,6 +33,7 @@ from dbcore.errors import (
     MigrationFileError,
     NonAtomicFailed,
     PlanOutdated,
+    SqlDiffers,
     TableLockTimeout,
     TransactionBroken,
 )
@@ -190,7 +192,7 @@ def _run_phases(run: _Run) -> None:
                 if not run.dry_run:
                     run.committed.extend(phase.names)
                 run.observer.phase_done(phase, _results_of(run, phase))
-    except (TransactionBroken, NonAtomicFailed):
+    except (TransactionBroken, NonAtomicFailed, SqlDiffers):  # their messages say it all
         raise
     except Exception as exc:
         committed = [] if run.dry_run else run.committed
@@ -396,6 +398,34 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
         return MigrationFailed(
             f"{action} of {name} ran longer than statement_timeout={settings.statement_timeout}"
             f"{kept}: raise MIGRATE_STATEMENT_TIMEOUT or split the migration", committed=committed)
+    if _connection_lost(exc, code):  # the server stopped or the network dropped: not the file's fault
+        return MigrationFailed(
+            f"{action} of {name} failed: the connection to the database server {target.server} "
+            f"was lost ({detail}){kept}: check that the server is running and reachable, then run "
+            "again (`dbmigrate status` shows what is applied)", committed=committed)
     where = "rollback()" if action == "rollback" else "migrate()"
     return MigrationFailed(f"{action} of {name} failed: {type(exc).__name__}: {detail}{kept}: "
                            f"fix {where} in {name}.py and run again", committed=committed)
+
+
+#: SQLSTATEs of a server going away: admin_shutdown, crash_shutdown, cannot_connect_now
+_SERVER_GONE = {"57P01", "57P02", "57P03"}
+_CONNECTION_LOST = re.compile(r"server closed the connection|connection already closed|terminating "
+                              r"connection|could not receive data|no connection to the server|"
+                              r"SSL connection has been closed|connection not open", re.IGNORECASE)
+
+
+def _connection_lost(exc: BaseException, code: str | None) -> bool:
+    """Return whether ``exc`` says the connection to the server was lost (not a SQL error)."""
+    if code and (code.startswith("08") or code in _SERVER_GONE):
+        return True
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (psycopg2.OperationalError, psycopg2.InterfaceError,
+                                peewee.OperationalError, peewee.InterfaceError)) \
+                and not code and _CONNECTION_LOST.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

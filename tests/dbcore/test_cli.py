@@ -146,6 +146,6 @@ def test_apply_on_production_needs_an_approver_and_backs_up_first(db_url, migrat
     assert applied.returncode == 0, applied.stderr
     backups = list_backups(s3_settings)
     assert len(backups) == 1 and backups[0].last_migration == "none" and backups[0].env == "production"
-    assert f"backup before the apply: {backups[0].key}" in applied.stderr
+    assert f"backup before the change (verified): {backups[0].key}" in applied.stderr
     assert "applied 4 migration(s)" in applied.stdout
     assert query(db_url, "SELECT DISTINCT actor FROM migration_audit") == [("Ada",)]

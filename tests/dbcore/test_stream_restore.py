@@ -6,6 +6,7 @@ import pytest
 from helpers import apply_pending, query
 from test_backup import fill, fingerprint, leftovers
 
+from dbcore.backup.dump import list_backups
 from dbcore.backup.restore import verify_backup
 from dbcore.connection import Target
 from dbcore.deploy import head_start
@@ -78,3 +79,5 @@ def test_a_head_start_is_taken_over_only_for_the_same_plan(target, s3_settings, 
     assert not other.claim(plan_apply(target, settings), target)  # a file changed: not the same work
     other.discard()
     assert not _exists(target.with_dbname("postgres").url, other.result[1].target.dbname)  # its copy is gone
+    # and its backup: an unused head start leaves no object behind (the claimed one's stays)
+    assert [b.key for b in list_backups(settings)] == [info.key]

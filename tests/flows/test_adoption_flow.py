@@ -177,7 +177,7 @@ def test_the_rollback_subflow_goes_straight_to_the_restore_for_an_empty_rollback
     assert how.startswith(f"restoring backup {backup.key}")
     assert schema_snapshot(target) == before  # the type and the table are gone with the restore
     assert applied(db_url) == ["001_legacy"]
-    # the broken database kept for inspection is this test's to drop: later tests look for none
-    kept = query(db_url, "SELECT datname FROM pg_database WHERE datname LIKE %s", (target.dbname + "_failed_%",))
-    for (name,) in kept:
+    kept = query(db_url, "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                 (target.dbname + "_failed_%",))
+    for (name,) in kept:  # the broken database, kept for inspection: not left to later tests
         query(db_url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{name}"')

@@ -123,9 +123,9 @@ def test_a_run_handed_another_plan_s_approval_refuses_and_changes_nothing(flow_e
                              plan_fingerprint="0" * 64, approver="Ada")
     state = migrate(env="local", database_url_env="TENANT_URL", backup=False,
                     fleet_approval=approval, return_state=True)
-    assert state.is_failed()
-    assert state.message.startswith("failed at fleet approval check, nothing changed: the plan of "
-                                    "tenant-1 (001_initial_schema, "), state.message
+    assert state.is_failed()  # it names no fleet run: refused before anything is planned
+    assert state.message.startswith("failed at configuration, nothing changed: fleet_approval "
+                                    "refused: it names no migrate-fleet run"), state.message
     assert schema_dump(db_url) == before and applied(db_url) == []
 
 

@@ -48,12 +48,12 @@ def test_a_lock_holder_under_pgbench_load_delays_the_apply_without_errors(
     script.write_text(WRITES)
     pgbench = subprocess.Popen(
         [str(find_pg_bindir("pgbench") / "pgbench"), "--no-vacuum", "--client=2", "--jobs=1",
-         "--time=8", f"--file={script}", db_url],
+         "--time=12", f"--file={script}", db_url],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     blocker = psycopg2.connect(db_url, application_name="long report")
     blocker.autocommit = True
     long_query = threading.Thread(target=lambda: blocker.cursor().execute(
-        "SELECT pg_sleep(4), count(*) FROM project"))
+        "SELECT pg_sleep(8), count(*) FROM project"))
     long_query.start()
     try:
         plan = plan_apply(target, cfg)

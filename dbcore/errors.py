@@ -60,6 +60,19 @@ class NonAtomicFailed(MigrationFailed):
     """An ``atomic = False`` migration failed or left an INVALID index; it ran in autocommit."""
 
 
+class UnsafeChange(MigrationFileError):
+    """A migration asks for a change with no safe form in place (a table rewrite); the batch was rolled back."""
+
+
+class PhaseFailed(MigrationFailed):
+    """A step after the batch's commit (index build, backfill, validation) failed; a rerun continues it."""
+
+    def __init__(self, message: str, *, phase: int = 0, committed: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message, committed=committed)
+        #: the phase the run reached (2 index builds, 3 backfills, 4 validation)
+        self.phase = phase
+
+
 class MigrationLockTimeout(DbcoreError):
     """Another run holds the migration advisory lock and did not release it in time."""
 

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     #: who is recorded in migration_audit; empty means the OS user
     actor: str = ""
 
+    #: rewrite the migrator's risky operations on existing tables into their safe forms (index
+    #: builds CONCURRENTLY after the commit, NOT VALID then VALIDATE, ...): docs/migrations.md
+    safe_forms: bool = True
+    #: an UPDATE or DELETE of the batch changing more rows than this on the rehearsal copy gets
+    #: the lint's DS108 (use migrator.backfill)
+    large_update_rows: int = Field(default=100_000, ge=1)
+
     #: retries of an apply rolled back at lock_timeout (nothing was changed), and the base in
     #: seconds of their backoff: doubling, each wait jittered by +-50% so that runs spread out
     lock_retries: int = Field(default=3, ge=0)

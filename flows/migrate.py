@@ -38,7 +38,13 @@ from dbcore.deploy.fleet import FleetApproval
 from dbcore.deploy.plan import DeployPlan
 from dbcore.deploy.run import DeployRun, RunOptions, handed_over, handing_over
 from dbcore.deploy.steps import ApprovedChange, Models
-from dbcore.errors import DbcoreError, MigrationFailed, NonAtomicFailed, PlanChangedSinceApproval
+from dbcore.errors import (
+    DbcoreError,
+    MigrationFailed,
+    NonAtomicFailed,
+    PhaseFailed,
+    PlanChangedSinceApproval,
+)
 from dbcore.lint.report import LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan
@@ -234,6 +240,9 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
     """Apply the approved plan and post-check it; return what was committed and any problem."""
     try:
         report = tasks.apply(run, approved)
+    except PhaseFailed as exc:  # the batch is committed and valid: no rollback, a rerun continues
+        raise _RunEnds(Failed(message=f"applied; stopped in phase {exc.phase}, after the batch's commit: "
+                                      f"{exc}")) from exc
     except MigrationFailed as exc:
         if not exc.committed and not isinstance(exc, NonAtomicFailed):
             raise _RunEnds(_failed_at("apply", exc)) from exc  # the batch was rolled back

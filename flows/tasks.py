@@ -172,7 +172,26 @@ def snapshot(run: DeployRun, deploy: DeployPlan, models: Models | None, actor: s
 def apply(run: DeployRun, approved: steps.ApprovedChange) -> RunReport:
     """Apply the plan under the migration lock; a table lock timeout is retried inside
     (dbcore.migrate.retry), the task's own retries are for a busy migration lock or a lost connection."""
-    return steps.apply(run, approved)
+    return steps.apply(run, approved, phase_progress=_PhaseArtifact(get_run_logger()))
+
+
+class _PhaseArtifact:
+    """Logs the steps after the batch's commit; a backfill's progress goes to a Prefect progress artifact."""
+
+    def __init__(self, logger) -> None:
+        self.logger, self.ids, self.last = logger, {}, 0.0
+
+    def __call__(self, event) -> None:
+        now = time.monotonic()
+        if event.total and event.done < event.total and now - self.last < 1.0:
+            return  # a backfill reports every batch: once a second is enough
+        self.last = now
+        self.logger.info("[phase %s] %s: %s", event.phase, event.step, event.message)
+        if event.total:
+            if event.step not in self.ids:
+                self.ids[event.step] = create_progress_artifact(0.0, description=f"backfill {event.step}")
+            update_progress_artifact(self.ids[event.step], 100.0 * event.done / event.total,
+                                     description=f"backfill {event.step}: {event.message}")
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

@@ -13,6 +13,7 @@ from dbcore.deploy.plan import DeployPlan, plan_and_lint
 from dbcore.errors import ConfigError, LintStopped
 from dbcore.migrate.files import new_migration, status
 from dbcore.migrate.isolated import execute_isolated as execute  # migration code in a child
+from dbcore.migrate.phases import PhaseEvent, step_summary
 from dbcore.migrate.plan import (
     Plan,
     ProgressEvent,
@@ -34,6 +35,11 @@ def _print_progress(event: ProgressEvent) -> None:
               file=sys.stderr, flush=True)
 
 
+def _print_phase(event: PhaseEvent) -> None:
+    """Show the steps after the batch's commit (index builds, backfills, validation) on stderr."""
+    print(f"[phase {event.phase}] {event.step}: {event.message}", file=sys.stderr, flush=True)
+
+
 def _render_plan(plan: Plan) -> str:
     if plan.empty:
         return f"{plan.database}: nothing to {plan.action}"
@@ -43,6 +49,9 @@ def _render_plan(plan: Plan) -> str:
         kind = "one transaction" if phase.atomic else "autocommit, alone (atomic = False)"
         lines.append(f"  transaction {number} ({kind}):")
         lines += [f"    {m.name}" for m in phase.migrations]
+    if plan.steps_pending:
+        lines.append("  then continue what an earlier apply left after its batch's commit:")
+        lines += [f"    {s}" for s in plan.steps_pending]
     return "\n".join(lines)
 
 
@@ -55,6 +64,9 @@ def _emit(report: RunReport, as_json: bool, show_sql: bool = False) -> None:
             print(f"-- {result.name} ({result.seconds:.2f}s)")
             for statement in result.sql:
                 print(statement.rstrip(";") + ";")
+        if report.steps:
+            print("-- after the batch's commit (safe forms, backfills), by phase:")
+            print("\n".join(f"-- {line}" for line in report.steps))
     print(report.summary())
     if report.note and report.results:
         print(report.note)
@@ -65,6 +77,7 @@ def cmd_status(ctx: Context) -> int:
     db = connect(ctx.target)
     try:
         rows = status(db, ctx.settings.migrations_dir)
+        steps = step_summary(db)
     finally:
         db.close()
     if ctx.args.json:
@@ -90,7 +103,14 @@ def cmd_status(ctx: Context) -> int:
               f"or before dbmigrate): an edit to them cannot be detected; `dbmigrate baseline "
               f"{unknown[-1][:3]}` records their checksums as the files are now")
     pending = sum(not r.applied for r in rows)
-    print(f"{pending} pending" if pending else "up to date")
+    for step in steps:
+        error = f"; last error: {step['error']}" if step["error"] else ""
+        print(f"  phase {step['phase']} left by run {step['run_id']} ({step['state']}, "
+              f"{step['attempts']} attempt(s)): {step['migration']}: {step['kind']} {step['name']} "
+              f"on {step['table']}{error}")
+    if steps:
+        print(f"{len(steps)} step(s) after a committed batch not done: `dbmigrate apply` continues them")
+    print(f"{pending} pending" if pending else ("up to date" if not steps else "no migration pending"))
     return 0
 
 
@@ -158,10 +178,14 @@ def _run(ctx: Context, plan: Plan) -> int:
         print(_render_plan(plan), file=sys.stderr)
     # an apply rolled back at lock_timeout is tried again with backoff (a dry run is not)
     run = apply_retrying if plan.action == "apply" and not ctx.args.dry_run else execute
+    run = partial(run, phase_progress=None if quiet else _print_phase)
     from dbcore.deploy.policy import apply_guarded  # it brings the backup's S3 client: only here
 
     run = partial(apply_guarded, backed_up=_backed_up, run=run)
-    report = run(plan, ctx.target, ctx.settings, dry_run=ctx.args.dry_run,
+    settings = ctx.settings
+    if getattr(ctx.args, "no_safe_forms", False):
+        settings = settings.model_copy(update={"safe_forms": False})
+    report = run(plan, ctx.target, settings, dry_run=ctx.args.dry_run,
                  actor=ctx.args.actor, run_id=ctx.args.run_id,
                  progress=None if quiet else _print_progress)
     _emit(report, quiet, show_sql=ctx.args.dry_run and not quiet)
@@ -250,3 +274,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                        f"{name} on production or proxy needs it: the approver")
         p.add_argument("--run-id", help="an id to record in migration_audit (a CI job, a ticket)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.add_argument("--no-safe-forms", action="store_true",
+                       help="run the migrator's operations in their plain forms this time "
+                            "(MIGRATE_SAFE_FORMS=false; docs/migrations.md)")

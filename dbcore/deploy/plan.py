@@ -57,6 +57,8 @@ def plan_fingerprint(plan: Plan, backup_key: str | None, sql: str | None = None)
             "backup": backup_key, "inputs": [list(i) for i in plan.inputs]}
     if sql is not None:
         data["sql"] = sql
+    if plan.steps_pending:  # a run continuing an earlier apply's phases 2-4: its own approval
+        data["steps"] = list(plan.steps_pending)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -244,6 +246,7 @@ class DeployPlan:
                 kind = f"{number} (batch)" if phase.atomic else f"{number} (alone, atomic = False)"
                 out.append(f"| {m.number} | `{m.name}` | {kind} | {took} | `{m.sha256[:12]}` |")
         out += ["", self.lint.to_markdown(), ""]
+        out += _after_commit_lines(self)
         if self.preflight:
             out += [f"### Preflight {self.preflight.stage}", "",
                     md_cell(self.preflight.text().split(": ", 1)[-1]), "",
@@ -291,6 +294,7 @@ class DeployPlan:
         for phase in self.plan.phases:
             kind = "one transaction" if phase.atomic else "alone, atomic = False"
             out += [f"  {m.name}  ({kind})" for m in phase.migrations]
+        out += ["  " + line for line in _after_commit_lines(self, markdown=False)]
         out.append("lint: " + self.lint.summary())
         out += [f"  {f.text()}" for f in self.lint.findings]
         if self.preflight:
@@ -310,3 +314,20 @@ class DeployPlan:
                 out.append(r.checks.text())
         out += [f"stops the run: {line}" for line in self.stops()]
         return "\n".join(out)
+
+
+def _after_commit_lines(deploy: DeployPlan, *, markdown: bool = True) -> list[str]:
+    """The phases after the batch's commit (safe forms, backfills): the SQL by phase, the copy's times."""
+    out = []
+    if deploy.plan.steps_pending:
+        out.append("Continues the steps an earlier apply left (its batch is committed): "
+                   + "; ".join(deploy.plan.steps_pending))
+    r = deploy.rehearsal
+    if r and r.steps:
+        out.append("After the batch's commit (safe forms and backfills, rehearsed on the copy):")
+        out += ["", "```sql", *r.steps, "```", ""] if markdown else list(r.steps)
+        if r.phase_timings:
+            out.append("Times on the copy: " + "; ".join(r.phase_timings))
+    if markdown and out:
+        return ["### After the batch's commit", "", *out, ""]
+    return out

@@ -52,8 +52,9 @@ from dbcore.errors import (
     RestoreRefused,
 )
 from dbcore.lint.engine import apply_allow_markers, declares_allow_destructive
-from dbcore.lint.report import Finding
+from dbcore.lint.report import Finding, finding
 from dbcore.lint.sql_rules import SqlBatch
+from dbcore.migrate.backfill import LargeUpdates
 from dbcore.migrate.files import review_env
 from dbcore.migrate.isolated import call_with_plan
 from dbcore.migrate.plan import MigrationResult, Plan, Progress
@@ -81,6 +82,10 @@ class RehearsalReport:
     dropped_columns: tuple[DroppedColumn, ...] = ()
     #: the copy was made on a live target's own cluster, under its user (MIGRATE_REHEARSAL_ON_TARGET=1)
     on_production_cluster: bool = False
+    #: the work the safe forms and backfills moved after the batch's commit, SQL by phase
+    steps: tuple[str, ...] = field(default=())
+    #: how long each of those steps took on the copy (a backfill's time: the ETA live)
+    phase_timings: tuple[str, ...] = field(default=())
     locks: LockVerdict | None = None  # what each table's lock will do to the live application
     budget_enforced: bool = False  # a live target: a table over the lock budget stops the run
 
@@ -226,6 +231,15 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
                        leftovers, holder)
 
 
+def large_update_findings(large: LargeUpdates) -> list[Finding]:
+    """DS108: each UPDATE/DELETE of the batch that changed more rows on the copy than the setting allows."""
+    return [finding("DS108", f"{name}.py (rehearsal)", number,
+                    f"{sql} changed {rows} rows on the copy inside the batch's transaction, each locked "
+                    "until the commit (the application's writes to them wait): use migrator.backfill, "
+                    "which updates in short batches after the commit (docs/migrations.md)")
+            for name, number, rows, sql in large.found]
+
+
 def check_major(rehearsal_major: int, target_major: int, settings: Settings) -> None:
     """Refuse a rehearsal server of another major when MIGRATE_REHEARSAL_SAME_MAJOR is set."""
     if settings.rehearsal_same_major and rehearsal_major != target_major:
@@ -292,7 +306,7 @@ def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id
                  allow_destructive: bool, locks: tuple[bool, int, str],
                  progress: Progress | None = None
                  ) -> tuple[tuple[MigrationResult, ...], CheckReport | None, list[Finding],
-                            tuple[DroppedColumn, ...], LockVerdict]:
+                            tuple[DroppedColumn, ...], LockVerdict, tuple[tuple[str, ...], tuple[str, ...]]]:
     """(In a child process.) Apply ``plan`` on the copy measuring its locks, check it, lint the SQL it sent.
 
     ``locks`` is (allow_long_locks, the live server's major, where the copy is) for the verdict.
@@ -303,8 +317,9 @@ def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id
     existing = _existing_tables(scratch)
     before = drift_before(scratch, models)
     drops, meter = DropCounter(), LockMeter(scratch)
+    large = LargeUpdates(settings.large_update_rows)
     report = execute(plan, scratch, settings, run_id=run_id, actor="rehearsal",
-                     progress=progress, observers=[drops, meter])
+                     progress=progress, observers=[drops, meter, large])
     files = {m.name: m.path for m in plan.migrations}
     verdict = judge(meter.report(), budget=settings.lock_budget, files=files,
                     allow_long_locks=allow_long_locks, target_major=target_major, server=where)
@@ -313,7 +328,9 @@ def _on_the_copy(plan: Plan, scratch: Target, settings: Settings, models, run_id
     data = DataChecks.of(settings, [m.path for m in plan.migrations], rehearsal=True)
     checks = run_post_checks(scratch, models, before=before, data=data)
     findings = lint_captured_sql(report.results, existing, allow_destructive, files)
-    return report.results, checks, findings, tuple(drops.dropped), verdict
+    findings += large_update_findings(large)
+    return (report.results, checks, findings, tuple(drops.dropped), verdict,
+            (report.steps, report.phase_timings))
 
 
 def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key: str, *,
@@ -347,7 +364,7 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
         target_major = target_major or _server_major(target)
         check_major(_server_major(scratch), target_major, settings)
         try:
-            results, checks, findings, dropped, verdict = call_with_plan(
+            results, checks, findings, dropped, verdict, phases = call_with_plan(
                 _on_the_copy, plan, scratch, seen, models, run_id, allow_destructive,
                 (allow_long_locks, target_major, copy.server.where), plan=plan,
                 target=scratch, settings=settings, env=env, progress=progress,
@@ -361,7 +378,8 @@ def rehearse_on_copy(plan: Plan, target: Target, settings: Settings, backup_key:
                                  dropped_columns=dropped, locks=verdict,
                                  budget_enforced=target.env is not Env.LOCAL,
                                  on_production_cluster=copy.server.on_target
-                                 and target.env is not Env.LOCAL)
+                                 and target.env is not Env.LOCAL,
+                                 steps=phases[0], phase_timings=phases[1])
     except BaseException:
         drop_quietly(copy.server, scratch.dbname)  # the original error is reported
         copy.release()

@@ -155,16 +155,17 @@ def snapshot_before(run: DeployRun, deploy: DeployPlan, models: Models | None, a
                           deploy.record_allowances(approval), rehearsed)
 
 
-def apply(run: DeployRun, approved: ApprovedChange) -> RunReport:
+def apply(run: DeployRun, approved: ApprovedChange, phase_progress=None) -> RunReport:
     """Apply the plan under the migration lock, a table lock timeout retried with jittered backoff.
 
     In a child process (an exit is a failure naming the file); it stops where it would send
-    other SQL than the rehearsal did (dbcore.migrate.sqlcheck).
+    other SQL than the rehearsal did (dbcore.migrate.sqlcheck). ``phase_progress`` is told the
+    steps after the batch's commit (dbcore.migrate.phases).
     """
     observers = [SameSqlAsRehearsed(approved.rehearsed)] if approved.rehearsed else []
     return retry.apply_retrying(approved.plan, run.target, run.settings, actor=approved.actor,
                                 run_id=run.run_id, progress=_log_applied, approval=approved.approval,
-                                observers=observers)
+                                observers=observers, phase_progress=phase_progress)
 
 
 def post_checks(run: DeployRun, approved: ApprovedChange) -> CheckReport:

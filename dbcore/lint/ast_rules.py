@@ -42,7 +42,7 @@ MODEL_METHODS = {
     "create_model", "create_table", "remove_model", "drop_table", "add_fields", "add_columns",
     "change_fields", "change_columns", "remove_fields", "drop_columns", "rename_field",
     "rename_column", "rename_table", "add_index", "drop_index", "add_not_null", "drop_not_null",
-    "add_default", "drop_default", "add_constraint", "drop_constraints",
+    "add_default", "drop_default", "add_constraint", "drop_constraints", "backfill",
 }
 MIGRATOR_METHODS = MODEL_METHODS | {"sql", "run", "python"}
 DROPS = {"remove_model", "drop_table"}
@@ -333,6 +333,11 @@ class ModuleLint:
                 self.add(rule, call.lineno, message, severity)
         elif method == "sql":
             self._check_sql_call(call, scope, batch)
+        elif method == "backfill":
+            self.add("DM013", call.lineno,
+                     f"migrator.backfill on {table or 'a table'} is dbmigrate's own operation: "
+                     "it runs after the batch's commit, in short batches (phase 3); pw_migrate "
+                     "cannot run this file, keep the project on dbmigrate apply")
         elif method in COLUMN_DROPS:
             self._check_column_drops(where, method, call, first, table or "(unknown)", scope, batch)
         elif table is not None and not batch.is_existing(table):
@@ -443,6 +448,22 @@ class ModuleLint:
             else:
                 yield f"**{ast.unparse(kw.value)}", None, kw.value.lineno
 
+    #: what the safe forms (dbcore/migrate/safe_forms.py) do instead, by rule
+    SAFE_FORMS = {"DS101": "CREATE INDEX CONCURRENTLY after the batch's commit (phase 2)",
+                  "DS102": "the constraint NOT VALID in the batch, VALIDATE after it (phase 4)",
+                  "DS104": "CHECK (col IS NOT NULL) NOT VALID in the batch, then VALIDATE, SET NOT NULL "
+                           "and the CHECK dropped after it (phase 4)"}
+
+    def _migrator_form(self, rule: str, line: int, message: str) -> None:
+        """A finding on SQL the migrator generates: a note when dbmigrate's safe forms replace it."""
+        if self._module_flag("safe_forms") is False:
+            self.add(rule, line, message)
+            return
+        plain = message.split(": ", 1)[0]
+        self.add(rule, line, f"{plain}: dbmigrate apply runs its safe form instead, {self.SAFE_FORMS[rule]} "
+                 "(pw_migrate would run the plain form; `safe_forms = False` in the file turns it off)",
+                 "note")
+
     def _check_added_fields(self, call: ast.Call, table: str, scope: Scope) -> None:
         allow_not_null = any(k.arg == "allow_not_null" and isinstance(k.value, ast.Constant)
                              and k.value.value is True for k in call.keywords)
@@ -470,12 +491,12 @@ class ModuleLint:
                          f"step: {consequence}; {DM004_FIX}")
             foreign_key = kind.endswith("ForeignKeyField")
             if foreign_key:
-                self.add("DS102", line,
+                self._migrator_form("DS102", line,
                          f"{table}.{name} adds a foreign key validated at once, locking {table} "
                          f"while every row is checked: {RECIPES['DS102']}")
             if is_true("index", default=foreign_key) or is_true("unique"):
                 what = "its foreign key's index" if foreign_key and not is_true("unique") else "an index"
-                self.add("DS101", line,
+                self._migrator_form("DS101", line,
                          f"{table}.{name} builds {what} on existing table {table} without "
                          f"CONCURRENTLY: {RECIPES['DS101']}")
 
@@ -488,10 +509,10 @@ class ModuleLint:
             self.add("DS103", call.lineno, f"migrator.{method} on {table} may change a column's "
                      f"type, rewriting the table under an ACCESS EXCLUSIVE lock: {RECIPES['DS103']}")
         elif method == "add_not_null":
-            self.add("DS104", call.lineno, f"migrator.add_not_null on {table} scans the whole table "
+            self._migrator_form("DS104", call.lineno, f"migrator.add_not_null on {table} scans the whole table "
                      f"under an ACCESS EXCLUSIVE lock: {RECIPES['DS104']}")
         elif method == "add_index":
-            self.add("DS101", call.lineno, f"migrator.add_index on existing table {table} builds "
+            self._migrator_form("DS101", call.lineno, f"migrator.add_index on existing table {table} builds "
                      f"the index without CONCURRENTLY: {RECIPES['DS101']}")
 
 

@@ -36,6 +36,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DM010", "error", "a migration that commits or opens its own transaction"),
     Rule("DM011", "warning", "the application's own database object used in a migration"),
     Rule("DM012", "error", "a call peewee-migrate versions read differently"),
+    Rule("DM013", "note", "migrator.backfill: this product's own operation (pw_migrate cannot run the file)"),
     Rule("DS100", "error", "SQL that PostgreSQL cannot parse"),
     Rule("DS101", "warning", "index built without CONCURRENTLY on an existing table"),
     Rule("DS102", "warning", "foreign key or check constraint added without NOT VALID"),
@@ -44,6 +45,7 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
     Rule("DS105", "warning", "table or column renamed"),
     Rule("DS106", "error", "CONCURRENTLY inside the migration transaction"),
     Rule("DS107", "error", "transaction control (BEGIN, COMMIT, ROLLBACK) in migration SQL"),
+    Rule("DS108", "warning", "UPDATE of a whole existing table in the batch's transaction"),
 )}
 
 

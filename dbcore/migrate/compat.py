@@ -22,6 +22,7 @@ from peewee_migrate.migrator import SchemaMigrator
 from playhouse.migrate import Operation, make_index_name
 
 from dbcore.errors import MigrationFileError, UnknownModel
+from dbcore.migrate.backfill import Backfill
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class Migrator(_PeeweeMigrateMigrator):
 
     #: True while applied files replay: flushes drop the queued operations instead of running them
     replaying = False
+    #: the apply's safe forms (dbcore.migrate.safe_forms.SafeForms): set by the runner; None runs
+    #: every operation in its plain form, as pw_migrate does
+    safe = None
     #: the migration file running now (its path, as compiled): where call sites are looked for
     running_file: str | None = None
     #: the call site of the queued operation being flushed
@@ -205,12 +209,34 @@ class Migrator(_PeeweeMigrateMigrator):
         try:
             for op, site in zip(ops, ops.sites):
                 self.flushing = site
-                if isinstance(op, Operation):
+                if isinstance(op, Backfill):
+                    if self.safe is None:
+                        raise MigrationFileError("migrator.backfill runs only under dbmigrate apply: "
+                                                 "pw_migrate has no phase 3")
+                    self.safe.defer(op.step(self.__database__))
+                elif self.safe is not None:
+                    self.safe.run(op)
+                elif isinstance(op, Operation):
                     op.run()
                 else:
                     op()
         finally:
             self.flushing = None
+
+    def backfill(self, model, set: dict | None = None, where=None, *, function: Callable | None = None,
+                 batch_size: int = 10_000, pause: float = 0.0):
+        """Queue a batched backfill, run after the batch's commit (phase 3): this product's own.
+
+        ``set`` maps columns to values (a ``peewee.SQL``/expression is SQL, anything else a value);
+        ``where`` (SQL text) limits the rows; or ``function=fill``, a module-level
+        ``def fill(database, low, high)`` of the file that updates the rows whose primary key is
+        in ``(low, high]``. One transaction per ``batch_size`` keys, ``pause`` seconds between.
+        """
+        if batch_size < 1:
+            raise MigrationFileError("migrator.backfill: batch_size must be 1 or more")
+        table = model if isinstance(model, str) and model not in self._orm else (
+            self.__get_model__(model)._meta.table_name)
+        self.__ops__.append(Backfill(table, dict(set or {}), where, function, batch_size, pause))
 
     def drop_queued(self) -> None:
         """Forget the queued operations without running them."""

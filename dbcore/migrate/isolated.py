@@ -30,6 +30,11 @@ def _forward_progress(event: ProgressEvent) -> None:
     emit("progress", event)
 
 
+def _forward_phase(event) -> None:
+    """(In the child.) The phases' progress callback: each event goes to the parent."""
+    emit("phase", event)
+
+
 def _running(events: tuple) -> str:
     """Return the migration that had started but not finished when the child ended, or ""."""
     running = ""
@@ -88,9 +93,15 @@ def call_with_plan(func: Callable[..., Any], *args, plan: Plan, target: Target, 
     the migration that was running, why the child ended, and what the history says was committed.
     """
 
+    phase_progress = kwargs.pop("phase_progress", None)
+    if phase_progress is not None:  # the steps after the batch's commit (dbcore.migrate.phases)
+        kwargs["phase_progress"] = _forward_phase
+
     def on_event(kind: str, value: Any) -> None:
         if kind == "progress" and progress is not None:
             progress(value)
+        elif kind == "phase" and phase_progress is not None:
+            phase_progress(value)
 
     try:
         return run_in_child(func, *args, env=env, what=what or f"the {plan.action}",

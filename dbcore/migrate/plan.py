@@ -23,6 +23,7 @@ from dbcore.errors import (
 from dbcore.lint.syntax import rollback_gap
 from dbcore.migrate.files import MigrationFile, discover, folder_inputs, load_checked, review_env
 from dbcore.migrate.history import read_applied
+from dbcore.migrate.phases import pending_steps
 from dbcore.settings import Settings
 
 Action = Literal["apply", "rollback"]
@@ -89,6 +90,8 @@ class Plan:
     #: (path, sha256) of every file the plan may read: the whole migrations folder (data files
     #: such as sql/006_up.sql, helpers) and a checks folder beside it (:func:`folder_inputs`)
     inputs: tuple[tuple[str, str], ...] = ()
+    #: steps an earlier apply left for its phases 2-4 (dbcore.migrate.phases): this apply continues them
+    steps_pending: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +99,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not self.migrations
+        return not self.migrations and not self.steps_pending
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -110,6 +113,7 @@ class Plan:
             "migrations": [{"name": m.name, "sha256": m.sha256, "atomic": m.atomic}
                            for m in self.migrations],
             "transactions": len(self.phases),
+            "steps_pending": list(self.steps_pending),
         }
 
 
@@ -137,6 +141,12 @@ class RunReport:
     dry_run: bool = False
     note: str = ""
     skipped: tuple[str, ...] = field(default=())
+    #: the work moved after the batch's commit, with its SQL, by phase (dbcore.migrate.phases)
+    steps: tuple[str, ...] = field(default=())
+    #: which phase the run reached, when it had work after the batch
+    phase_line: str = ""
+    #: how long each step after the batch took (on a rehearsal copy: what to expect live)
+    phase_timings: tuple[str, ...] = field(default=())
 
     @property
     def names(self) -> list[str]:
@@ -146,14 +156,17 @@ class RunReport:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line: what happened."""
+        """One line: what happened (and which phase the run reached, when it had phases)."""
         if not self.results:
+            if self.phase_line:
+                return f"continued an earlier apply: {self.phase_line}"
             return self.note or ("up to date" if self.action == "apply" else "nothing rolled back")
         verb = "applied" if self.action == "apply" else "rolled back"
         if self.dry_run:
             verb = f"rehearsed (rolled back) {self.action} of"
         total = sum(r.seconds for r in self.results)
-        return f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+        line = f"{verb} {len(self.results)} migration(s) in {total:.2f}s: {', '.join(self.names)}"
+        return f"{line}; {self.phase_line}" if self.phase_line else line
 
 
 def read_state(target: Target, settings: Settings, db: peewee.Database | None = None):
@@ -193,8 +206,16 @@ def plan_apply(target: Target, settings: Settings, *, upto: str | None = None,
     # fail now, naming the file, rather than after earlier ones ran; in a child process whose
     # environment names no database: the files are code under review (dbcore.sandbox)
     load_checked(pending, review_env(*settings.secrets(), target.password), settings.apply_deadline)
+    own = db is None
+    db = db or connect(target)
+    try:
+        left = tuple(f"phase {s.phase} of {s.migration}: {s.kind} {s.name} on {s.table}"
+                     for s in pending_steps(db))
+    finally:
+        if own:
+            db.close()
     return Plan("apply", target.masked_url, tuple(applied), tuple(pending), target.dbname,
-                folder_inputs(settings.migrations_dir))
+                folder_inputs(settings.migrations_dir), left)
 
 
 def undone_by_nothing(plan: Plan) -> list[tuple[str, str]]:

@@ -41,6 +41,7 @@ from dbcore.migrate.files import LoadedMigration, MigrationFile, load
 from dbcore.migrate.history import ApprovalRecord, default_actor, ensure_audit_table, record_audit
 from dbcore.migrate.locking import configure_session, migration_lock
 from dbcore.migrate.observe import Observers, RunObserver, SqlRecorder
+from dbcore.migrate.phases import PhaseProgress, StepStore, cancel_steps, describe_steps, run_phases
 from dbcore.migrate.plan import (
     Action,
     MigrationResult,
@@ -53,6 +54,7 @@ from dbcore.migrate.plan import (
     read_state,
 )
 from dbcore.migrate.router import FileRouter
+from dbcore.migrate.safe_forms import SafeForms
 from dbcore.redact import error_line
 from dbcore.settings import Settings
 
@@ -85,19 +87,28 @@ class _Run:
     skipped: list[str] = field(default_factory=list)
     current: str = ""  # the migration running, named by the error if it fails
     migrator: Any = None
+    phase_progress: PhaseProgress | None = None
+    phase_line: str = ""  # which of the phases after the batch the run reached
+    phase_timings: tuple[str, ...] = ()
 
     def report(self) -> RunReport:
         note = ""
         if self.skipped:
             note = f"not rehearsed (atomic = False, cannot be rolled back): {', '.join(self.skipped)}"
+        safe = self.migrator.safe if self.migrator is not None else None
+        steps = tuple(describe_steps(safe.steps)) if safe is not None else ()
+        if self.dry_run and safe is not None and safe.pending():
+            note = "; ".join(x for x in (note, "phases 2-4 are not rehearsed by a dry run: they run "
+                                               "after a commit") if x)
         return RunReport(self.plan.action, self.plan.database, self.run_id, tuple(self.results),
-                         self.dry_run, note, tuple(self.skipped))
+                         self.dry_run, note, tuple(self.skipped), steps, self.phase_line,
+                         self.phase_timings)
 
 
 def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None = None,
             run_id: str | None = None, dry_run: bool = False, progress: Progress | None = None,
             approval: ApprovalRecord | None = None,
-            observers: Sequence[RunObserver] = ()) -> RunReport:
+            observers: Sequence[RunObserver] = (), phase_progress: PhaseProgress | None = None) -> RunReport:
     """Run ``plan`` (an apply or a rollback) under the migration lock, phase by phase.
 
     ``approval`` (who approved, why, the plan's fingerprint) goes into every audit row;
@@ -120,8 +131,24 @@ def execute(plan: Plan, target: Target, settings: Settings, *, actor: str | None
         run = _Run(plan, db, target, settings, actor, run_id, dry_run, approval, progress, observer,
                    SqlRecorder(db, observer), FileRouter(db, settings.migrations_dir),
                    {m.name: load(m) for m in plan.migrations})
+        run.phase_progress = phase_progress
         _run_phases(run)
+        _after_commit(run)
         return run.report()
+
+
+def _after_commit(run: _Run) -> None:
+    """Phases 2-4 (dbcore.migrate.phases): the steps this apply wrote, and any an earlier one left.
+
+    Outside any transaction, after every batch committed (a rollback's too: its ``drop_index``
+    runs as ``DROP INDEX CONCURRENTLY`` there); a dry run runs none.
+    """
+    if run.dry_run:
+        return
+    report = run_phases(run.db, run.settings, run_id=run.run_id, actor=run.actor,
+                        progress=run.phase_progress, approval=run.approval)
+    run.phase_line = report.line()
+    run.phase_timings = tuple(report.timings)
 
 
 @contextmanager
@@ -215,6 +242,12 @@ def _prepare(run: _Run) -> None:
         ensure_audit_table(run.db)
         run.router.model  # noqa: B018 - creates migratehistory
         run.migrator = run.router.migrator
+        # safe forms (dbcore.migrate.safe_forms) for the tables there before the batch; the work
+        # they move after the commit is written in this transaction (dbcore.migrate.phases)
+        store = StepStore(run.db, run.run_id)
+        run.migrator.safe = SafeForms(run.db, enabled=run.settings.safe_forms, store=store.record)
+        run.migrator.safe.on_plain = store.mark_plain
+        run.migrator.safe.begin_batch()
 
 
 def _run_one(run: _Run, phase: Phase, m: MigrationFile) -> None:
@@ -231,6 +264,9 @@ def _run_one(run: _Run, phase: Phase, m: MigrationFile) -> None:
 def _send(run: _Run, phase: Phase, loaded: LoadedMigration) -> MigrationResult:
     """Run the migration's migrate() (or rollback()) and flush its queued operations, recording the SQL."""
     started = time.monotonic()
+    run.migrator.safe.begin_file(loaded.file.name, loaded.scope)
+    if run.plan.action == "rollback":  # what is left of its phases would act on what it undoes
+        cancel_steps(run.db, [loaded.file.name])
     # each statement's line: the migrator call in the file that queued it (dbcore.migrate.compat)
     with run.recorder.recording(loaded.file.name, phase, run.migrator.call_site) as statements, \
             run.migrator.running(loaded.file.path):
@@ -350,7 +386,7 @@ def _typed_failure(exc: Exception, name: str, action: Action, committed: list[st
                                f"{type(exc).__name__}: {detail}{kept}: fix that, then run again",
                                committed=committed)
     if isinstance(exc, MigrationFileError):  # an unknown model names the failed replays itself
-        return MigrationFileError(f"migration {name}.py: {exc}{kept}")
+        return type(exc)(f"migration {name}.py: {exc}{kept}")
     problems = router.replayed.problems if router is not None and router.replayed else ()
     detail += "".join(f" (after {p.describe()})" for p in problems)
     if code == _LOCK_NOT_AVAILABLE:

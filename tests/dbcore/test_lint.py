@@ -37,7 +37,8 @@ def test_each_bad_migration_is_flagged_with_its_rule_only(case):
 
 def test_every_rule_has_a_bad_migration_and_a_documented_recipe():
     covered = {c.name.split("_")[0] for c in CASES}
-    assert covered == set(RULES)
+    # DS108 is measured on the rehearsal copy, not read in a file (tests/dbcore/test_safe_forms.py)
+    assert covered | {"DS108"} == set(RULES)
     docs = (REPO / "docs" / "lint-rules.md").read_text()
     for rule in RULES:
         assert f"## {rule}" in docs

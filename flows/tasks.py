@@ -179,7 +179,8 @@ class _PhaseArtifact:
     """Logs the steps after the batch's commit; a backfill's progress goes to a Prefect progress artifact."""
 
     def __init__(self, logger) -> None:
-        self.logger, self.ids, self.last = logger, {}, 0.0
+        self.logger, self.last = logger, 0.0
+        self.ids: dict = {}
 
     def __call__(self, event) -> None:
         now = time.monotonic()

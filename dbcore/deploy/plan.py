@@ -53,7 +53,7 @@ def plan_fingerprint(plan: Plan, backup_key: str | None, sql: str | None = None)
     apply and refuses to go on when the fingerprint differs from the approved one; the apply then
     compares the SQL it sends with the rehearsal's (dbcore.migrate.sqlcheck).
     """
-    data = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
+    data: dict[str, object] = {"database": plan.database, "migrations": [[m.name, m.sha256] for m in plan.migrations],
             "backup": backup_key, "inputs": [list(i) for i in plan.inputs]}
     if sql is not None:
         data["sql"] = sql

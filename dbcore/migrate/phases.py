@@ -182,7 +182,7 @@ def allow_phase_rows(db: peewee.Database) -> None:
                        "(action IN ('apply', 'rollback', 'baseline', 'phase 2', 'phase 3', 'phase 4'))")
 
 
-def _pgcode(exc: BaseException) -> str | None:
+def _pgcode(exc: BaseException | None) -> str | None:
     while exc is not None:
         if isinstance(exc, psycopg2.Error) and exc.pgcode:
             return exc.pgcode
@@ -256,7 +256,10 @@ class _Runner:
                         self.db.execute_sql(statement)
             self.retrying(step, finish)
         else:
-            self.retrying(step, lambda: [self.db.execute_sql(s) for s in step.sql])
+            def each() -> None:
+                for statement in step.sql:
+                    self.db.execute_sql(statement)
+            self.retrying(step, each)
 
     def backfill(self, step: Step) -> None:
         function = None

@@ -190,7 +190,7 @@ class SafeForms:
         if self._existing is None:
             self.begin_batch()
         oid = self._ask("SELECT to_regclass(quote_ident(%s))::oid", (table,))[0][0]
-        return oid is not None and oid in self._existing
+        return oid is not None and self._existing is not None and oid in self._existing
 
     def _safe(self, table: str) -> bool:
         return self.for_file and self.existing(table)
@@ -316,7 +316,7 @@ class SafeForms:
             return False
         already = (self._ask(
             "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(quote_ident(%s)) "
-            "AND attname = %s", (table, column)) or [None])[0]
+            "AND attname = %s", (table, column)) or [(None,)])[0]
         if already and already[0]:
             return False  # SET NOT NULL on a NOT NULL column: nothing to scan
         check = _truncate(f"{table}_{column}_not_null")
@@ -401,8 +401,9 @@ class SafeForms:
         table, column = op.args[0], op.args[1]
         row = (self._ask(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
-            "to_regclass(quote_ident(%s)) AND attname = %s AND NOT attisdropped", (table, column)) or [None])[0]
-        if row is None:
+            "to_regclass(quote_ident(%s)) AND attname = %s AND NOT attisdropped",
+            (table, column)) or [(None,)])[0]
+        if row[0] is None:  # no such column: the plain form's own error says so
             return
         new = re.search(r'\bTYPE\s+(.+?)(?:\s+NOT NULL|\s+NULL|\s+DEFAULT|\s+COLLATE|$)', sql)
         new_type = new.group(1) if new else ""

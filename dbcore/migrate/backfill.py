@@ -20,7 +20,6 @@ from typing import Callable
 import peewee
 
 from dbcore.errors import MigrationFileError
-from dbcore.migrate.observe import RunObserver
 from dbcore.migrate.safe_forms import BACKFILL, Step, inline
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def run_backfill(db: peewee.Database, step: Step, save: Callable[[dict], None],
     return changed
 
 
-class LargeUpdates(RunObserver):
+class LargeUpdates:
     """A run observer (dbcore.migrate.observe) noting each UPDATE or DELETE of a batch phase that
     changed more than ``rows`` rows: on a rehearsal copy, the measure behind the lint's DS108.
 

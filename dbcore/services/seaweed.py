@@ -152,6 +152,8 @@ class SeaweedServer:
             f"-s3.config={self.config_file}",
             *(f"-{name}.port={p[name]}" for name in PORT_NAMES),
             *(f"-{name}.port.grpc={p[name + '.grpc']}" for name in PORT_NAMES),
+            # every bucket takes volumes: at its default 1 GB each a server refused the 69th bucket
+            "-master.volumeSizeLimitMB=64",
             # its other listeners have fixed default ports: turn them off
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
             "-master.telemetry=false",

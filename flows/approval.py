@@ -7,13 +7,14 @@ another is refused while the run keeps waiting), and the pause key is unique to 
 so a retried run never finds the answer given to an earlier attempt (Prefect issue #12279).
 """
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from prefect import get_run_logger, pause_flow_run
 from prefect.client.orchestration import get_client
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, ObjectAlreadyExists
 from prefect.input import RunInput
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
@@ -76,6 +77,36 @@ def fingerprint_of(key: Optional[str]) -> Optional[str]:
     return parts[1] if len(parts) >= 2 and parts[0] == "plan" else None
 
 
+#: the run input beside a pause: what waits for the approval (read by flows/approve.py --list)
+WAITING_KEY = "waiting-{fingerprint}"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What a paused run asks to have approved, as data: where (``target``) and in one line."""
+
+    target: str  # "postgres://app:***@host:5432/app (production)", "a fleet of 12 databases (production)"
+    headline: str
+
+    @classmethod
+    def read(cls, client, run_id, fingerprint: str) -> Optional["Waiting"]:
+        """Return what the run stored for ``fingerprint`` through :func:`ask_approval`, or None."""
+        try:
+            value = json.loads(client.read_flow_run_input(run_id, WAITING_KEY.format(fingerprint=fingerprint)))
+            return cls(str(value["target"]), str(value["headline"]))
+        except Exception:  # nothing stored (ObjectNotFound), or not ours: the caller says "?"
+            return None
+
+
+def _record_waiting(fingerprint: str, waiting: Waiting) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_flow_run_input(current_flow_run().id, WAITING_KEY.format(fingerprint=fingerprint),
+                                         json.dumps({"target": waiting.target, "headline": waiting.headline}))
+        except ObjectAlreadyExists:  # a retried attempt of the same plan stored it already
+            pass
+
+
 def malformed(exc: ValidationError) -> str:
     """Return why a stored answer is not a valid approval, in one line (no value is echoed)."""
     errors = exc.errors()
@@ -96,14 +127,17 @@ class Decision:
     refusal: str = ""  # "rejected by Bob: not on a Friday", "rejected (no answer within 60s)"
 
 
-def ask_approval(description: str, *, headline: str, fingerprint: str, timeout: int,
+def ask_approval(description: str, *, headline: str, target: str, fingerprint: str, timeout: int,
                  consequence: str) -> Decision:
     """Pause the current run until the form is answered, or ``timeout`` seconds; return the decision.
 
-    The approver is notified (``headline``, the run's URL, the terminal command). No answer in
-    time, or an approval without a name, is a refusal; ``consequence`` (what a refusal means,
-    e.g. "nothing changed") ends the message Prefect shows for a timed-out run.
+    The approver is notified (``headline``, the run's URL, the terminal command); ``target`` (the
+    masked URL and environment) and ``headline`` are stored beside the pause as a run input, for
+    ``approve.py --list``. No answer in time, or an approval without a name, is a refusal;
+    ``consequence`` (what a refusal means, e.g. "nothing changed") ends the message Prefect shows
+    for a timed-out run.
     """
+    _record_waiting(fingerprint, Waiting(target, headline))
     notifications.waiting_for_approval(headline, fingerprint)
     try:
         answer = pause_flow_run(wait_for_input=approval_form(description, fingerprint),

@@ -13,7 +13,6 @@ answer is invalid, the server is unreachable); 2 a usage error.
 """
 
 import argparse
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +29,6 @@ if __name__ == "__main__":  # without PREFECT_API_URL: the local Prefect API of 
 import httpx  # only for the errors of Prefect's client, raised once its retries are spent
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
-    ArtifactFilterKey,
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
@@ -41,24 +37,18 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
-from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
-from flows.approval import Approval, fingerprint_of
-
-#: DeployPlan.headline(): "N migration(s) to apply to URL (ENV)"
-_HEADLINE_TARGET = re.compile(r" to apply to (\S+) \((\w+)\)$")
+from flows.approval import Approval, Waiting, fingerprint_of
 
 
-def plan_headline(client: SyncPrefectClient, run_id: UUID) -> Optional[str]:
-    """Return the one-line summary of the run's newest plan artifact (a fleet's too), or None if it has none."""
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
-        key=ArtifactFilterKey(any_=["migration-plan", "fleet-plan"])), sort=ArtifactSort.CREATED_DESC,
-        limit=1)
-    return found[0].description if found else None
+def waiting_for(client: SyncPrefectClient, run: FlowRun) -> Optional[Waiting]:
+    """Return what the paused ``run`` waits to have approved (stored beside its pause), or None."""
+    fingerprint = waiting_fingerprint(run)
+    return Waiting.read(client, run.id, fingerprint) if fingerprint else None
 
 
 def waiting_fingerprint(run: FlowRun) -> Optional[str]:
@@ -84,14 +74,11 @@ def list_paused() -> list[str]:
             sort=FlowRunSort.START_TIME_ASC)
         lines = []
         for run in runs:
-            headline = plan_headline(client, run.id) or "(no plan artifact)"
-            found = _HEADLINE_TARGET.search(headline)
-            target = (f"{found.group(1)} ({found.group(2)})" if found else
-                      "a fleet (see its plan)" if run.name.startswith("migrate-fleet") else "?")
+            waiting = waiting_for(client, run) or Waiting("? (see the run's plan artifact)", "")
             since = _since(run.state.timestamp) if run.state else "?"
-            lines.append(f"{run.id}  {run.name}  target {target}  paused since "
-                         f"{since}  plan {waiting_fingerprint(run) or '?'}\n"
-                         f"    {headline}")
+            lines.append(f"{run.id}  {run.name}  target {waiting.target}  paused since "
+                         f"{since}  plan {waiting_fingerprint(run) or '?'}"
+                         + (f"\n    {waiting.headline}" if waiting.headline else ""))
     return lines
 
 
@@ -110,9 +97,9 @@ def answer(run_id: UUID, approval: Approval, reviewed: Optional[str] = None) -> 
         if approval.approve and reviewed and waiting and reviewed != waiting:
             return False, (f"not approved: run {run_id} now waits for plan {waiting}, not the plan "
                            f"{reviewed} you read: the plan changed; read it again (--list)")
-        headline = plan_headline(client, run_id)
-        if headline:
-            print(f"plan: {headline}")
+        asked = waiting_for(client, run)
+        if asked:
+            print(f"plan: {asked.headline}")
         run_input = approval.model_dump(include={"approve", "approver", "comment"})
         if waiting:
             run_input["fingerprint"] = reviewed or waiting

@@ -77,8 +77,9 @@ def _ask(plan: FleetPlan, timeout: int) -> tuple[Optional[str], Optional[State]]
     The same helper as a single database's approval (flows/approval.py): the form carries the
     fleet plan's fingerprint, the pause key is unique to the attempt, the approver is notified.
     """
-    decision = ask_approval(plan.to_markdown(), headline=plan.headline(), fingerprint=plan.fingerprint,
-                            timeout=timeout, consequence="nothing changed")
+    decision = ask_approval(plan.to_markdown(), headline=plan.headline(),
+                            target=f"a fleet of {len(plan.databases)} databases ({plan.env})",
+                            fingerprint=plan.fingerprint, timeout=timeout, consequence="nothing changed")
     if not decision.approved:
         return None, Failed(message=f"{decision.refusal}, nothing changed")
     get_run_logger().info("fleet plan %s approved by %s", plan.fingerprint[:12], decision.approver)

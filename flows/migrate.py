@@ -77,6 +77,7 @@ class _Outcome:
     failed_at: Optional[Literal["apply", "post-checks"]] = None
     error: Optional[DbcoreError] = None  # what the apply or the post-checks raised
     checks: Optional[CheckReport] = None  # the post-checks' report, when it found problems
+    phase_line: str = ""  # which phase after the batch's commit the apply reached, when it had any
 
     def problem(self) -> str:
         """Where it failed and why, e.g. "post-checks: ..."."""
@@ -203,7 +204,7 @@ def _decide(run: DeployRun, deploy: DeployPlan, fleet_approval: Optional[FleetAp
     if not run.approval_needed:
         return run.settings.actor or None, ApprovalRecord(None, None, fingerprint)
     with _stage("approval", run.secret):
-        decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(),
+        decision = ask_approval(deploy.to_markdown(), headline=deploy.headline(), target=deploy.target(),
                                 fingerprint=fingerprint, timeout=run.options.approval_timeout,
                                 consequence="nothing changed")
     if not decision.approved:
@@ -249,8 +250,8 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
         return _Outcome(tuple(exc.committed), "apply", exc)
     except DbcoreError as exc:  # the lock, a changed plan: refused before any change
         raise _RunEnds(_failed_at("apply", exc)) from exc
-    if not report.names:  # another run applied them while this one waited
-        raise _RunEnds(Completed(message=report.note or "up to date"))
+    if not report.names:  # steps an earlier run left, continued; or another run applied them meanwhile
+        raise _RunEnds(Completed(message=report.summary()))
     applied = tuple(report.names)
     try:
         checked = tasks.post_checks(run, approved)
@@ -260,7 +261,7 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                  description="Post-checks failed after the apply")
         return _Outcome(applied, "post-checks", checks=checked)
-    return _Outcome(applied)
+    return _Outcome(applied, phase_line=report.phase_line)
 
 
 def _change(run: DeployRun, approved: ApprovedChange) -> State:
@@ -273,7 +274,8 @@ def _change(run: DeployRun, approved: ApprovedChange) -> State:
     except Exception as exc:
         return _unexpected("apply", exc, run.secret, may_have_changed)
     if outcome.failed_at is None:
-        return Completed(message=f"applied {len(outcome.applied)}: {', '.join(outcome.applied)}")
+        reached = f"; {outcome.phase_line}" if outcome.phase_line else ""
+        return Completed(message=f"applied {len(outcome.applied)}: {', '.join(outcome.applied)}{reached}")
     if not outcome.applied:
         return Failed(message=f"failed at {outcome.problem()}")
     try:

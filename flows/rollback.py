@@ -60,6 +60,7 @@ def _restore_approved(target: Target, backup_key: str, timeout: int) -> None:
         f"Approving replaces the database with backup `{backup_key}`. **Writes made since that "
         "backup was taken will then exist only in the old database**, which is kept under another "
         "name.", headline=f"restore backup {backup_key} over {target.dbname}",
+        target=f"{target.masked_url} ({target.env.value})",
         fingerprint=hashlib.sha256(backup_key.encode()).hexdigest()[:16], timeout=timeout,
         consequence=left)
     if not decision.approved:

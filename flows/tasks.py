@@ -189,10 +189,13 @@ class _PhaseArtifact:
         self.last = now
         self.logger.info("[phase %s] %s: %s", event.phase, event.step, event.message)
         if event.total:
-            if event.step not in self.ids:
-                self.ids[event.step] = create_progress_artifact(0.0, description=f"backfill {event.step}")
-            update_progress_artifact(self.ids[event.step], 100.0 * event.done / event.total,
-                                     description=f"backfill {event.step}: {event.message}")
+            self.progress(event)
+
+    def progress(self, event) -> None:
+        if event.step not in self.ids:
+            self.ids[event.step] = create_progress_artifact(0.0, description=f"backfill {event.step}")
+        update_progress_artifact(self.ids[event.step], 100.0 * event.done / event.total,
+                                 description=f"backfill {event.step}: {event.message}")
 
 
 @task(name="post-checks", cache_policy=NO_CACHE)

@@ -80,8 +80,9 @@ def cmd_status(ctx: Context) -> int:
         steps = step_summary(db)
     finally:
         db.close()
-    if ctx.args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    if ctx.args.json:  # each migration with the steps after its committed batch not done yet
+        print(json.dumps([{**r.to_dict(), "steps_left": [s for s in steps if s["migration"] == r.name]}
+                          for r in rows], indent=2, default=str))
         return 0
     print(f"{ctx.target.masked_url} ({ctx.target.env})")
     for r in rows:

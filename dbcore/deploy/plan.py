@@ -18,7 +18,7 @@ from dbcore.deploy.preflight import PreflightReport
 from dbcore.deploy.rehearsal import RehearsalReport
 from dbcore.deploy.verdict import LockVerdict, size_text
 from dbcore.lint.engine import lint_pending
-from dbcore.lint.report import LintReport, md_cell
+from dbcore.lint.report import Finding, LintReport, md_cell
 from dbcore.migrate.history import ApprovalRecord
 from dbcore.migrate.plan import Plan, plan_apply
 from dbcore.migrate.sqlcheck import sql_digest
@@ -142,13 +142,13 @@ class DeployPlan:
     preflight: PreflightReport | None = None
 
     @property
-    def new_sql_findings(self) -> list:
+    def new_sql_findings(self) -> list[Finding]:
         """Rehearsal SQL findings the static lint did not already report for that migration."""
         if not self.rehearsal:
             return []
         seen = {(Path(f.file).stem, f.line, f.rule, f.severity) for f in self.lint.findings}
         return [f for f in self.rehearsal.sql_findings
-                if (Path(f.file.split(" ")[0]).stem, f.line, f.rule, f.severity) not in seen]
+                if (Path(f.file).stem, f.line, f.rule, f.severity) not in seen]
 
     @property
     def ok(self) -> bool:
@@ -201,10 +201,13 @@ class DeployPlan:
         """Return the fingerprint ``plan`` (made again, before the apply) would have with this backup and SQL."""
         return plan_fingerprint(plan, self.backup.key if self.backup else None, self.sql_digest)
 
+    def target(self) -> str:
+        """Where: the masked URL and the environment."""
+        return f"{self.plan.database} ({self.env})"
+
     def headline(self) -> str:
         """One line: what would be applied where."""
-        n = len(self.plan.migrations)
-        return f"{n} migration(s) to apply to {self.plan.database} ({self.env})"
+        return f"{len(self.plan.migrations)} migration(s) to apply to {self.target()}"
 
     def summary(self) -> str:
         """The first line an approver reads, in markdown: how many, which database, the verdict, the fingerprint."""

@@ -234,7 +234,7 @@ def restore_into_copy(target: Target, server: RehearsalServer, settings: Setting
 
 def large_update_findings(large: LargeUpdates) -> list[Finding]:
     """DS108: each UPDATE/DELETE of the batch that changed more rows on the copy than the setting allows."""
-    return [finding("DS108", f"{name}.py (rehearsal)", number,
+    return [finding("DS108", f"{name}.py", number,
                     f"{sql} changed {rows} rows on the copy inside the batch's transaction, each locked "
                     "until the commit (the application's writes to them wait): use migrator.backfill, "
                     "which updates in short batches after the commit (docs/migrations.md)")

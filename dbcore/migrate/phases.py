@@ -292,7 +292,8 @@ class _Runner:
         if not steps:
             return report
         allow_phase_rows(self.db)
-        _set(self.db, lock_timeout=self.settings.lock_timeout, statement_timeout=0)
+        _set(self.db, lock_timeout=self.settings.lock_timeout, statement_timeout=0,
+             max_parallel_maintenance_workers=self.settings.index_build_workers)
         try:
             for step in steps:
                 report.reached = max(report.reached, step.phase)
@@ -324,6 +325,7 @@ class _Runner:
         finally:
             _set(self.db, lock_timeout=self.settings.lock_timeout,
                  statement_timeout=self.settings.statement_timeout)
+            self.db.execute_sql("RESET max_parallel_maintenance_workers")
         return report
 
 

@@ -128,3 +128,12 @@ def test_installed_into_an_app_nothing_shadows_the_apps_own_top_level_modules(tm
     ours = subprocess.run([sys.executable, str(REPO / "flows" / "migrate.py"), "--help"],
                           cwd=app, env=env, capture_output=True, text=True, timeout=120)
     assert ours.returncode == 0 and "--env" in ours.stdout, ours.stderr
+
+
+def test_each_prefect_task_stays_a_call_into_dbcore():
+    """docs/architecture.md: a task is one to three calls; the decisions live in dbcore.deploy."""
+    tree = ast.parse((REPO / "flows" / "tasks.py").read_text())
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 10]
+    assert long == [], "move the logic into dbcore.deploy.steps: " + ", ".join(long)

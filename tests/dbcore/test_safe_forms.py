@@ -6,6 +6,7 @@ same files): the SQL it runs, the lock the batch holds, and the resulting schema
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -324,7 +325,7 @@ def test_a_large_update_in_the_batch_is_measured_and_points_to_backfill(target, 
     large = LargeUpdates(1000)
     execute(plan_apply(target, cfg), target, cfg, observers=[large])
     [found] = large_update_findings(large)
-    assert (found.rule, found.severity, found.file) == ("DS108", "warning", "002_change.py (rehearsal)")
+    assert (found.rule, found.severity, found.file) == ("DS108", "warning", "002_change.py")
     assert "changed 2000 rows" in found.message and "migrator.backfill" in found.message
 
 
@@ -358,6 +359,13 @@ def test_the_cli_shows_the_phases_status_lists_what_is_left_and_apply_continues(
     status = dbmigrate("status")
     assert "phase 4 left by run" in status.stdout and "(failed, 1 attempt(s)): 002_change" in status.stdout
     assert "1 step(s) after a committed batch not done: `dbmigrate apply` continues them" in status.stdout
+    rows = {r["name"]: r for r in json.loads(dbmigrate("status", "--json").stdout)}
+    [left] = rows["002_change"]["steps_left"]
+    assert (left["phase"], left["kind"], left["state"]) == (4, "validate", "failed")
+    assert rows["001_base"]["steps_left"] == []
+    # the audit: the index phase of 002 done, the validation not
+    assert query(db_url, "SELECT action FROM migration_audit WHERE name = '002_change' AND action LIKE "
+                         "'phase %' ORDER BY id") == [("phase 2",)]
     query(db_url, "UPDATE item SET qty = 5 WHERE id = 3")
     again = dbmigrate("apply")
     assert again.returncode == 0, again.stderr

@@ -291,3 +291,65 @@ def test_a_terminal_run_takes_over_its_head_start_one_backup_stored(flow_env, db
     assert applied(db_url)[-1] == "004_fix_sourcedir_language"
     assert len(list_backups(flow_env)) == 1  # begun before Prefect started, taken over by the flow
     assert query(db_url, "SELECT count(*) FROM pg_database WHERE datname LIKE '%rehearsal%'") == [(0,)]
+
+
+PHASED = '''\
+import peewee as pw
+
+
+def migrate(migrator, database, *, fake=False):
+    migrator.add_index("document", "filename")
+    migrator.add_constraint("project", "project_name_short", pw.SQL("CHECK (length(name) < 50)"))
+
+
+def rollback(migrator, database, *, fake=False):
+    migrator.drop_constraints("project", "project_name_short")
+    migrator.drop_index("document", "filename")
+'''
+
+
+def test_a_run_stopped_after_the_batch_s_commit_is_continued_by_the_next_approved_run(
+        flow_env, db_url, migrations_dir, monkeypatch):
+    """Phases through the flow: the index is built after the batch's commit (phase 2), the CHECK
+    validated after it (phase 4). A row written while the run waited for its approval fails the
+    validation: the run ends Failed naming phase 4, nothing rolled back (what committed is valid),
+    and the next run, approved again, continues from there."""
+    monkeypatch.delenv("MIGRATE_MODELS")  # the sample app's models know nothing of the new index
+    assert migrate(return_state=True).is_completed()
+    (migrations_dir / "005_phased.py").write_text(PHASED)
+
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause(thread, result)
+    assert "CREATE INDEX CONCURRENTLY" in artifacts(paused.id)["migration-plan"]
+    query(db_url, "INSERT INTO project (created_at, updated_at, name) VALUES (now(), now(), %s)", ("x" * 60,))
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada"})
+    state = final_state(thread, result)
+    assert state.is_failed()
+    assert state.message.startswith("applied; stopped in phase 4, after the batch's commit: phase 4 "
+                                    "(validation) of 005_phased: validate project_name_short on project")
+    assert applied(db_url)[-1] == "005_phased"  # not rolled back: the schema is valid as it is
+    assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'document_filename'::regclass") \
+        == [(True,)]
+    assert query(db_url, "SELECT convalidated FROM pg_constraint WHERE conname = 'project_name_short'") \
+        == [(False,)]
+    assert query(db_url, "SELECT action FROM migration_audit WHERE name = '005_phased' ORDER BY id") \
+        == [("apply",), ("phase 2",)]
+
+    query(db_url, "UPDATE project SET name = 'short' WHERE length(name) >= 50")
+    thread, result = run_in_background(require_approval=True)
+    paused = wait_for_pause(thread, result)  # a continuation is a change to a live database: approved again
+    assert "project_name_short" in artifacts(paused.id)["migration-plan"]
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "Ada"})
+    state = final_state(thread, result)
+    assert state.is_completed(), state.message
+    assert state.message == "continued an earlier apply: reached phase 4 (validation): 1 step(s) after the batch done"
+    assert query(db_url, "SELECT convalidated FROM pg_constraint WHERE conname = 'project_name_short'") \
+        == [(True,)]
+
+    (migrations_dir / "006_more.py").write_text(
+        "def migrate(migrator, database, *, fake=False):\n    migrator.add_index('sourcedir', 'path')\n\n\n"
+        "def rollback(migrator, database, *, fake=False):\n    migrator.drop_index('sourcedir', 'path')\n")
+    state = migrate(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == ("applied 1: 006_more; reached phase 2 (concurrent index builds and drops): "
+                             "1 step(s) after the batch done")

@@ -3,6 +3,8 @@ the fix, or in the obvious behaviour."""
 
 from __future__ import annotations
 
+import json
+
 from helpers import schema_dump
 
 from dbcore.cli.main import main as dbmigrate
@@ -38,13 +40,24 @@ def test_approve_list_shows_a_fleet_run_waiting_for_its_approval(prefect_api):
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(fleet_look_alike, name="migrate-fleet-production",
                                      state=Paused(pause_key="plan-f1ee7-attempt-1-abc"))
+        bare = client.create_flow_run(fleet_look_alike, name="migrate-fleet-other",
+                                      state=Paused(pause_key="plan-0ther-attempt-1-abc"))
+        # what flows.approval.ask_approval stores beside its pause
+        client.create_flow_run_input(run.id, "waiting-f1ee7", json.dumps(
+            {"target": "a fleet of 3 databases (production)", "headline": "fleet of 3 on production: 2 pending"}))
     try:
-        lines = [line for line in list_paused() if str(run.id) in line]
-    finally:  # no later test of this session may find it waiting
+        listed = list_paused()
+        lines = {r.name: [line for line in listed if str(r.id) in line] for r in (run, bare)}
+    finally:  # no later test of this session may find them waiting
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run.id, Cancelled(), force=True)
-    assert lines and "migrate-fleet-production  target a fleet (see its plan)" in lines[0]
-    assert "plan f1ee7" in lines[0]
+            for r in (run, bare):
+                client.set_flow_run_state(r.id, Cancelled(), force=True)
+    [line] = lines[run.name]
+    assert "migrate-fleet-production  target a fleet of 3 databases (production)  paused since " in line
+    assert "plan f1ee7" in line and line.endswith("\n    fleet of 3 on production: 2 pending")
+    # a run paused without that record (another tool's, an older version's) is listed, target unknown
+    [line] = lines[bare.name]
+    assert "target ? (see the run's plan artifact)" in line and "plan 0ther" in line
 
 
 def test_a_server_going_away_mid_apply_names_the_server_not_the_migration(

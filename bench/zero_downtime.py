@@ -35,11 +35,7 @@ from pathlib import Path
 import psycopg2
 from backup import REPO, sql, write_section  # bench/backup.py: same cluster helpers and RESULTS.md
 
-from dbcore.connection import Env, Target
-from dbcore.migrate.plan import plan_apply
-from dbcore.migrate.runner import execute
 from dbcore.services.postgres import PostgresCluster
-from dbcore.settings import Settings
 
 SECTION = "## Zero downtime"
 LOCK_TIMEOUT = "2s"
@@ -171,11 +167,13 @@ def run(cluster: PostgresCluster, name: str, tool: str, source: str | None, args
                                       capture_output=True, text=True, timeout=3600)
                 if done.returncode != 0:
                     raise SystemExit(f"pw_migrate failed on {name}: {done.stderr[-1500:]}")
-            elif tool == "dbmigrate":
-                settings = Settings(migrations_dir=folder, lock_timeout=LOCK_TIMEOUT,
-                                    local_dir=root / dbname / ".local")
-                target = Target(Env.LOCAL, url)
-                execute(plan_apply(target, settings), target, settings)
+            elif tool == "dbmigrate":  # as a user types it, like pw_migrate: its own process, no GIL shared
+                env = {**os.environ, "DATABASE_URL": url, "MIGRATE_MIGRATIONS_DIR": str(folder),
+                       "MIGRATE_LOCK_TIMEOUT": LOCK_TIMEOUT, "MIGRATE_LOCAL_DIR": str(root / dbname / ".local")}
+                done = subprocess.run([sys.executable, "-m", "dbcore.cli", "apply", "--env", "local"],
+                                      capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
+                if done.returncode != 0:
+                    raise SystemExit(f"dbmigrate failed on {name}: {done.stderr[-1500:]}")
             else:  # the baseline: load alone for as long as an apply would take
                 time.sleep(args.baseline_seconds)
             end = time.time()

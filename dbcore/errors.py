@@ -184,3 +184,18 @@ class PlanNotApproved(DbcoreError):
 
 class DeployBusy(DbcoreError):
     """Another deploy of the same database held the slot for longer than this run waits."""
+
+
+class ChildEnded(DbcoreError):
+    """The child process ended without an answer: os._exit, a signal, a crash, or the deadline."""
+
+    def __init__(self, message: str, *, reason: str = "", events: tuple = ()) -> None:
+        super().__init__(message)
+        #: what ended it, in a few words ("exited with code 0 (os._exit or a crash)")
+        self.reason = reason or message
+        #: the events the child sent before it ended, oldest first
+        self.events = tuple(events)
+
+
+class ChildDeadline(ChildEnded):
+    """The child ran past its deadline and was stopped from outside."""

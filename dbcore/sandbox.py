@@ -33,9 +33,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from dbcore.errors import DbcoreError
-
-log = logging.getLogger(__name__)
+from dbcore.errors import ChildDeadline, ChildEnded, DbcoreError
 
 #: URL schemes of a PostgreSQL database: a variable holding one is never passed to code under review
 _DB_SCHEMES = ("postgres://", "postgresql://", "postgresqlext://", "postgres+", "postgresql+")
@@ -43,21 +41,6 @@ _DB_SCHEMES = ("postgres://", "postgresql://", "postgresqlext://", "postgres+", 
 #: the open channel to the parent, in a child only
 _CHANNEL: Connection | None = None
 _SEND_LOCK = threading.Lock()
-
-
-class ChildEnded(DbcoreError):
-    """The child process ended without an answer: os._exit, a signal, a crash, or the deadline."""
-
-    def __init__(self, message: str, *, reason: str = "", events: tuple = ()) -> None:
-        super().__init__(message)
-        #: what ended it, in a few words ("exited with code 0 (os._exit or a crash)")
-        self.reason = reason or message
-        #: the events the child sent before it ended, oldest first
-        self.events = tuple(events)
-
-
-class ChildDeadline(ChildEnded):
-    """The child ran past its deadline and was stopped from outside."""
 
 
 def child_env(*, database_url: str | None = None, secrets: tuple[str, ...] | list[str] = (),

@@ -31,7 +31,7 @@ from psycopg2 import sql as pgsql
 
 from dbcore.advise.candidates import Candidate, candidates_of, param_count, tables_of
 from dbcore.advise.workload import Query, Workload
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, connect_raw, raw_session
 from dbcore.errors import ConfigError, DbcoreError
 from dbcore.redact import error_line
 
@@ -181,19 +181,15 @@ Indexes = list[tuple[str, tuple[str, ...]]]
 
 def catalog(copy: Target) -> tuple[dict[str, set[str]], dict[tuple[str, str], float], Indexes]:
     """Return the copy's columns by table, distinct estimates and plain btree indexes."""
-    conn = connect_raw(copy, "dbmigrate suggest-indexes")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(_COLUMNS)
-            columns: dict[str, set[str]] = {}
-            for table, col in cur.fetchall():
-                columns.setdefault(table, set()).add(col)
-            cur.execute(_DISTINCT)
-            distinct = {(t, c): float(d or 0) for t, c, d in cur.fetchall()}
-            cur.execute(_INDEXES)
-            indexes = [(t, tuple(cols)) for t, cols in cur.fetchall()]
-    finally:
-        conn.close()
+    with raw_session(copy, "dbmigrate suggest-indexes") as conn, conn.cursor() as cur:
+        cur.execute(_COLUMNS)
+        columns: dict[str, set[str]] = {}
+        for table, col in cur.fetchall():
+            columns.setdefault(table, set()).add(col)
+        cur.execute(_DISTINCT)
+        distinct = {(t, c): float(d or 0) for t, c, d in cur.fetchall()}
+        cur.execute(_INDEXES)
+        indexes = [(t, tuple(cols)) for t, cols in cur.fetchall()]
     return columns, distinct, indexes
 
 
@@ -324,14 +320,10 @@ def _rate(count: int, seconds: float) -> str:
 def write_costs(target: Target) -> dict[str, str]:
     """Return, per table of the target (read-only), its write rate and how many indexes each write
     already maintains: what one more index adds to every insert and update."""
-    conn = connect_raw(target, "dbmigrate suggest-indexes")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET default_transaction_read_only = on")
-            cur.execute(_WRITES)
-            rows = cur.fetchall()
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate suggest-indexes") as conn, conn.cursor() as cur:
+        cur.execute("SET default_transaction_read_only = on")
+        cur.execute(_WRITES)
+        rows = cur.fetchall()
     costs = {}
     for table, ins, upd, dele, live, n_indexes, seconds in rows:
         seconds = float(seconds or 0)

@@ -9,7 +9,6 @@ newest backup (or ``backup_key``) restored there. ``copy_url`` names a copy that
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import psycopg2
 from dbcore.advise.prove import Advice, advise, prepare_copy, write_costs
 from dbcore.advise.workload import Workload, from_app, from_file, from_pg_stat_statements, merged
 from dbcore.backup.dump import list_backups
-from dbcore.connection import Env, Target, connect_raw
+from dbcore.connection import Env, Target, raw_session
 from dbcore.deploy.rehearsal import ScratchCopy, restore_into_copy
 from dbcore.deploy.scratch import (
     RehearsalServer,
@@ -33,8 +32,6 @@ from dbcore.deploy.scratch import (
 )
 from dbcore.errors import ConfigError
 from dbcore.settings import Settings
-
-log = logging.getLogger(__name__)
 
 NO_QUERIES = ("no queries to propose indexes for: pg_stat_statements is not installed in the "
               "target database (add it to shared_preload_libraries and CREATE EXTENSION "
@@ -73,15 +70,12 @@ def _same_database(a: Target, b: Target) -> bool:
 
 
 def _cluster(target: Target) -> int | None:
-    conn = connect_raw(target, "dbmigrate suggest-indexes")
-    try:
-        with conn.cursor() as cur:
+    with raw_session(target, "dbmigrate suggest-indexes") as conn, conn.cursor() as cur:
+        try:
             cur.execute("SELECT system_identifier FROM pg_control_system()")
             return int(cur.fetchone()[0])
-    except psycopg2.Error:
-        return None  # cannot tell (a managed server may hide it)
-    finally:
-        conn.close()
+        except psycopg2.Error:
+            return None  # cannot tell (a managed server may hide it)
 
 
 def make_copy(target: Target, server: RehearsalServer, settings: Settings, run_id: str,

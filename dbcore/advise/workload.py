@@ -18,7 +18,7 @@ import pglast
 import psycopg2
 from pglast.parser import ParseError
 
-from dbcore.connection import Target, connect_raw
+from dbcore.connection import Target, raw_session
 from dbcore.errors import ConfigError
 from dbcore.redact import error_line
 
@@ -91,21 +91,17 @@ def from_pg_stat_statements(target: Target) -> Workload | None:
     None when the extension is not installed in that database (or not loaded by the server):
     the caller says how to get it, or uses another source.
     """
-    conn = connect_raw(target, "dbmigrate suggest-indexes")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET default_transaction_read_only = on")
-            cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")
-            if cur.fetchone() is None:
-                return None
-            try:
-                cur.execute(_STATEMENTS)
-            except psycopg2.Error as exc:  # installed but not in shared_preload_libraries
-                log.info("pg_stat_statements cannot be read: %s", error_line(exc, target.password))
-                return None
-            rows = cur.fetchall()
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate suggest-indexes") as conn, conn.cursor() as cur:
+        cur.execute("SET default_transaction_read_only = on")
+        cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")
+        if cur.fetchone() is None:
+            return None
+        try:
+            cur.execute(_STATEMENTS)
+        except psycopg2.Error as exc:  # installed but not in shared_preload_libraries
+            log.info("pg_stat_statements cannot be read: %s", error_line(exc, target.password))
+            return None
+        rows = cur.fetchall()
     total = sum(float(r[2]) for r in rows)
     queries = [Query(sql, "pg_stat_statements", int(calls), float(total_ms), float(mean_ms))
                for sql, calls, total_ms, mean_ms in rows if sql and _worth_reading(sql)]

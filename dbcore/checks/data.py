@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -38,13 +36,10 @@ import peewee
 import psycopg2
 
 from dbcore.connection import Target, connect
-from dbcore.redact import redact
+from dbcore.redact import redact, url_password
 from dbcore.settings import Settings
 
-log = logging.getLogger(__name__)
-
 CHECKS_FOLDER = "checks"
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 MAX_KEYS = 5
 
 
@@ -338,7 +333,8 @@ def run_verify_command(command: str, target: Target, timeout: float) -> CommandR
     report: smoke tests may print rows of the copy, which is production's data.
     """
     env = {**os.environ, "DATABASE_URL": target.url}
-    shown = _PASSWORD_IN_URL.sub(r"\1***@", command)  # the report names it, never a password in it
+    # the report names it, never a password in it (a URL's, or any secret in play)
+    shown = redact(command, *(url_password(word) for word in command.split() if "://" in word))
     started = time.monotonic()
     try:
         proc = subprocess.Popen(shlex.split(command), env=env, stdout=sys.stderr, stderr=sys.stderr,

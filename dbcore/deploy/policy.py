@@ -29,7 +29,7 @@ from urllib.parse import quote
 from dbcore.backup.dump import S3_ERRORS, BackupInfo, BytesProgress, backup_to_s3
 from dbcore.backup.restore import RestoreReport, inspect_target, restore_backup, verify_backup
 from dbcore.backup.storage import head, open_storage, replace_metadata
-from dbcore.connection import Env, Target, connect, connect_raw
+from dbcore.connection import Env, Target, connect, raw_session
 from dbcore.deploy.recovery import restore_in_place
 from dbcore.deploy.touched import tables_created_by_files
 from dbcore.errors import LivePolicyRefused
@@ -132,15 +132,11 @@ def baseline_guarded(target: Target, settings: Settings, upto: str, *, actor: st
 
 
 def _existing_tables(target: Target) -> set[str]:
-    conn = connect_raw(target, "dbmigrate-baseline")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                        "WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') "
-                        "AND n.nspname = ANY (current_schemas(false))")
-            return {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
+    with raw_session(target, "dbmigrate-baseline") as conn, conn.cursor() as cur:
+        cur.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+                    "AND n.nspname = ANY (current_schemas(false))")
+        return {row[0] for row in cur.fetchall()}
 
 
 @dataclass(frozen=True)

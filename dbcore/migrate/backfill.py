@@ -12,7 +12,6 @@ killed in the middle continues from the last committed range.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -21,8 +20,6 @@ import peewee
 
 from dbcore.errors import MigrationFileError
 from dbcore.migrate.safe_forms import BACKFILL, Step, inline
-
-log = logging.getLogger(__name__)
 
 
 def _quote(name: str) -> str:

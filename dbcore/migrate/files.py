@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import peewee
 
-from dbcore.errors import ConfigError, MigrationExited, MigrationFileError
+from dbcore.errors import ChildEnded, ConfigError, MigrationExited, MigrationFileError
 from dbcore.migrate.history import read_applied
-from dbcore.sandbox import ChildEnded, child_env, emit, run_in_child
+from dbcore.sandbox import child_env, emit, run_in_child
 
 #: peewee-migrate's own file mask: three digits, an underscore, a name
 FILE_RE = re.compile(r"^(\d{3})_([^.]+)\.py$")

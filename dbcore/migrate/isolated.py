@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import psycopg2
 
-from dbcore.connection import Target, connect, connect_raw
-from dbcore.errors import DbcoreError, MigrationFailed
+from dbcore.connection import Target, connect, raw_session
+from dbcore.errors import ChildDeadline, ChildEnded, DbcoreError, MigrationFailed
 from dbcore.migrate.history import read_applied
 from dbcore.migrate.plan import Plan, Progress, ProgressEvent, RunReport
 from dbcore.redact import error_line
-from dbcore.sandbox import ChildDeadline, ChildEnded, emit, run_in_child
+from dbcore.sandbox import emit, run_in_child
 from dbcore.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,9 @@ def _terminate(target: Target, events: tuple) -> None:
     if not pids:
         return
     try:
-        conn = connect_raw(target, "dbmigrate deadline")
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE pid = ANY(%s) AND datname = current_database()", (pids,))
-        finally:
-            conn.close()
+        with raw_session(target, "dbmigrate deadline") as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE pid = ANY(%s) AND datname = current_database()", (pids,))
     except (DbcoreError, psycopg2.Error) as exc:
         log.warning("could not end the sessions %s at the deadline: %s", pids,
                     error_line(exc, target.password))

@@ -204,7 +204,9 @@ def render(args, base: Result, table: dict[str, dict[str, Result]], size_mb: int
         "+ the UPDATE's time) of the UPDATEs scheduled while the apply ran; longest stall = the "
         "longest single UPDATE from the apply's start on. dbmigrate runs with lock_timeout "
         f"{LOCK_TIMEOUT} and its defaults (index builds with MIGRATE_INDEX_BUILD_WORKERS=0); its "
-        "time includes phases 2-4. Each tool runs as a user types it, in its own process (`dbmigrate apply`, `pw_migrate migrate`): its start-up is inside the window. pw_migrate runs the same file (the backfill: "
+        "time includes phases 2-4. Each tool runs as a user types it, in its own process (`dbmigrate "
+        "apply`, `pw_migrate migrate`): its start-up is inside the window. pw_migrate runs the same "
+        "file (the backfill: "
         "the plain `UPDATE` a team would write). Medians of "
         f"{args.rounds} round(s). {load}", "",
         f"Baseline (writes alone, {args.baseline_seconds:g} s): p99 {base.p99:.1f} ms, longest stall "

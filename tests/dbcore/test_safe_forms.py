@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psycopg2
@@ -293,6 +294,68 @@ def test_a_backfill_killed_midway_continues_from_its_last_batch(target, settings
     assert report.phase_line.startswith("reached phase 4")
     assert query(db_url, "SELECT count(*) FROM item WHERE label = 'item ' || id")[0][0] == 2000
     assert query(db_url, "SELECT (detail->>'rows')::int FROM migration_phase_step WHERE kind = 'backfill'") == [(2000,)]
+
+
+#: phase 2 waits for an open writer (CONCURRENTLY waits for every transaction that may write
+#: the table); phase 4 validates a CHECK whose function takes 5 ms a row (10 s for 2000 rows)
+KILLED_IN = {
+    "add_index": (CHANGES["add_index"], "UPDATE item SET qty = qty WHERE id = 1", "CONCURRENTLY"),
+    "check_constraint": (
+        'migrator.sql("CREATE FUNCTION slow_positive(q int) RETURNS boolean LANGUAGE plpgsql AS '
+        '$f$ BEGIN PERFORM pg_sleep(0.005); RETURN q > 0; END $f$")\n'
+        'migrator.add_constraint("item", "item_qty_positive", pw.SQL("CHECK (slow_positive(qty))"))\n',
+        None, "VALIDATE CONSTRAINT"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(KILLED_IN))
+def test_a_process_killed_in_a_step_after_the_commit_is_continued_by_a_clean_rerun(
+        change, target, settings, tmp_path, db_url):
+    """SIGKILL while phase 2 (an index build) or phase 4 (a validation) runs: the batch stays
+    committed and valid, and the next apply finishes the step (an INVALID leftover dropped first)."""
+    body, blocking, statement = KILLED_IN[change]
+    d = folder(tmp_path, "m", body, locks=False)
+    cfg = settings.model_copy(update={"migrations_dir": d})
+    apply_pending(target, cfg, upto="001")
+    env = {**os.environ, "DATABASE_URL": db_url, "MIGRATE_MIGRATIONS_DIR": str(d),
+           "MIGRATE_LOCK_RETRIES": "20", "MIGRATE_LOCK_RETRY_DELAY": "0.5"}
+    blocker = psycopg2.connect(db_url)
+    out = tmp_path / "apply.log"
+    try:
+        if blocking:
+            with blocker.cursor() as cur:
+                cur.execute(blocking)
+        with out.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "dbcore.cli", "apply", "--env", "local"],
+                                    env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            wait_until(lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE pid <> "
+                                             "pg_backend_pid() AND state = 'active' AND query LIKE %s",
+                                     (f"%{statement}%",))[0][0] > 0,
+                       f"the step's {statement} to run", timeout=120,
+                       gave_up=lambda: proc.poll() is not None, log=out.read_text)
+            time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    # the batch committed: the migration is applied, what it made valid on its own
+    assert query(db_url, "SELECT name FROM migratehistory ORDER BY id")[-1] == ("002_change",)
+    assert query(db_url, "SELECT state FROM migration_phase_step") != [("done",)]
+    report = apply_pending(target, cfg)
+    assert report.summary().startswith("continued an earlier apply: reached phase")
+    if change == "add_index":
+        assert query(db_url, "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                             "WHERE c.relname LIKE 'item_title%'") == [(True,)]
+    else:
+        assert query(db_url, "SELECT convalidated FROM pg_constraint WHERE conname = 'item_qty_positive'") \
+            == [(True,)]
+    assert plan_apply(target, cfg).empty
 
 
 def _has_steps(url):

@@ -14,14 +14,14 @@ from typing import Optional
 
 from prefect import get_run_logger, pause_flow_run
 from prefect.client.orchestration import get_client
-from prefect.exceptions import FlowPauseTimeout, ObjectAlreadyExists
+from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.config import JsonDict
 
 from flows import notifications
-from flows.current import current_flow_run
+from flows.current import current_flow_run, keep_on_this_run
 
 # The server checks an answer against the form's JSON schema only: "a name when approving" is
 # said there too, so that a nameless approval is refused while the run keeps waiting.
@@ -98,13 +98,10 @@ class Waiting:
             return None
 
 
-def _record_waiting(fingerprint: str, waiting: Waiting) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_flow_run_input(current_flow_run().id, WAITING_KEY.format(fingerprint=fingerprint),
-                                         json.dumps({"target": waiting.target, "headline": waiting.headline}))
-        except ObjectAlreadyExists:  # a retried attempt of the same plan stored it already
-            pass
+def record_waiting(fingerprint: str, waiting: Waiting) -> None:
+    """Store what the run is about to wait for beside its pause (a retried attempt's stays)."""
+    keep_on_this_run(WAITING_KEY.format(fingerprint=fingerprint),
+                     json.dumps({"target": waiting.target, "headline": waiting.headline}))
 
 
 def malformed(exc: ValidationError) -> str:
@@ -137,7 +134,7 @@ def ask_approval(description: str, *, headline: str, target: str, fingerprint: s
     ``consequence`` (what a refusal means, e.g. "nothing changed") ends the message Prefect shows
     for a timed-out run.
     """
-    _record_waiting(fingerprint, Waiting(target, headline))
+    record_waiting(fingerprint, Waiting(target, headline))
     notifications.waiting_for_approval(headline, fingerprint)
     try:
         answer = pause_flow_run(wait_for_input=approval_form(description, fingerprint),

@@ -12,25 +12,19 @@ from typing import Optional
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
 from dbcore.deploy import fleet as fleets
 from flows.approval import Approval
-from flows.current import current_flow_run
+from flows.current import current_flow_run, keep_on_this_run
 
 PARTS_KEY = "fleet-parts-{fingerprint}"
 
 
 def record_parts(fingerprint: str, parts: list) -> None:
     """Store the fleet plan's parts on the current (fleet) run, for its databases' runs to check."""
-    run_id = current_flow_run().id
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_flow_run_input(run_id, PARTS_KEY.format(fingerprint=fingerprint),
-                                         json.dumps(parts))
-        except ObjectAlreadyExists:  # a retried attempt of the same plan stored them already
-            pass
+    keep_on_this_run(PARTS_KEY.format(fingerprint=fingerprint), json.dumps(parts))
 
 
 def _approvers(client, run_id: UUID, fingerprint: str) -> tuple[str, ...]:

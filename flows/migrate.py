@@ -78,6 +78,14 @@ class _Outcome:
     error: Optional[DbcoreError] = None  # what the apply or the post-checks raised
     checks: Optional[CheckReport] = None  # the post-checks' report, when it found problems
     phase_line: str = ""  # which phase after the batch's commit the apply reached, when it had any
+    continued: bool = False  # it only continued the steps an earlier apply left
+
+    def done(self) -> str:
+        """The final line of a run that applied (or continued) and passed its post-checks."""
+        if self.continued:
+            return f"continued an earlier apply: {self.phase_line}"
+        reached = f"; {self.phase_line}" if self.phase_line else ""
+        return f"applied {len(self.applied)}: {', '.join(self.applied)}{reached}"
 
     def problem(self) -> str:
         """Where it failed and why, e.g. "post-checks: ..."."""
@@ -250,9 +258,9 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
         return _Outcome(tuple(exc.committed), "apply", exc)
     except DbcoreError as exc:  # the lock, a changed plan: refused before any change
         raise _RunEnds(_failed_at("apply", exc)) from exc
-    if not report.names:  # steps an earlier run left, continued; or another run applied them meanwhile
+    if not report.names and not report.phase_line:  # another run applied them meanwhile
         raise _RunEnds(Completed(message=report.summary()))
-    applied = tuple(report.names)
+    applied = tuple(report.names)  # none when it only continued an earlier apply's steps: checked too
     try:
         checked = tasks.post_checks(run, approved)
     except DbcoreError as exc:
@@ -261,7 +269,7 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                  description="Post-checks failed after the apply")
         return _Outcome(applied, "post-checks", checks=checked)
-    return _Outcome(applied, phase_line=report.phase_line)
+    return _Outcome(applied, phase_line=report.phase_line, continued=not applied)
 
 
 def _change(run: DeployRun, approved: ApprovedChange) -> State:
@@ -274,8 +282,7 @@ def _change(run: DeployRun, approved: ApprovedChange) -> State:
     except Exception as exc:
         return _unexpected("apply", exc, run.secret, may_have_changed)
     if outcome.failed_at is None:
-        reached = f"; {outcome.phase_line}" if outcome.phase_line else ""
-        return Completed(message=f"applied {len(outcome.applied)}: {', '.join(outcome.applied)}{reached}")
+        return Completed(message=outcome.done())
     if not outcome.applied:
         return Failed(message=f"failed at {outcome.problem()}")
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -36,10 +37,11 @@ import peewee
 import psycopg2
 
 from dbcore.connection import Target, connect
-from dbcore.redact import redact, url_password
+from dbcore.redact import mask_url, redact
 from dbcore.settings import Settings
 
 CHECKS_FOLDER = "checks"
+_URL_IN_COMMAND = re.compile(r"postgres(?:ql)?://\S+")
 MAX_KEYS = 5
 
 
@@ -333,8 +335,8 @@ def run_verify_command(command: str, target: Target, timeout: float) -> CommandR
     report: smoke tests may print rows of the copy, which is production's data.
     """
     env = {**os.environ, "DATABASE_URL": target.url}
-    # the report names it, never a password in it (a URL's, or any secret in play)
-    shown = redact(command, *(url_password(word) for word in command.split() if "://" in word))
+    # the report names it, never a password in it (a URL's, masked in the URL, or any secret in play)
+    shown = redact(_URL_IN_COMMAND.sub(lambda found: mask_url(found.group(0)), command))
     started = time.monotonic()
     try:
         proc = subprocess.Popen(shlex.split(command), env=env, stdout=sys.stderr, stderr=sys.stderr,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -210,6 +211,13 @@ class _Runner:
         sets = ", ".join(f"{k} = %s" for k in values)
         self.db.execute_sql(f"UPDATE {STEP_TABLE} SET {sets} WHERE id = %s", (*values.values(), step.id))
 
+    def note_failure(self, step: Step, **values) -> None:
+        """Record a failed try where the session still can; a lost one must not hide the failure."""
+        try:
+            self.update(step, **values)
+        except (peewee.PeeweeException, psycopg2.Error):
+            pass
+
     def retrying(self, step: Step, attempt: Callable[[], None]) -> None:
         """Run ``attempt`` under lock_timeout, again after a lock timeout, with backoff."""
         delay = self.settings.lock_retry_delay
@@ -219,7 +227,7 @@ class _Runner:
                 attempt()
                 return
             except peewee.DatabaseError as exc:
-                self.update(step, attempts=number, error=error_line(exc, *self.settings.secrets()))
+                self.note_failure(step, attempts=number, error=error_line(exc, *self.settings.secrets()))
                 if _pgcode(exc) != _LOCK_NOT_AVAILABLE or number == tries:
                     raise
                 self.say(step.phase, step, f"lock busy (try {number} of {tries}); again in {delay:g}s")
@@ -306,13 +314,12 @@ class _Runner:
                         self.backfill(step)
                     else:
                         self.validate(step)
+                    self.update(step, state="done", done_at=_now(self.db))
                 except Exception as exc:
-                    self.update(step, state="failed",
-                                error=error_line(exc, *self.settings.secrets()))
+                    self.note_failure(step, state="failed", error=error_line(exc, *self.settings.secrets()))
                     raise PhaseFailed(_failure(step, exc, self.settings), phase=step.phase,
                                       committed=[step.migration]) from exc
                 seconds = time.monotonic() - started
-                self.update(step, state="done", done_at=_now(self.db))
                 report.done.append(step.name)
                 report.timings.append(f"{step.kind} {step.name} on {step.table}: {seconds:.2f}s")
                 report.pending -= 1
@@ -323,10 +330,18 @@ class _Runner:
                                  actor=self.actor, run_id=self.run_id, duration_ms=int(seconds * 1000),
                                  approval=self.approval)
         finally:
+            self.restore_session(failing=sys.exc_info()[1] is not None)
+        return report
+
+    def restore_session(self, *, failing: bool) -> None:
+        """Put the session's settings back; a broken session must not hide why a step stopped."""
+        try:
             _set(self.db, lock_timeout=self.settings.lock_timeout,
                  statement_timeout=self.settings.statement_timeout)
             self.db.execute_sql("RESET max_parallel_maintenance_workers")
-        return report
+        except Exception:
+            if not failing:
+                raise
 
 
 def _now(db):
@@ -338,7 +353,11 @@ def _failure(step: Step, exc: Exception, settings: Settings) -> str:
             f"{step.kind} {step.name} on {step.table}")
     detail = error_line(exc, *settings.secrets())
     code = _pgcode(exc)
-    if code == _LOCK_NOT_AVAILABLE:
+    if code is None and isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)) or (
+            code or "").startswith("08") or code in ("57P01", "57P02", "57P03"):
+        fix = ("the connection to the server was lost: run `dbmigrate apply` again once it is "
+               "back (it continues here)")
+    elif code == _LOCK_NOT_AVAILABLE:
         fix = ("a lock or an older transaction stayed in the way through every retry: run "
                "`dbmigrate apply` again when traffic is lower (it continues here)")
     elif code in ("23514", "23503", "23502"):

@@ -341,6 +341,15 @@ def test_a_process_killed_in_a_step_after_the_commit_is_continued_by_a_clean_rer
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        # its server session would finish the statement on its own: end it, as a restart would
+        query(db_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                      "AND query LIKE %s", (f"%{statement}%",))
+        wait_until(lambda: not query(db_url, "SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                             "AND query LIKE %s", (f"%{statement}%",)),
+                   "the killed run's session to end", timeout=30)
+        if change == "add_index":  # the build it left: INVALID, dropped by the rerun first
+            assert query(db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'item_title'::regclass") \
+                == [(False,)]
     finally:
         blocker.rollback()
         blocker.close()
@@ -349,13 +358,42 @@ def test_a_process_killed_in_a_step_after_the_commit_is_continued_by_a_clean_rer
     assert query(db_url, "SELECT state FROM migration_phase_step") != [("done",)]
     report = apply_pending(target, cfg)
     assert report.summary().startswith("continued an earlier apply: reached phase")
-    if change == "add_index":
+    if change == "add_index":  # one index of that name, valid
         assert query(db_url, "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                              "WHERE c.relname LIKE 'item_title%'") == [(True,)]
     else:
         assert query(db_url, "SELECT convalidated FROM pg_constraint WHERE conname = 'item_qty_positive'") \
             == [(True,)]
     assert plan_apply(target, cfg).empty
+
+
+def test_a_session_lost_in_a_step_is_one_line_naming_the_phase_and_the_rerun(settings, tmp_path, db_url):
+    """The server ends the session mid-VALIDATE (a restart, a failover): PhaseFailed naming the
+    phase and the fix, not a driver error; the next apply continues."""
+    body, _, statement = KILLED_IN["check_constraint"]
+    d = folder(tmp_path, "m", body, locks=False)
+    env = {**os.environ, "DATABASE_URL": db_url, "MIGRATE_MIGRATIONS_DIR": str(d)}
+
+    def dbmigrate(*args, wait=True):
+        run = subprocess.Popen([sys.executable, "-m", "dbcore.cli", *args, "--env", "local"], env=env,
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return run.communicate(timeout=120) + (run.returncode,) if wait else run
+
+    assert dbmigrate("apply", "--target", "001")[2] == 0
+    running = dbmigrate("apply", wait=False)
+    wait_until(lambda: query(db_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                                     "pg_backend_pid() AND state = 'active' AND query LIKE %s",
+                             (f"%{statement}%",)), f"{statement} to run", timeout=120,
+               gave_up=lambda: running.poll() is not None)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dbmigrate: error: phase 4 (validation) of 002_change: validate item_qty_positive")
+    assert "the connection to the server was lost: run `dbmigrate apply` again once it is back" in last
+    assert "Traceback" not in err
+    out, err, code = dbmigrate("apply")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("continued an earlier apply: reached phase 4")
 
 
 def _has_steps(url):

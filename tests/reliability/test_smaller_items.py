@@ -3,8 +3,6 @@ the fix, or in the obvious behaviour."""
 
 from __future__ import annotations
 
-import json
-
 from helpers import schema_dump
 
 from dbcore.cli.main import main as dbmigrate
@@ -31,32 +29,37 @@ def test_approve_list_shows_a_fleet_run_waiting_for_its_approval(prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Paused
 
+    from flows.approval import Waiting, record_waiting
     from flows.approve import list_paused
+    from flows.current import current_flow_run
 
     @flow(name="migrate-fleet")
-    def fleet_look_alike() -> None:
-        pass
+    def fleet_look_alike() -> str:
+        # what ask_approval stores before it pauses; a retried attempt stores it again
+        for _ in range(2):
+            record_waiting("f1ee7", Waiting("a fleet of 3 databases (production)",
+                                            "fleet of 3 on production: 2 pending"))
+        return str(current_flow_run().id)
 
+    @flow(name="migrate-fleet")
+    def paused_elsewhere() -> str:  # paused by something that stored nothing beside its pause
+        return str(current_flow_run().id)
+
+    run_id, bare_id = fleet_look_alike(), paused_elsewhere()
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(fleet_look_alike, name="migrate-fleet-production",
-                                     state=Paused(pause_key="plan-f1ee7-attempt-1-abc"))
-        bare = client.create_flow_run(fleet_look_alike, name="migrate-fleet-other",
-                                      state=Paused(pause_key="plan-0ther-attempt-1-abc"))
-        # what flows.approval.ask_approval stores beside its pause
-        client.create_flow_run_input(run.id, "waiting-f1ee7", json.dumps(
-            {"target": "a fleet of 3 databases (production)", "headline": "fleet of 3 on production: 2 pending"}))
+        client.set_flow_run_state(run_id, Paused(pause_key="plan-f1ee7-attempt-1-abc"), force=True)
+        client.set_flow_run_state(bare_id, Paused(pause_key="plan-0ther-attempt-1-abc"), force=True)
     try:
         listed = list_paused()
-        lines = {r.name: [line for line in listed if str(r.id) in line] for r in (run, bare)}
     finally:  # no later test of this session may find them waiting
         with get_client(sync_client=True) as client:
-            for r in (run, bare):
-                client.set_flow_run_state(r.id, Cancelled(), force=True)
-    [line] = lines[run.name]
-    assert "migrate-fleet-production  target a fleet of 3 databases (production)  paused since " in line
+            for r in (run_id, bare_id):
+                client.set_flow_run_state(r, Cancelled(), force=True)
+    [line] = [line for line in listed if run_id in line]
+    assert "  target a fleet of 3 databases (production)  paused since " in line
     assert "plan f1ee7" in line and line.endswith("\n    fleet of 3 on production: 2 pending")
     # a run paused without that record (another tool's, an older version's) is listed, target unknown
-    [line] = lines[bare.name]
+    [line] = [line for line in listed if bare_id in line]
     assert "target ? (see the run's plan artifact)" in line and "plan 0ther" in line
 
 

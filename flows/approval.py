@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+import httpx
 from prefect import get_run_logger, pause_flow_run
 from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
@@ -94,8 +95,12 @@ class Waiting:
         try:
             value = json.loads(client.read_flow_run_input(run_id, WAITING_KEY.format(fingerprint=fingerprint)))
             return cls(str(value["target"]), str(value["headline"]))
-        except Exception:  # nothing stored (ObjectNotFound), or not ours: the caller says "?"
-            return None
+        except httpx.HTTPStatusError as exc:  # 404: nothing stored (a run paused by anything else)
+            if exc.response.status_code != 404:
+                raise
+        except (ValueError, KeyError, TypeError):  # not ours
+            pass
+        return None
 
 
 def record_waiting(fingerprint: str, waiting: Waiting) -> None:

@@ -78,14 +78,12 @@ class _Outcome:
     error: Optional[DbcoreError] = None  # what the apply or the post-checks raised
     checks: Optional[CheckReport] = None  # the post-checks' report, when it found problems
     phase_line: str = ""  # which phase after the batch's commit the apply reached, when it had any
-    continued: bool = False  # it only continued the steps an earlier apply left
+    continued: str = ""  # the runner's line when it only continued the steps an earlier apply left
 
     def done(self) -> str:
         """The final line of a run that applied (or continued) and passed its post-checks."""
-        if self.continued:
-            return f"continued an earlier apply: {self.phase_line}"
         reached = f"; {self.phase_line}" if self.phase_line else ""
-        return f"applied {len(self.applied)}: {', '.join(self.applied)}{reached}"
+        return self.continued or f"applied {len(self.applied)}: {', '.join(self.applied)}{reached}"
 
     def problem(self) -> str:
         """Where it failed and why, e.g. "post-checks: ..."."""
@@ -269,7 +267,7 @@ def _apply_and_check(run: DeployRun, approved: ApprovedChange) -> _Outcome:
         create_markdown_artifact(checked.to_markdown(), key="migration-post-checks",
                                  description="Post-checks failed after the apply")
         return _Outcome(applied, "post-checks", checks=checked)
-    return _Outcome(applied, phase_line=report.phase_line, continued=not applied)
+    return _Outcome(applied, phase_line=report.phase_line, continued="" if applied else report.summary())
 
 
 def _change(run: DeployRun, approved: ApprovedChange) -> State:

@@ -348,13 +348,20 @@ def _now(db):
     return db.execute_sql("SELECT now()").fetchone()[0]
 
 
+def _connection_lost(exc: Exception, code: str | None) -> bool:
+    """The session is gone: a driver error without a SQLSTATE, a connection class (08), or the
+    server shutting the session down (57P01-57P03)."""
+    if code is None:
+        return isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
+    return code.startswith("08") or code in ("57P01", "57P02", "57P03")
+
+
 def _failure(step: Step, exc: Exception, settings: Settings) -> str:
     what = (f"phase {step.phase} ({PHASE_NAMES[step.phase]}) of {step.migration}: "
             f"{step.kind} {step.name} on {step.table}")
     detail = error_line(exc, *settings.secrets())
     code = _pgcode(exc)
-    if code is None and isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)) or (
-            code or "").startswith("08") or code in ("57P01", "57P02", "57P03"):
+    if _connection_lost(exc, code):
         fix = ("the connection to the server was lost: run `dbmigrate apply` again once it is "
                "back (it continues here)")
     elif code == _LOCK_NOT_AVAILABLE:
